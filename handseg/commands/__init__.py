@@ -1,0 +1,1 @@
+"""One module per subcommand: parse and validate options, call the core, print."""

@@ -1,0 +1,13 @@
+"""The user-facing error type: a sentence that names the file and what is wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class HandsegError(Exception):
+    """A user mistake or bad input. The CLI prints it as one line and exits with code 2."""
+
+    def __init__(self, message: str, path: str | Path | None = None):
+        self.path = Path(path) if path is not None else None
+        super().__init__(f"{path}: {message}" if path is not None else message)
