@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 T = TypeVar("T")
 
 console = Console(stderr=True, highlight=False)
-stdout = Console(highlight=False)
+stdout = Console(highlight=False, soft_wrap=True)
 
 
 def progress_enabled() -> bool:

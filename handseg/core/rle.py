@@ -108,21 +108,22 @@ def mask_to_runs(mask: np.ndarray) -> Runs:
         raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
     m = mask if mask.dtype == np.bool_ else mask != 0
     height, width = m.shape
-    rows = np.flatnonzero(_rows_any(m))
-    if rows.size == 0:
-        return EMPTY_RUNS
-    r0, r1 = int(rows[0]), int(rows[-1]) + 1
-    cols = np.flatnonzero(m[r0:r1].any(axis=0))
+    if m.flags.c_contiguous and width % 8 == 0:
+        # eight pixels a word: OR-reduce rows, then the columns of the occupied band
+        words = m.view(np.uint64).reshape(height, width // 8)
+        rows = np.flatnonzero(np.bitwise_or.reduce(words, axis=1))
+        if rows.size == 0:
+            return EMPTY_RUNS
+        r0, r1 = int(rows[0]), int(rows[-1]) + 1
+        cols = np.flatnonzero(np.bitwise_or.reduce(words[r0:r1], axis=0).view(np.uint8))
+    else:
+        rows = np.flatnonzero(m.any(axis=1))
+        if rows.size == 0:
+            return EMPTY_RUNS
+        r0, r1 = int(rows[0]), int(rows[-1]) + 1
+        cols = np.flatnonzero(m[r0:r1].any(axis=0))
     c0, c1 = int(cols[0]), int(cols[-1]) + 1
     return crop_to_runs(m[r0:r1, c0:c1], r0, c0, width)
-
-
-def _rows_any(m: np.ndarray) -> np.ndarray:
-    height, width = m.shape
-    if m.flags.c_contiguous and width % 8 == 0:
-        # eight pixels per comparison
-        return m.view(np.uint64).reshape(height, width // 8).any(axis=1)
-    return m.any(axis=1)
 
 
 def crop_to_runs(crop: np.ndarray, row0: int, col0: int, width: int) -> Runs:
@@ -134,15 +135,15 @@ def crop_to_runs(crop: np.ndarray, row0: int, col0: int, width: int) -> Runs:
     h, w = crop.shape
     if h == 0 or w == 0:
         return EMPTY_RUNS
-    padded = np.zeros((h, w + 2), dtype=np.int8)
-    padded[:, 1:-1] = crop
-    edges = np.diff(padded, axis=1)  # +1 at a run's first pixel, -1 one past its last
-    flat = np.flatnonzero(edges)
-    sign = edges.ravel()[flat]
+    padded = np.zeros((h, w + 2), dtype=np.uint8)
+    padded[:, 1:-1] = crop.view(np.uint8) if crop.dtype == np.bool_ else crop != 0
+    # a change between neighbours marks a run's first pixel or one past its last; they alternate
+    # within a row because every padded row starts and ends with 0
+    flat = np.flatnonzero(padded[:, 1:] != padded[:, :-1])
     row, col = np.divmod(flat, w + 1)
     pos = (row + row0) * width + col + col0
-    starts = pos[sign > 0]
-    ends = pos[sign < 0]
+    starts = pos[0::2]
+    ends = pos[1::2]
     if col0 == 0 and col0 + w == width and starts.size > 1:
         touching = ends[:-1] == starts[1:]
         if touching.any():
@@ -188,6 +189,11 @@ def runs_to_mask(runs: Runs, shape: tuple[int, int], out: np.ndarray | None = No
     col_e = col_s + lengths  # exclusive, may equal width
     r0, r1 = int(row_s[0]), int(row_s[-1]) + 1
     c0, c1 = int(col_s.min()), int(col_e.max())
+    if row_s.size == r1 - r0 and (row_s.size < 2 or (np.diff(row_s) == 1).all()):
+        # one run in every row of the box (a convex bone): compare columns against the run ends
+        cols = np.arange(c0, c1)
+        out[r0:r1, c0:c1] |= (cols >= col_s[:, None]) & (cols < col_e[:, None])
+        return out
     delta = np.zeros((r1 - r0, c1 - c0 + 1), dtype=np.int8)
     delta[row_s - r0, col_s - c0] += 1  # unique positions: runs in one row never share a start
     delta[row_s - r0, col_e - c0] -= 1

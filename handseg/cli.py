@@ -1,0 +1,63 @@
+"""The ``handseg`` command: one Typer app, one module per subcommand.
+
+Imports stay light here: ``handseg --help`` must not pay for torch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from handseg import __version__
+from handseg.commands import compare, kfold, prep, synth
+from handseg.core.errors import HandsegError
+
+app = typer.Typer(
+    name="handseg",
+    help="Hand-bone X-ray segmentation (29 classes): synthetic data, caches, folds, training, inference, "
+    "ensembles and reports. Stages pass files to each other; chain them in shell scripts.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"handseg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Hand-bone X-ray segmentation."""
+
+
+# explicit registry: one line per command
+app.command("synth", no_args_is_help=True)(synth.synth)
+app.add_typer(prep.app, name="prep")
+app.command("kfold")(kfold.kfold)
+app.command("compare", no_args_is_help=True)(compare.compare)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; a HandsegError becomes one line on stderr and exit code 2."""
+    try:
+        app(args=argv, prog_name="handseg", standalone_mode=True)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except HandsegError as e:
+        if os.environ.get("HANDSEG_DEBUG") == "1":
+            raise
+        print(f"handseg: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("handseg: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,46 @@
+"""``handseg kfold``: patient-grouped folds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from handseg.commands.options import DataDir, OutFile, Overwrite, Seed
+
+
+def kfold(
+    data: DataDir = Path("data/train"),
+    folds: Annotated[int, typer.Option("--folds", min=2, help="Number of folds.")] = 5,
+    seed: Seed = 0,
+    stratify: Annotated[str, typer.Option("--stratify", help="none | bend (from labels) | age | sex | nail "
+                                          "(from meta data).")] = "none",
+    meta: Annotated[Path | None, typer.Option("--meta", help="meta_data.xlsx [default: DATA/../meta_data.xlsx]."
+                                              )] = None,
+    out: OutFile = Path("splits.json"),
+    overwrite: Overwrite = False,
+) -> None:
+    """Split a data set into folds grouped by patient ID (both hands in one fold).
+
+    Example: handseg kfold --data data/train --folds 5 --stratify bend -o splits.json
+    """
+    from collections import Counter
+
+    from handseg.console import make_progress, stdout
+    from handseg.core.files import atomic_write_json, check_can_write, manifest
+    from handseg.core.kfold import make_splits
+
+    check_can_write(out, overwrite)
+    if meta is None and stratify in ("age", "sex", "nail"):
+        meta = data.parent / "meta_data.xlsx"
+    with make_progress(transient=True) as progress:
+        task = progress.add_task("kfold", total=None, info="")
+        splits = make_splits(data, folds, seed, stratify, meta, progress=lambda: progress.advance(task))
+    doc = {**splits, "manifest": manifest("kfold", {"folds": folds, "seed": seed, "stratify": stratify},
+                                          inputs={"data": str(data), "meta": str(meta) if meta else None})}
+    atomic_write_json(out, doc)
+    counts = Counter(im["fold"] for im in splits["images"])
+    summary = ", ".join(f"{k}: {counts[k]}" for k in range(folds))
+    stdout.print(f"{len(splits['patients'])} patients, {len(splits['images'])} images in {folds} folds "
+                 f"(images per fold {summary}) -> {out}")

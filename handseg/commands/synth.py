@@ -1,0 +1,42 @@
+"""``handseg synth``: a synthetic data set in the competition layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from handseg.commands.options import Overwrite, Seed
+
+
+def synth(
+    out: Annotated[Path, typer.Argument(help="Folder to create (train/, test/, test_gt/, meta_data.xlsx).")],
+    ids: Annotated[int, typer.Option("--ids", min=1, help="Train patients (two hands each).")] = 20,
+    test_ids: Annotated[int, typer.Option("--test-ids", min=0, help="Test patients (two hands each).")] = 6,
+    size: Annotated[int, typer.Option("--size", min=64, help="Image side in pixels (the real data: 2048).")] = 2048,
+    seed: Seed = 0,
+    overwrite: Overwrite = False,
+) -> None:
+    """Make realistic synthetic hand radiographs with labels, in the competition layout.
+
+    Train images get polygon JSONs; test images get none (their ground truth goes to test_gt/, for
+    `handseg compare PRED.csv --gt OUT/test_gt`). Deterministic by seed.
+
+    Example: handseg synth data --ids 20 --test-ids 6 --size 512 --seed 0
+    """
+    from handseg.console import make_progress, stdout
+    from handseg.core.errors import HandsegError
+    from handseg.core.files import write_manifest
+    from handseg.core.synth import make_dataset
+
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise HandsegError("folder exists and is not empty; pass --overwrite to write into it", out)
+    with make_progress() as progress:
+        task = progress.add_task("synth", total=2 * (ids + test_ids), info="")
+        result = make_dataset(out, ids=ids, test_ids=test_ids, size=size, seed=seed,
+                              progress=lambda: progress.advance(task))
+    write_manifest(out, "synth", {"ids": ids, "test_ids": test_ids, "size": size, "seed": seed},
+                   train_ids=result.train_ids, test_ids=result.test_ids, images=result.images)
+    stdout.print(f"wrote {result.images} images ({len(result.train_ids)} train IDs, {len(result.test_ids)} test IDs, "
+                 f"{size} px) to {out}")

@@ -1,0 +1,111 @@
+"""Patient-grouped folds: both hands of a person always land in the same fold."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from handseg.core.data import Sample, discover, read_polygons, wrist_bend
+from handseg.core.errors import HandsegError
+
+STRATIFY_CHOICES = ("none", "bend", "age", "sex", "nail")
+
+
+def stratum_values(samples: list[Sample], by: str, meta_path: Path | None = None,
+                   progress: Callable[[], None] | None = None) -> dict[str, float]:
+    """One number per patient to stratify on.
+
+    ``bend``: the largest |wrist bend| of the patient's hands, estimated from the labels;
+    ``age``/``sex``/``nail``: from ``meta_data.xlsx`` (patients missing there get NaN).
+    """
+    patients = sorted({s.patient for s in samples})
+    if by == "bend":
+        values: dict[str, float] = {}
+        for s in samples:
+            if s.label_path is None:
+                raise HandsegError("stratifying by wrist bend needs labels for every image", s.image_path)
+            bend = abs(wrist_bend(read_polygons(s.label_path)))
+            values[s.patient] = max(values.get(s.patient, 0.0), bend)
+            if progress:
+                progress()
+        return values
+    from handseg.core.meta import read_meta
+
+    if meta_path is None:
+        raise HandsegError(f"stratifying by {by} needs meta_data.xlsx (--meta PATH)")
+    meta = read_meta(meta_path)
+    column = {"age": "age", "sex": "sex", "nail": "nail_art"}[by]
+    out = {}
+    for p in patients:
+        v = meta[column].get(p) if p in meta.index else None
+        if by == "sex":
+            v = {"M": 0.0, "F": 1.0}.get(v, np.nan)
+        out[p] = float(v) if v is not None and v == v else np.nan
+    return out
+
+
+def assign_folds(patients: list[str], n_folds: int, seed: int,
+                 strata: dict[str, float] | None = None) -> dict[str, int]:
+    """Assign each patient a fold in ``0..n_folds-1``, deterministically.
+
+    Without strata, patients are shuffled and dealt round-robin. With strata, patients are sorted
+    by value (ties and NaN broken by the seeded shuffle) and dealt in blocks of ``n_folds``, each
+    block's folds in a fresh random order, so every fold gets a similar spread of the value.
+    """
+    if n_folds < 2:
+        raise HandsegError("--folds must be at least 2")
+    if len(patients) < n_folds:
+        raise HandsegError(f"{len(patients)} patients cannot fill {n_folds} folds")
+    rng = np.random.default_rng(seed)
+    order = [patients[i] for i in rng.permutation(len(patients))]
+    if strata:
+        key = {p: (np.isnan(strata.get(p, np.nan)), strata.get(p, 0.0)) for p in order}
+        order = sorted(order, key=lambda p: (key[p][0], 0.0 if key[p][0] else key[p][1]))
+    folds = {}
+    for start in range(0, len(order), n_folds):
+        block = order[start : start + n_folds]
+        for p, f in zip(block, rng.permutation(n_folds)):
+            folds[p] = int(f)
+    return folds
+
+
+def make_splits(data_dir: str | Path, n_folds: int = 5, seed: int = 0, stratify: str = "none",
+                meta_path: Path | None = None, progress: Callable[[], None] | None = None) -> dict:
+    """Folds of a labelled (or unlabelled) data folder, as the JSON that ``kfold`` writes.
+
+    Returns ``{"n_folds", "seed", "stratify", "patients": {ID: fold}, "images": [{"path", "patient",
+    "fold"}], "folds": [{"fold", "val": [paths]}]}`` with paths relative to ``DCM/``.
+    """
+    if stratify not in STRATIFY_CHOICES:
+        raise HandsegError(f"unknown stratification {stratify!r}; choose from {', '.join(STRATIFY_CHOICES)}")
+    samples = discover(data_dir, labels="required" if stratify == "bend" else "optional")
+    patients = sorted({s.patient for s in samples})
+    strata = None if stratify == "none" else stratum_values(samples, stratify, meta_path, progress)
+    folds = assign_folds(patients, n_folds, seed, strata)
+    images = [{"path": s.rel, "patient": s.patient, "fold": folds[s.patient]} for s in samples]
+    return {
+        "n_folds": n_folds,
+        "seed": seed,
+        "stratify": stratify,
+        "patients": dict(sorted(folds.items())),
+        "images": images,
+        "folds": [{"fold": k, "val": [im["path"] for im in images if im["fold"] == k]} for k in range(n_folds)],
+    }
+
+
+def read_splits(path: str | Path) -> dict:
+    """Read a ``splits.json`` written by ``handseg kfold``."""
+    import json
+
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise HandsegError("splits file not found", path) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HandsegError(f"not valid JSON ({e})", path) from None
+    if not isinstance(doc, dict) or "images" not in doc or "n_folds" not in doc:
+        raise HandsegError("not a handseg splits file (no 'images' / 'n_folds')", path)
+    return doc

@@ -1,0 +1,104 @@
+"""The leaderboard metric: Dice per image and class, averaged over images, then over classes.
+
+Dice is ``(2|y&p| + 1e-4) / (|y| + |p| + 1e-4)`` (an image where both masks are empty scores 1).
+Scores are computed on runs, so comparing two 288-image CSVs at 2048 px never builds a mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from handseg.core.constants import CLASSES, DICE_EPS, NUM_CLASSES
+from handseg.core.data import class_runs, discover, image_size, read_polygons
+from handseg.core.errors import HandsegError
+from handseg.core.rle import check_runs_fit, intersection_area
+from handseg.core.submission import PredictionSet, check_same_images
+
+
+@dataclass
+class DiceReport:
+    """Dice of one prediction against a reference, per image and class."""
+
+    images: list[str]
+    dice: np.ndarray
+    """``(n_images, 29)`` float64."""
+    truth_area: np.ndarray
+    """``(n_images, 29)`` int64: pixels in the reference mask."""
+    pred_area: np.ndarray
+    """``(n_images, 29)`` int64: pixels in the predicted mask."""
+
+    @property
+    def per_class(self) -> dict[str, float]:
+        return {name: float(v) for name, v in zip(CLASSES, self.dice.mean(axis=0))}
+
+    @property
+    def mean_dice(self) -> float:
+        return float(self.dice.mean(axis=0).mean())
+
+    def to_json(self) -> dict:
+        return {"mean_dice": self.mean_dice, "per_class": self.per_class}
+
+
+def dice_scores(truth: PredictionSet, pred: PredictionSet, progress: Callable[[], None] | None = None) -> DiceReport:
+    """Score ``pred`` against ``truth`` (the reference). Both must cover the same images.
+
+    Raises:
+        HandsegError: the image sets differ.
+    """
+    check_same_images(truth, pred)
+    n = len(truth.images)
+    dice = np.empty((n, NUM_CLASSES))
+    t_area = np.empty((n, NUM_CLASSES), dtype=np.int64)
+    p_area = np.empty((n, NUM_CLASSES), dtype=np.int64)
+    for i, image in enumerate(truth.images):
+        t_runs, p_runs = truth.runs[image], pred.runs[image]
+        for c in range(NUM_CLASSES):
+            yt, yp = t_runs[c], p_runs[c]
+            t_area[i, c] = yt[1].sum()
+            p_area[i, c] = yp[1].sum()
+            inter = intersection_area(yt, yp)
+            dice[i, c] = (2.0 * inter + DICE_EPS) / (t_area[i, c] + p_area[i, c] + DICE_EPS)
+        if progress is not None:
+            progress()
+    return DiceReport(list(truth.images), dice, t_area, p_area)
+
+
+def dice_masks(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """Leaderboard Dice of ``(C, H, W)`` bool masks: ``(C,)`` float64."""
+    t = truth.reshape(truth.shape[0], -1)
+    p = pred.reshape(pred.shape[0], -1)
+    inter = np.logical_and(t, p).sum(axis=1)
+    return (2.0 * inter + DICE_EPS) / (t.sum(axis=1) + p.sum(axis=1) + DICE_EPS)
+
+
+def ground_truth(data_dir: str | Path, progress: Callable[[], None] | None = None) -> PredictionSet:
+    """Ground-truth runs of a labelled folder (``DCM/`` + ``outputs_json/``) at each PNG's size.
+
+    Raises:
+        HandsegError: the folder is not a labelled data set, or a label file is bad.
+    """
+    samples = discover(data_dir, labels="required")
+    names = [s.name for s in samples]
+    if len(set(names)) != len(names):
+        raise HandsegError("two images share a basename; CSV rows could not tell them apart", data_dir)
+    gt = PredictionSet(Path(data_dir))
+    for s in samples:
+        gt.images.append(s.name)
+        gt.runs[s.name] = class_runs(read_polygons(s.label_path), image_size(s.image_path))
+        if progress is not None:
+            progress()
+    return gt
+
+
+def check_fits(pred: PredictionSet, data_dir: str | Path) -> None:
+    """Check that every prediction's runs fit the size of its image in ``data_dir``."""
+    sizes = {s.name: s.image_path for s in discover(data_dir, labels="ignore")}
+    for image in pred.images:
+        if image in sizes:
+            shape = image_size(sizes[image])
+            for runs in pred.runs[image]:
+                check_runs_fit(runs, shape, f"{pred.path} ({image})")

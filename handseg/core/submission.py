@@ -1,0 +1,126 @@
+"""Prediction / submission CSVs: ``image_name,class,rle``, one row per image and class.
+
+Rows are ordered by image (sorted by path relative to ``DCM/``) and, within an image, by the 29
+classes in competition order. Reading is strict: a malformed RLE, unknown class, duplicate or
+missing row is an error that names the file and the line.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from handseg.core.constants import CLASS_INDEX, CLASSES, CSV_COLUMNS, NUM_CLASSES
+from handseg.core.errors import HandsegError
+from handseg.core.files import atomic_open
+from handseg.core.rle import EMPTY_RUNS, Runs, rle_to_runs, runs_to_rle
+
+
+@dataclass
+class PredictionSet:
+    """All runs of one CSV: ``runs[image_name][class_index]`` in the file's image order."""
+
+    path: Path | None
+    images: list[str] = field(default_factory=list)
+    runs: dict[str, list[Runs]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def rle(self, image: str, class_index: int) -> str:
+        return runs_to_rle(self.runs[image][class_index])
+
+
+def read_predictions(path: str | Path) -> PredictionSet:
+    """Read and validate a prediction CSV.
+
+    Raises:
+        HandsegError: the file is missing, has the wrong header, or a row is malformed, has an
+            unknown class or a bad RLE, repeats an (image, class) pair; or an image lacks classes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise HandsegError("CSV not found", path)
+    result = PredictionSet(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                raise HandsegError("empty file (expected header image_name,class,rle)", path)
+            if tuple(h.strip() for h in header) != CSV_COLUMNS:
+                raise HandsegError(f"header is {','.join(header)!r}, expected 'image_name,class,rle'", path)
+            for row in reader:
+                line = reader.line_num
+                if not row:
+                    continue
+                if len(row) != 3:
+                    raise HandsegError(f"line {line}: expected 3 fields, got {len(row)}", path)
+                image, name, rle = row
+                index = CLASS_INDEX.get(name)
+                if index is None:
+                    raise HandsegError(f"line {line}: unknown class {name!r}", path)
+                if not image:
+                    raise HandsegError(f"line {line}: empty image_name", path)
+                slots = result.runs.get(image)
+                if slots is None:
+                    slots = result.runs[image] = [None] * NUM_CLASSES  # type: ignore[list-item]
+                    result.images.append(image)
+                if slots[index] is not None:
+                    raise HandsegError(f"line {line}: duplicate row for {image} / {name}", path)
+                try:
+                    slots[index] = rle_to_runs(rle)
+                except ValueError as e:
+                    raise HandsegError(f"line {line} ({image} / {name}): malformed RLE: {e}", path) from None
+    except UnicodeDecodeError:
+        raise HandsegError("not a UTF-8 text CSV", path) from None
+    except csv.Error as e:
+        raise HandsegError(f"not a valid CSV ({e})", path) from None
+    for image in result.images:
+        missing = [CLASSES[c] for c, r in enumerate(result.runs[image]) if r is None]
+        if missing:
+            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise HandsegError(f"{image} is missing {len(missing)} class row(s): {shown} (truncated file?)", path)
+    if not result.images:
+        raise HandsegError("no prediction rows", path)
+    return result
+
+
+def write_predictions(path: str | Path, rows: Iterable[tuple[str, list[str]]]) -> int:
+    """Write a CSV atomically from ``(image_name, [29 RLE strings])`` in the order given.
+
+    Returns the number of images written.
+    """
+    count = 0
+    with atomic_open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS)
+        for image, rles in rows:
+            if len(rles) != NUM_CLASSES:
+                raise ValueError(f"{image}: expected {NUM_CLASSES} RLEs, got {len(rles)}")
+            writer.writerows((image, name, rle) for name, rle in zip(CLASSES, rles))
+            count += 1
+    return count
+
+
+def write_prediction_set(path: str | Path, preds: PredictionSet) -> int:
+    return write_predictions(path, ((im, [runs_to_rle(r) for r in preds.runs[im]]) for im in preds.images))
+
+
+def check_same_images(reference: PredictionSet, other: PredictionSet, what: str = "image sets") -> None:
+    """Raise a HandsegError naming both files if two CSVs do not cover the same images."""
+    a, b = set(reference.images), set(other.images)
+    if a != b:
+        only_a, only_b = sorted(a - b), sorted(b - a)
+        detail = []
+        if only_a:
+            detail.append(f"{len(only_a)} only in {reference.path} (e.g. {only_a[0]})")
+        if only_b:
+            detail.append(f"{len(only_b)} only in {other.path} (e.g. {only_b[0]})")
+        raise HandsegError(f"different {what}: " + "; ".join(detail), other.path)
+
+
+def empty_runs() -> list[Runs]:
+    return [EMPTY_RUNS] * NUM_CLASSES

@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny synthetic data sets made once per session with the real generator."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HANDSEG_NO_PROGRESS", "1")
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory) -> Path:
+    """6 train IDs + 2 test IDs at 128 px (train/, test/, test_gt/, meta_data.xlsx)."""
+    from handseg.core.synth import make_dataset
+
+    out = tmp_path_factory.mktemp("synth") / "data"
+    make_dataset(out, ids=6, test_ids=2, size=128, seed=7)
+    return out
+
+
+def run_cli(args: list[str], capsys=None) -> tuple[int, str, str]:
+    """Run the real CLI entry point in-process; returns (exit code, stdout, stderr)."""
+    from handseg.cli import main
+
+    code = main([str(a) for a in args])
+    if capsys is None:
+        return code, "", ""
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
