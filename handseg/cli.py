@@ -11,7 +11,7 @@ import sys
 import typer
 
 from handseg import __version__
-from handseg.commands import compare, kfold, prep, synth
+from handseg.commands import compare, kfold, predict, prep, synth, train, vote
 from handseg.core.errors import HandsegError
 
 app = typer.Typer(
@@ -43,6 +43,10 @@ def _root(
 app.command("synth", no_args_is_help=True)(synth.synth)
 app.add_typer(prep.app, name="prep")
 app.command("kfold")(kfold.kfold)
+app.command("train")(train.train)
+app.command("predict", no_args_is_help=True)(predict.predict)
+app.command("tta", no_args_is_help=True)(predict.tta)
+app.add_typer(vote.app, name="vote")
 app.command("compare", no_args_is_help=True)(compare.compare)
 
 

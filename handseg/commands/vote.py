@@ -1,0 +1,83 @@
+"""``handseg vote``: hard, soft and class-wise ensembles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from handseg.commands.options import OutFile
+
+app = typer.Typer(help="Ensemble predictions: hard (CSV runs), soft (probability maps), classwise.",
+                  no_args_is_help=True)
+
+
+def _finish(stage: str, out: Path, options: dict, inputs: dict, images: int) -> None:
+    from handseg.console import stdout
+    from handseg.core.files import sidecar_manifest_path, write_manifest
+
+    write_manifest(out.parent, stage, options, inputs=inputs, name=sidecar_manifest_path(out).name,
+                   output=str(out), images=images)
+    stdout.print(f"{images} images -> {out}")
+
+
+@app.command("hard", no_args_is_help=True)
+def hard(
+    csvs: Annotated[list[Path], typer.Argument(help="Prediction CSVs (same images).")],
+    out: OutFile = Path("vote_hard.csv"),
+    min_votes: Annotated[int | None, typer.Option("--min-votes", help="Votes a pixel needs [default: majority]."
+                                                  )] = None,
+) -> None:
+    """Pixel-wise majority vote of CSVs, computed on RLE runs (no full-size masks).
+
+    Example: handseg vote hard a.csv b.csv c.csv -o vote.csv --min-votes 2
+    """
+    from handseg.console import make_progress
+    from handseg.core.ensemble import hard_vote
+
+    with make_progress(transient=True) as progress:
+        task = progress.add_task("vote hard", total=None, info="")
+        n = hard_vote(csvs, out, min_votes, progress=lambda: progress.advance(task))
+    _finish("vote-hard", out, {"min_votes": min_votes or len(csvs) // 2 + 1}, {"csvs": [str(c) for c in csvs]}, n)
+
+
+@app.command("soft", no_args_is_help=True)
+def soft(
+    folders: Annotated[list[Path], typer.Argument(help="Probability folders from `predict --probs`.")],
+    out: OutFile = Path("vote_soft.csv"),
+    weights: Annotated[str | None, typer.Option("--weights", help="Comma-separated weight per folder.")] = None,
+    threshold: Annotated[float, typer.Option("--threshold", help="Threshold on the weighted mean.")] = 0.5,
+) -> None:
+    """Weighted mean of probability maps, thresholded.
+
+    Example: handseg vote soft probs_a/ probs_b/ -o vote.csv --weights 2,1 --threshold 0.45
+    """
+    from handseg.console import make_progress
+    from handseg.core.ensemble import soft_vote
+    from handseg.core.errors import HandsegError
+
+    try:
+        w = [float(v) for v in weights.split(",")] if weights else None
+    except ValueError:
+        raise HandsegError(f"--weights {weights!r} is not a comma-separated list of numbers") from None
+    with make_progress(transient=True) as progress:
+        task = progress.add_task("vote soft", total=None, info="")
+        n = soft_vote(folders, out, w, threshold, progress=lambda: progress.advance(task))
+    _finish("vote-soft", out, {"weights": w, "threshold": threshold}, {"probs": [str(f) for f in folders]}, n)
+
+
+@app.command("classwise")
+def classwise(
+    class_map: Annotated[Path, typer.Option("--map", help='JSON {"default": "a.csv", "Lunate": "wrist.csv"}.')],
+    out: OutFile = Path("vote_classwise.csv"),
+) -> None:
+    """Take each class from the CSV a map names (e.g. wrist bones from a specialist model).
+
+    Example: handseg vote classwise --map map.json -o vote.csv
+    """
+    from handseg.core.ensemble import classwise_vote, read_class_map
+
+    mapping = read_class_map(class_map)
+    n = classwise_vote(mapping, out)
+    _finish("vote-classwise", out, {"map": {k: str(v) for k, v in mapping.items()}}, {"map": str(class_map)}, n)

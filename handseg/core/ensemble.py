@@ -1,0 +1,216 @@
+"""Ensembles: hard votes on RLE runs, soft votes on probability maps, class-wise picks.
+
+Probability maps (``predict --probs DIR``) are stored one ``.npy`` per image: a 1-D uint8 buffer
+with an int64 header ``[magic, version, C, H, W]``, ``C`` records ``[row0, col0, height, width,
+offset]`` and each class's bounding box (where p >= 1/255) quantised to uint8 (p * 255). They are
+memory-mappable, and a soft vote reads one class's crop at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from handseg.core.constants import CLASS_INDEX, CLASSES, DEFAULT_THRESHOLD, NUM_CLASSES
+from handseg.core.errors import HandsegError
+from handseg.core.rle import crop_to_runs, runs_to_rle, vote_runs
+from handseg.core.submission import PredictionSet, check_same_images, read_predictions, write_predictions
+
+PROBS_MAGIC = 0x48535042  # "HSPB"
+_H, _R = 5, 5
+PROBS_INDEX = "index.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# probability maps
+
+
+def pack_probs(probs: np.ndarray) -> np.ndarray:
+    """``(C, H, W)`` float probabilities -> the 1-D uint8 buffer described above."""
+    c_count, h, w = probs.shape
+    header = np.zeros(_H + _R * c_count, dtype=np.int64)
+    header[:_H] = (PROBS_MAGIC, 1, c_count, h, w)
+    q = np.clip(np.rint(probs * 255.0), 0, 255).astype(np.uint8)
+    blobs, offset = [], 0
+    for c in range(c_count):
+        rows = np.flatnonzero(q[c].any(axis=1))
+        if rows.size == 0:
+            continue
+        cols = np.flatnonzero(q[c, rows[0] : rows[-1] + 1].any(axis=0))
+        r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        crop = q[c, r0:r1, c0:c1]
+        header[_H + _R * c : _H + _R * (c + 1)] = (r0, c0, r1 - r0, c1 - c0, offset)
+        blobs.append(crop.ravel())
+        offset += crop.size
+    return np.concatenate([header.view(np.uint8), *blobs])
+
+
+class ProbMap:
+    """One image's stored probabilities; ``crop(c)`` gives ``(uint8 crop, row0, col0)`` or None."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.buf = np.load(path, mmap_mode="r")
+            head = np.asarray(self.buf[: _H * 8]).view(np.int64)
+        except (ValueError, OSError) as e:
+            raise HandsegError(f"not a probability map ({e})", path) from None
+        if head[0] != PROBS_MAGIC:
+            raise HandsegError("not a handseg probability map", path)
+        self.channels, self.height, self.width = (int(v) for v in head[2:5])
+        end = (_H + _R * self.channels) * 8
+        self.records = np.asarray(self.buf[_H * 8 : end]).view(np.int64).reshape(self.channels, _R)
+        self.data = self.buf[end:]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.height, self.width
+
+    def crop(self, c: int):
+        r0, c0, h, w, off = (int(v) for v in self.records[c])
+        if h == 0:
+            return None
+        return np.asarray(self.data[off : off + h * w]).reshape(h, w), r0, c0
+
+    def dense(self) -> np.ndarray:
+        """All classes as ``(C, H, W)`` float32 in [0, 1]."""
+        out = np.zeros((self.channels, self.height, self.width), dtype=np.float32)
+        for c in range(self.channels):
+            got = self.crop(c)
+            if got is not None:
+                crop, r0, c0 = got
+                out[c, r0 : r0 + crop.shape[0], c0 : c0 + crop.shape[1]] = crop / 255.0
+        return out
+
+
+def probs_name(image_name: str) -> str:
+    return Path(image_name).stem + ".npy"
+
+
+def read_probs_index(folder: Path) -> list[str]:
+    """The image names of a probability folder, in submission order."""
+    index = Path(folder) / PROBS_INDEX
+    if not index.is_file():
+        raise HandsegError(f"not a probability folder (no {PROBS_INDEX}; made by `predict --probs`)", folder)
+    images = json.loads(index.read_text())["images"]
+    for name in images:
+        if not (Path(folder) / probs_name(name)).is_file():
+            raise HandsegError(f"probability map for {name} is missing", folder)
+    return images
+
+
+# ----------------------------------------------------------------------------------------------
+# votes
+
+
+def hard_vote(csvs: list[Path], out: Path, min_votes: int | None = None,
+              progress: Callable[[], None] | None = None) -> int:
+    """Pixel-wise majority (or ``min_votes``) of several CSVs, computed on runs; returns images written.
+
+    Raises:
+        HandsegError: fewer than two inputs, a bad CSV, different image sets, or a bad ``min_votes``.
+    """
+    if len(csvs) < 2:
+        raise HandsegError("a vote needs at least two CSVs")
+    k = min_votes if min_votes is not None else len(csvs) // 2 + 1
+    if not 1 <= k <= len(csvs):
+        raise HandsegError(f"--min-votes must be between 1 and {len(csvs)}, got {k}")
+    sets = [read_predictions(p) for p in csvs]
+    for s in sets[1:]:
+        check_same_images(sets[0], s)
+
+    def rows():
+        for image in sets[0].images:
+            yield image, [runs_to_rle(vote_runs([s.runs[image][c] for s in sets], k)) for c in range(NUM_CLASSES)]
+            if progress:
+                progress()
+
+    return write_predictions(out, rows())
+
+
+def soft_vote(folders: list[Path], out: Path, weights: list[float] | None = None,
+              threshold: float | list[float] = DEFAULT_THRESHOLD, progress: Callable[[], None] | None = None) -> int:
+    """Weighted mean of probability maps, thresholded per class; one class crop in memory at a time."""
+    if len(folders) < 2:
+        raise HandsegError("a vote needs at least two probability folders")
+    weights = weights or [1.0] * len(folders)
+    if len(weights) != len(folders):
+        raise HandsegError(f"--weights has {len(weights)} values for {len(folders)} inputs")
+    indices = [read_probs_index(f) for f in folders]
+    for f, idx in zip(folders[1:], indices[1:]):
+        if set(idx) != set(indices[0]):
+            raise HandsegError(f"different image sets from {folders[0]}", f)
+    thresholds = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (NUM_CLASSES,))
+    total = float(sum(weights))
+
+    def rows():
+        for image in indices[0]:
+            maps = [ProbMap(Path(f) / probs_name(image)) for f in folders]
+            shape = maps[0].shape
+            for m in maps[1:]:
+                if m.shape != shape:
+                    raise HandsegError(f"{image}: size {m.shape} differs from {shape}", m.path)
+            rles = []
+            for c in range(NUM_CLASSES):
+                crops = [(m.crop(c), w) for m, w in zip(maps, weights)]
+                crops = [(g, w) for g, w in crops if g is not None]
+                if not crops:
+                    rles.append("")
+                    continue
+                r0 = min(g[1] for g, _ in crops)
+                c0 = min(g[2] for g, _ in crops)
+                r1 = max(g[1] + g[0].shape[0] for g, _ in crops)
+                c1 = max(g[2] + g[0].shape[1] for g, _ in crops)
+                acc = np.zeros((r1 - r0, c1 - c0), dtype=np.float32)
+                for (crop, cr, cc), w in crops:
+                    acc[cr - r0 : cr - r0 + crop.shape[0], cc - c0 : cc - c0 + crop.shape[1]] += crop * (w / 255.0)
+                rles.append(runs_to_rle(crop_to_runs(acc / total > thresholds[c], r0, c0, shape[1])))
+            yield image, rles
+            if progress:
+                progress()
+
+    return write_predictions(out, rows())
+
+
+def read_class_map(path: Path) -> dict[str, Path]:
+    """``{"default": "a.csv", "Trapezium": "wrist.csv", ...}`` -> a CSV for every class.
+
+    Relative CSV paths are taken relative to the map file.
+    """
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise HandsegError("class map not found", path) from None
+    except json.JSONDecodeError as e:
+        raise HandsegError(f"not valid JSON ({e})", path) from None
+    if not isinstance(doc, dict):
+        raise HandsegError('class map must be an object like {"default": "a.csv", "Lunate": "b.csv"}', path)
+    unknown = [k for k in doc if k != "default" and k not in CLASS_INDEX]
+    if unknown:
+        raise HandsegError(f"unknown class {unknown[0]!r} in class map", path)
+    default = doc.get("default")
+    missing = [c for c in CLASSES if c not in doc and default is None]
+    if missing:
+        raise HandsegError(f"class map gives no CSV for {', '.join(missing[:5])} (add \"default\")", path)
+    base = Path(path).parent
+    return {c: (base / Path(doc.get(c, default))) if not Path(doc.get(c, default)).is_absolute()
+            else Path(doc.get(c, default)) for c in CLASSES}
+
+
+def classwise_vote(class_map: dict[str, Path], out: Path) -> int:
+    """Take each class from the CSV the map names for it."""
+    sets: dict[Path, PredictionSet] = {}
+    for p in dict.fromkeys(class_map.values()):
+        sets[p] = read_predictions(p)
+    first = next(iter(sets.values()))
+    for s in sets.values():
+        check_same_images(first, s)
+
+    def rows():
+        for image in first.images:
+            yield image, [runs_to_rle(sets[class_map[c]].runs[image][i]) for i, c in enumerate(CLASSES)]
+
+    return write_predictions(out, rows())

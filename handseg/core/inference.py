@@ -1,0 +1,186 @@
+"""Inference: from an X-ray to per-class probabilities at the image's own size.
+
+A model trained on resized images sees the image resized to its size, and its logits are resized
+back bilinearly (the leaderboard's convention) before the sigmoid. A model trained on crops runs as
+a sliding window over the full image with Gaussian blending. With ``unify_hands`` the model knows
+right hands only: a left hand (thumb right of the little finger in the first pass) is mirrored,
+predicted and mirrored back. Several checkpoints are averaged in probability space.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from handseg.core.checkpoint import ModelCard, load_checkpoint
+from handseg.core.errors import HandsegError
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise HandsegError(f"--device {device} asked for, but CUDA is not available here")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise HandsegError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def amp_dtype(device: str):
+    """bf16 where the GPU supports it, else fp16; ``None`` (fp32) on CPU."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def to_input(image: np.ndarray, card: ModelCard, device: str):
+    """``(H, W)`` uint8 -> normalised ``(1, C, H, W)`` float tensor on ``device``."""
+    import torch
+
+    x = torch.from_numpy(np.array(image, copy=True)).to(device, non_blocking=True).float().div_(255.0)
+    x = (x - card.norm["mean"]) / card.norm["std"]
+    return x.expand(card.in_channels, *x.shape).unsqueeze(0)
+
+
+def _round32(v: float) -> int:
+    return max(32, int(round(v / 32.0)) * 32)
+
+
+def resize_logits(model, x, size: int | tuple[int, int], out_hw: tuple[int, int], dtype=None):
+    """Run ``model`` on ``x`` resized to ``size`` and resize the logits back to ``out_hw`` bilinearly."""
+    import torch
+    import torch.nn.functional as F
+
+    hw = (size, size) if isinstance(size, int) else size
+    xin = F.interpolate(x, size=hw, mode="bilinear", align_corners=False) if tuple(x.shape[-2:]) != hw else x
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+        logits = model(xin)
+    logits = logits.float()
+    if tuple(logits.shape[-2:]) != tuple(out_hw):
+        logits = F.interpolate(logits, size=out_hw, mode="bilinear", align_corners=False)
+    return logits
+
+
+def gaussian_window(size: int, sigma_scale: float = 0.125):
+    import torch
+
+    ax = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    g = torch.exp(-(ax**2) / (2 * (size * sigma_scale) ** 2))
+    w = torch.outer(g, g)
+    return (w / w.max()).clamp_min(1e-3)
+
+
+def _starts(length: int, window: int, stride: int) -> list[int]:
+    if length <= window:
+        return [0]
+    starts = list(range(0, length - window, stride)) + [length - window]
+    return sorted(set(starts))
+
+
+def sliding_window_logits(model, x, window: int, stride: int | None = None, batch: int = 4, dtype=None):
+    """Logits of a full-resolution image from overlapping ``window`` crops, Gaussian-blended.
+
+    Args:
+        x: ``(1, C, H, W)`` input; images smaller than the window are padded.
+    Returns:
+        ``(1, K, H, W)`` float32 logits.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    stride = stride or window // 2
+    _, _, h, w = x.shape
+    ph, pw = max(window - h, 0), max(window - w, 0)
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), mode="constant", value=float(x.min()))
+    H, W = x.shape[-2:]
+    weight = gaussian_window(window).to(x.device)
+    acc = None
+    norm = torch.zeros((1, 1, H, W), device=x.device)
+    boxes = [(r, c) for r in _starts(H, window, stride) for c in _starts(W, window, stride)]
+    for i in range(0, len(boxes), batch):
+        chunk = boxes[i : i + batch]
+        crops = torch.cat([x[..., r : r + window, c : c + window] for r, c in chunk])
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+            out = model(crops).float()
+        if acc is None:
+            acc = torch.zeros((1, out.shape[1], H, W), device=x.device)
+        for (r, c), o in zip(chunk, out):
+            acc[0, :, r : r + window, c : c + window] += o * weight
+            norm[0, 0, r : r + window, c : c + window] += weight
+    return (acc / norm)[..., :h, :w]
+
+
+def model_logits(model, card: ModelCard, x, out_hw: tuple[int, int], dtype=None, scale: float = 1.0,
+                 batch: int = 4):
+    """Logits at ``out_hw`` of one model for input ``x`` (resize or sliding window per the card)."""
+    if card.crop:
+        return sliding_window_logits(model, x, card.crop, batch=batch, dtype=dtype)
+    return resize_logits(model, x, _round32(card.size * scale), out_hw, dtype)
+
+
+@dataclass
+class Predictor:
+    """One or more checkpoints ready to predict; probabilities are averaged over them."""
+
+    models: list
+    cards: list[ModelCard]
+    device: str
+    dtype: object = None
+
+    @classmethod
+    def load(cls, paths, device: str = "auto", amp: bool = True) -> Predictor:
+        import torch
+
+        device = pick_device(device)
+        models, cards = [], []
+        for p in paths:
+            model, card = load_checkpoint(p, device)
+            if device.startswith("cuda"):
+                model = model.to(memory_format=torch.channels_last)
+            models.append(model)
+            cards.append(card)
+        classes = {tuple(c.classes) for c in cards}
+        if len(classes) > 1:
+            raise HandsegError("checkpoints predict different class lists; they cannot be averaged")
+        return cls(models, cards, device, amp_dtype(device) if amp else None)
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        """Per-class thresholds: the mean of the checkpoints' own."""
+        return np.mean([c.thresholds for c in self.cards], axis=0)
+
+    def logits(self, model, card: ModelCard, image: np.ndarray, flip: bool = False):
+        import torch
+
+        x = to_input(image[:, ::-1] if flip else image, card, self.device)
+        out = model_logits(model, card, x, image.shape, self.dtype)
+        return torch.flip(out, dims=[-1]) if flip else out
+
+    def probs(self, image: np.ndarray) -> np.ndarray:
+        """``(H, W)`` uint8 image -> ``(K, H, W)`` float32 probabilities at the image's size."""
+        import torch
+
+        from handseg.core.data import hand_side
+
+        total = None
+        with torch.inference_mode():
+            for model, card in zip(self.models, self.cards):
+                p = self.logits(model, card, image).sigmoid()
+                if card.unify_hands:
+                    side = hand_side(masks=(p[0] > 0.5).cpu().numpy())
+                    if side == "left":
+                        p = self.logits(model, card, image, flip=True).sigmoid()
+                total = p if total is None else total + p
+        return (total[0] / len(self.models)).cpu().numpy()
+
+
+def binarize(probs: np.ndarray, thresholds) -> np.ndarray:
+    """``(K, H, W)`` probabilities -> bool masks with one threshold per class."""
+    t = np.asarray(thresholds, dtype=np.float32).reshape(-1, 1, 1)
+    return probs > t

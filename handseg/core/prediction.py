@@ -1,0 +1,257 @@
+"""Running checkpoints over a folder: CSV rows, probability maps, TTA, per-class thresholds.
+
+``predict`` and ``tta`` are the same loop; ``tta`` adds test-time transforms (ttach flips, plus
+input-size scales) merged by mean, geometric mean or max, and on labelled data reports the Dice of
+each transform alone and merged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from handseg.core.constants import CLASSES, NUM_CLASSES
+from handseg.core.data import Sample, class_masks, discover, read_image, read_polygons
+from handseg.core.errors import HandsegError
+from handseg.core.files import atomic_write_json
+from handseg.core.inference import Predictor, binarize
+from handseg.core.metrics import dice_masks
+from handseg.core.rle import mask_to_runs, runs_to_rle
+from handseg.core.submission import write_predictions
+
+TUNE_GRID = np.round(np.arange(0.20, 0.81, 0.05), 2)
+MERGES = ("mean", "gmean", "max")
+
+
+@dataclass(frozen=True)
+class Transform:
+    """A test-time transform: ``flip`` is a ttach transform name (or None); ``scale`` the input size factor."""
+
+    name: str
+    flip: str | None = None
+    scale: float = 1.0
+
+
+def parse_transforms(spec: str) -> list[Transform]:
+    """``"hflip,vflip,scale:0.8,1.2"`` -> identity, hflip, vflip, scale 0.8, scale 1.2.
+
+    The identity is always first. Numbers after ``scale:`` continue the scale list.
+    """
+    out = [Transform("identity")]
+    in_scale = False
+    for token in (t.strip() for t in spec.split(",")):
+        if not token:
+            continue
+        if token.startswith("scale:"):
+            in_scale, token = True, token.split(":", 1)[1]
+        if in_scale and _is_number(token):
+            s = float(token)
+            if not 0.25 <= s <= 4:
+                raise HandsegError(f"scale {s} out of range 0.25..4")
+            if s != 1.0:
+                out.append(Transform(f"scale{s:g}", scale=s))
+            continue
+        in_scale = False
+        if token in ("hflip", "vflip"):
+            out.append(Transform(token, flip=token))
+        else:
+            raise HandsegError(f"unknown TTA transform {token!r}; valid: hflip, vflip, scale:S1,S2,...")
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _ttach_transform(name: str):
+    import ttach
+
+    return {"hflip": ttach.HorizontalFlip, "vflip": ttach.VerticalFlip}[name]()
+
+
+def transform_probs(predictor: Predictor, image: np.ndarray, t: Transform):
+    """Probabilities ``(K, H, W)`` (torch, on the device) for one transform, mapped back to the image."""
+    import torch
+
+    from handseg.core.data import hand_side
+    from handseg.core.inference import model_logits, to_input
+
+    total = None
+    with torch.inference_mode():
+        for model, card in zip(predictor.models, predictor.cards):
+            def run(img, card=card, model=model):
+                x = to_input(np.ascontiguousarray(img), card, predictor.device)
+                if t.flip:
+                    tt = _ttach_transform(t.flip)
+                    x = tt.apply_aug_image(x, apply=True)
+                    out = model_logits(model, card, x, img.shape, predictor.dtype, scale=t.scale)
+                    return tt.apply_deaug_mask(out, apply=True)
+                return model_logits(model, card, x, img.shape, predictor.dtype, scale=t.scale)
+
+            p = run(image).sigmoid()
+            if card.unify_hands and hand_side(masks=(p[0] > 0.5).cpu().numpy()) == "left":
+                p = torch.flip(run(image[:, ::-1]).sigmoid(), dims=[-1])
+            total = p if total is None else total + p
+    return total[0] / len(predictor.models)
+
+
+def merge_probs(probs: list, how: str):
+    import torch
+
+    if how == "mean" or len(probs) == 1:
+        return torch.stack(probs).mean(0)
+    if how == "gmean":
+        return torch.stack(probs).clamp_min(1e-6).log().mean(0).exp()
+    if how == "max":
+        return torch.stack(probs).amax(0)
+    raise HandsegError(f"unknown --merge {how!r}; valid: {', '.join(MERGES)}")
+
+
+@dataclass
+class PredictResult:
+    images: int
+    thresholds: list[float]
+    dice: dict[str, float] = field(default_factory=dict)
+    """Mean Dice per transform (and ``merged``) when labels were available."""
+    per_class: dict[str, float] = field(default_factory=dict)
+    tuned: bool = False
+
+
+def _shard(samples: list[Sample]) -> tuple[list[Sample], int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    return samples[rank::world], rank, world
+
+
+def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_dir: Path | None = None,
+                    transforms: list[Transform] | None = None, merge: str = "mean",
+                    thresholds: list[float] | None = None, tune: bool = False, device: str = "auto",
+                    amp: bool = True, progress: Callable[[], None] | None = None) -> PredictResult:
+    """Predict every image of ``data`` and write the CSV (and probability maps) in submission order.
+
+    With labels in ``data`` the Dice of each transform and of the merge is measured; ``tune``
+    searches a threshold per class on those labels (the CSV then uses the tuned thresholds).
+    Under torchrun each rank predicts a shard; rank 0 writes the CSV in order.
+    """
+    from handseg.core.ensemble import PROBS_INDEX, pack_probs, probs_name
+    from handseg.core.files import atomic_open
+
+    transforms = transforms or [Transform("identity")]
+    samples = discover(data, labels="optional")
+    labelled = all(s.label_path is not None for s in samples)
+    if tune and not labelled:
+        raise HandsegError("--tune-thresholds needs labels (outputs_json/) for every image", data)
+    names = [s.name for s in samples]
+    if len(set(names)) != len(names):
+        raise HandsegError("two images share a basename; submission rows could not tell them apart", data)
+    predictor = Predictor.load(checkpoints, device, amp)
+    thr = np.asarray(thresholds if thresholds is not None else predictor.thresholds, dtype=np.float64)
+    if thr.shape != (NUM_CLASSES,):
+        raise HandsegError(f"need {NUM_CLASSES} thresholds, got {thr.size}")
+    shard, rank, world = _shard(samples)
+
+    dice_sum = {t.name: np.zeros(NUM_CLASSES) for t in transforms}
+    if len(transforms) > 1:
+        dice_sum["merged"] = np.zeros(NUM_CLASSES)
+    tune_sum = np.zeros((NUM_CLASSES, TUNE_GRID.size)) if tune else None
+    rows: dict[str, list] = {}
+    for s in shard:
+        image = read_image(s.image_path)
+        per_t = [transform_probs(predictor, image, t) for t in transforms]
+        merged = merge_probs(per_t, merge)
+        probs = merged.float().cpu().numpy()
+        if labelled:
+            truth = class_masks(read_polygons(s.label_path), image.shape)
+            if len(transforms) > 1:
+                for t, p in zip(transforms, per_t):
+                    dice_sum[t.name] += dice_masks(truth, binarize(p.float().cpu().numpy(), thr))
+            dice_sum["merged" if len(transforms) > 1 else transforms[0].name] += dice_masks(truth, binarize(probs, thr))
+            if tune_sum is not None:
+                for j, t in enumerate(TUNE_GRID):
+                    tune_sum[:, j] += dice_masks(truth, probs > t)
+        if tune:
+            rows[s.name] = probs  # kept until the thresholds are known
+        else:
+            rows[s.name] = [runs_to_rle(mask_to_runs(m)) for m in binarize(probs, thr)]
+        if probs_dir is not None:
+            with atomic_open(Path(probs_dir) / probs_name(s.name), "wb") as f:
+                np.save(f, pack_probs(probs), allow_pickle=False)
+        if progress:
+            progress()
+
+    if tune:
+        best = TUNE_GRID[np.argmax(tune_sum, axis=1)] if world == 1 else None
+        if world > 1:
+            raise HandsegError("--tune-thresholds runs on one process; run it without torchrun")
+        thr = best.astype(np.float64)
+        rows = {n: [runs_to_rle(mask_to_runs(m)) for m in binarize(p, thr)] for n, p in rows.items()}
+
+    if world > 1:
+        rows, dice_sum = _gather(rows, dice_sum, rank, world)
+        if rank != 0:
+            return PredictResult(len(shard), thr.tolist())
+    write_predictions(out_csv, ((n, rows[n]) for n in names))
+    if probs_dir is not None:
+        atomic_write_json(Path(probs_dir) / PROBS_INDEX, {"images": names, "classes": list(CLASSES),
+                                                          "quantisation": "uint8 p*255, per-class bbox crops"})
+    result = PredictResult(len(samples), [float(v) for v in thr], tuned=tune)
+    if labelled:
+        n = len(samples)
+        result.dice = {k: float(v.mean() / n) for k, v in dice_sum.items()}
+        key = "merged" if len(transforms) > 1 else transforms[0].name
+        result.per_class = {c: float(v / n) for c, v in zip(CLASSES, dice_sum[key])}
+        if tune:
+            result.per_class = {c: float(tune_sum[i].max() / n) for i, c in enumerate(CLASSES)}
+            result.dice[key] = float(np.mean(list(result.per_class.values())))
+    return result
+
+
+def _gather(rows: dict, dice_sum: dict, rank: int, world: int):
+    """Collect every rank's rows and Dice sums on rank 0 (object all-gather over the process group)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        import torch
+
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    gathered = [None] * world
+    dist.all_gather_object(gathered, (rows, {k: v.tolist() for k, v in dice_sum.items()}))
+    all_rows, sums = {}, {k: np.zeros(NUM_CLASSES) for k in dice_sum}
+    for r, d in gathered:
+        all_rows.update(r)
+        for k, v in d.items():
+            sums[k] += np.asarray(v)
+    return all_rows, sums
+
+
+def write_thresholds(path: Path, thresholds: list[float]) -> None:
+    atomic_write_json(path, {c: float(t) for c, t in zip(CLASSES, thresholds)})
+
+
+def read_thresholds(path: Path) -> list[float]:
+    """``{"finger-1": 0.45, ...}`` (missing classes: 0.5) or a list of 29 numbers."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise HandsegError("thresholds file not found", path) from None
+    except json.JSONDecodeError as e:
+        raise HandsegError(f"not valid JSON ({e})", path) from None
+    if isinstance(doc, list):
+        if len(doc) != NUM_CLASSES:
+            raise HandsegError(f"need {NUM_CLASSES} thresholds, got {len(doc)}", path)
+        return [float(v) for v in doc]
+    if isinstance(doc, dict):
+        unknown = [k for k in doc if k not in CLASSES]
+        if unknown:
+            raise HandsegError(f"unknown class {unknown[0]!r}", path)
+        return [float(doc.get(c, 0.5)) for c in CLASSES]
+    raise HandsegError("thresholds must be an object {class: value} or a list", path)

@@ -1,0 +1,519 @@
+"""Training: one loop for CPU, one GPU or many (torchrun / DDP), resumable, self-describing.
+
+Data comes from the prep cache when there is one (``DATA/cache`` or ``--cache``), else from PNG +
+JSON. Validation runs on the fold at each image's full size with the leaderboard Dice.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from handseg.core.checkpoint import BEST, LAST, RESUME, ModelCard, save_checkpoint, unwrap
+from handseg.core.constants import CLASSES, NUM_CLASSES
+from handseg.core.data import Sample, class_masks, discover, hand_side, read_image, read_polygons
+from handseg.core.errors import HandsegError
+from handseg.core.files import atomic_open, write_manifest
+from handseg.core.models import DEFAULT_NORM
+
+AUGMENT_PRESETS = ("none", "light", "default", "strong")
+
+
+@dataclass
+class TrainConfig:
+    """Every option of ``handseg train``; saved with the run."""
+
+    data: Path = Path("data/train")
+    splits: Path | None = None
+    fold: int = 0
+    arch: str = "unetplusplus"
+    encoder: str = "resnet34"
+    encoder_weights: str = "imagenet"
+    size: int = 1024
+    crop: int | None = None
+    epochs: int = 30
+    batch_size: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    loss: str = "bce:0.5,dice:0.5"
+    class_weights: list[float] | None = None
+    augment: str = "default"
+    unify_hands: bool = False
+    val_every: int = 1
+    amp: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    accum: int = 1
+    workers: int = 4
+    device: str = "auto"
+    out: Path = Path("runs/run")
+    resume: bool = False
+    extra: list[Path] = field(default_factory=list)
+    cache: Path | None = None
+    seed: int = 0
+    max_steps: int | None = None
+    logger: str = "none"
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        return {k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if k == "extra" else v)
+                for k, v in d.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+def _augmenter(preset: str, unify_hands: bool):
+    import albumentations as A
+
+    if preset not in AUGMENT_PRESETS:
+        raise HandsegError(f"unknown augmentation preset {preset!r}; valid: {', '.join(AUGMENT_PRESETS)}")
+    if preset == "none":
+        return None
+    # a flip would undo --unify-hands (it turns a right hand into a left one)
+    flip = [] if unify_hands else [A.HorizontalFlip(p=0.5)]
+    light = [A.RandomBrightnessContrast(0.15, 0.15, p=0.5)]
+    if preset == "light":
+        return A.Compose(flip + light)
+    ops = flip + [
+        A.Affine(rotate=(-10, 10), scale=(0.92, 1.08), translate_percent=(-0.03, 0.03), p=0.6, border_mode=0),
+        A.RandomBrightnessContrast(0.2, 0.2, p=0.6),
+        A.RandomGamma((80, 120), p=0.4),
+        A.CLAHE(clip_limit=2.0, p=0.3),
+    ]
+    if preset == "strong":
+        ops += [A.ElasticTransform(alpha=20, sigma=6, p=0.2), A.GaussNoise(p=0.2)]
+    return A.Compose(ops)
+
+
+@dataclass(frozen=True)
+class Item:
+    sample: Sample
+    cache: Path | None
+
+
+def load_item(item: Item) -> tuple[np.ndarray, np.ndarray]:
+    """``(image (H, W) uint8, masks (29, H, W) bool)`` from the cache if there, else PNG + JSON."""
+    from handseg.core import cache as cache_mod
+
+    if item.cache is not None and cache_mod.mask_path(item.cache, item.sample).is_file():
+        masks = cache_mod.load_cached_masks(item.cache, item.sample)
+        ipath = cache_mod.image_path(item.cache, item.sample)
+        image = np.asarray(np.load(ipath, mmap_mode="r")) if ipath.is_file() else read_image(item.sample.image_path)
+        return image, masks
+    image = read_image(item.sample.image_path)
+    return image, class_masks(read_polygons(item.sample.label_path), image.shape)
+
+
+class SegmentationDataset:
+    """Training samples: ``(image (C, S, S) float32, masks (29, S, S) uint8)`` tensors."""
+
+    def __init__(self, items: list[Item], cfg: TrainConfig, train: bool = True, in_channels: int = 1):
+        self.items, self.cfg, self.train, self.in_channels = items, cfg, train, in_channels
+        self.augment = _augmenter(cfg.augment, cfg.unify_hands) if train else None
+        self.rng = np.random.default_rng(cfg.seed)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        import cv2
+        import torch
+
+        image, masks = load_item(self.items[index])
+        if self.cfg.unify_hands and hand_side(masks=masks) == "left":
+            image, masks = image[:, ::-1], masks[:, :, ::-1]
+        hwc = np.ascontiguousarray(masks.transpose(1, 2, 0)).view(np.uint8)
+        image = np.ascontiguousarray(image)
+        if self.cfg.crop:
+            image, hwc = self._random_crop(image, hwc, self.cfg.crop)
+        else:
+            s = self.cfg.size
+            image = cv2.resize(image, (s, s), interpolation=cv2.INTER_AREA)
+            hwc = _resize_masks(hwc, s)
+        if self.augment is not None:
+            out = self.augment(image=image, mask=hwc)
+            image, hwc = out["image"], out["mask"]
+        x = torch.from_numpy(np.ascontiguousarray(image)).float().div_(255.0)
+        x = ((x - DEFAULT_NORM["mean"]) / DEFAULT_NORM["std"]).expand(self.in_channels, *x.shape).clone()
+        y = torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))
+        return x, y
+
+    def _random_crop(self, image, hwc, crop):
+        h, w = image.shape
+        if h < crop or w < crop:
+            ph, pw = max(crop - h, 0), max(crop - w, 0)
+            image = np.pad(image, ((0, ph), (0, pw)))
+            hwc = np.pad(hwc, ((0, ph), (0, pw), (0, 0)))
+            h, w = image.shape
+        r = int(self.rng.integers(0, h - crop + 1))
+        c = int(self.rng.integers(0, w - crop + 1))
+        return image[r : r + crop, c : c + crop], hwc[r : r + crop, c : c + crop]
+
+
+def _resize_masks(hwc: np.ndarray, size: int) -> np.ndarray:
+    """Resize ``(H, W, 29)`` 0/1 masks: area-average then threshold at one half (OpenCV takes at most
+    4 channels per call for INTER_AREA on some builds, so go in groups)."""
+    import cv2
+
+    out = np.empty((size, size, hwc.shape[2]), dtype=np.uint8)
+    for c0 in range(0, hwc.shape[2], 4):
+        part = np.ascontiguousarray(hwc[:, :, c0 : c0 + 4]) * np.uint8(255)
+        r = cv2.resize(part, (size, size), interpolation=cv2.INTER_AREA)
+        out[:, :, c0 : c0 + 4] = (r.reshape(size, size, -1) > 127).astype(np.uint8)
+    return out
+
+
+def split_items(cfg: TrainConfig) -> tuple[list[Item], list[Item]]:
+    """Train and validation items for the fold (``--fold -1``: everything is train, no validation)."""
+    from handseg.core.cache import default_cache_dir
+    from handseg.core.kfold import make_splits, read_splits
+
+    samples = discover(cfg.data, labels="required")
+    cache = cfg.cache or default_cache_dir(cfg.data)
+    cache = cache if (Path(cache) / "masks").is_dir() else None
+    if cfg.splits is not None:
+        splits = read_splits(cfg.splits)
+    else:
+        splits = make_splits(cfg.data, n_folds=5, seed=cfg.seed)
+    fold_of = {im["path"]: im["fold"] for im in splits["images"]}
+    if cfg.fold >= splits["n_folds"]:
+        raise HandsegError(f"--fold {cfg.fold} but the splits have {splits['n_folds']} folds (0..{splits['n_folds'] - 1})")
+    missing = [s.rel for s in samples if s.rel not in fold_of]
+    if missing:
+        raise HandsegError(f"{len(missing)} images are not in the splits (e.g. {missing[0]}); re-run kfold",
+                           cfg.splits)
+    train = [Item(s, cache) for s in samples if fold_of[s.rel] != cfg.fold]
+    val = [Item(s, cache) for s in samples if fold_of[s.rel] == cfg.fold]
+    for extra in cfg.extra:
+        from handseg.core.cache import default_cache_dir as dcd
+
+        extra_cache = dcd(extra) if (dcd(extra) / "masks").is_dir() else None
+        train += [Item(s, extra_cache) for s in discover(extra, labels="required")]
+    if not train:
+        raise HandsegError("no training images left after taking out the validation fold")
+    return train, val
+
+
+# ----------------------------------------------------------------------------------------------
+# distributed helpers
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> Dist:
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return Dist(rank, world, local)
+
+
+def all_reduce_sum(tensor, d: Dist):
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+
+
+def validate(model, card: ModelCard, items: list[Item], device: str, dtype, d: Dist) -> np.ndarray:
+    """Leaderboard Dice per class over the validation items, at each image's full size: ``(29,)``."""
+    import torch
+
+    from handseg.core.inference import model_logits, to_input
+    from handseg.core.metrics import dice_masks
+
+    model.eval()
+    sums = torch.zeros(NUM_CLASSES + 1, dtype=torch.float64, device=device)
+    with torch.inference_mode():
+        for item in items[d.rank :: d.world]:
+            image, masks = load_item(item)
+            if card.unify_hands and hand_side(masks=masks) == "left":
+                image, masks = image[:, ::-1], masks[:, :, ::-1]
+            logits = model_logits(model, card, to_input(np.ascontiguousarray(image), card, device), image.shape, dtype)
+            pred = (logits[0].sigmoid() > torch.tensor(card.thresholds, device=device).view(-1, 1, 1)).cpu().numpy()
+            sums[:NUM_CLASSES] += torch.from_numpy(dice_masks(masks, pred)).to(device)
+            sums[NUM_CLASSES] += 1
+    all_reduce_sum(sums, d)
+    model.train()
+    count = max(float(sums[NUM_CLASSES]), 1.0)
+    return (sums[:NUM_CLASSES] / count).cpu().numpy()
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+
+
+def _resolve_amp(amp: str, device: str):
+    import torch
+
+    if amp not in ("auto", "bf16", "fp16", "off"):
+        raise HandsegError(f"unknown --amp {amp!r}; valid: auto, bf16, fp16, off")
+    if amp == "off" or (amp == "auto" and not device.startswith("cuda")):
+        return None
+    if amp == "fp16":
+        return torch.float16
+    if amp == "bf16" or (device.startswith("cuda") and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+def _lr_lambda(total_steps: int, warmup: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return f
+
+
+METRIC_FIELDS = ["epoch", "step", "train_loss", "lr", "images_per_s", "seconds", "val_dice", *CLASSES]
+
+
+def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
+    """Train a model as configured; returns ``{"best_dice", "last_dice", "epochs", "steps", "out"}``.
+
+    Raises:
+        HandsegError: bad options, unreadable data, or a NaN loss.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    from handseg.core.inference import pick_device
+    from handseg.core.losses import build_loss
+    from handseg.core.models import build_model, resolve_arch, resolve_encoder
+
+    device = pick_device(cfg.device)
+    d = setup_distributed(device)
+    if d.world > 1 and device.startswith("cuda"):
+        device = f"cuda:{d.local_rank}"
+    if cfg.size % 32 or (cfg.crop and cfg.crop % 32):
+        raise HandsegError("--size and --crop must be multiples of 32")
+    arch, encoder = resolve_arch(cfg.arch), resolve_encoder(cfg.encoder)
+    loss_fn = build_loss(cfg.loss, torch.tensor(cfg.class_weights, dtype=torch.float32)
+                         if cfg.class_weights else None)
+    if cfg.class_weights and len(cfg.class_weights) != NUM_CLASSES:
+        raise HandsegError(f"--class-weights needs {NUM_CLASSES} numbers, got {len(cfg.class_weights)}")
+    train_items, val_items = split_items(cfg)
+    seed = cfg.seed + d.rank
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(cfg.seed)
+
+    out = Path(cfg.out)
+    resume_path = out / RESUME
+    if d.main:
+        if out.exists() and (out / LAST).exists() and not cfg.resume:
+            raise HandsegError("run folder already has a checkpoint; pass --resume to continue it or "
+                               "choose another --out", out)
+        out.mkdir(parents=True, exist_ok=True)
+    if cfg.resume and not resume_path.is_file():
+        raise HandsegError(f"nothing to resume: no {RESUME}", out)
+
+    model = build_model(arch, encoder, cfg.encoder_weights).to(device)
+    card = ModelCard(arch=arch, encoder=encoder, size=cfg.size, crop=cfg.crop, norm=dict(DEFAULT_NORM),
+                     unify_hands=cfg.unify_hands)
+    cuda = device.startswith("cuda")
+    if cuda and cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    dtype = _resolve_amp(cfg.amp, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    dataset = SegmentationDataset(train_items, cfg, train=True)
+    sampler = DistributedSampler(dataset, d.world, d.rank, shuffle=True, seed=cfg.seed) if d.world > 1 else None
+    generator = torch.Generator()
+    generator.manual_seed(cfg.seed)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                        num_workers=cfg.workers, pin_memory=cuda, drop_last=len(dataset) > cfg.batch_size,
+                        persistent_workers=cfg.workers > 0, generator=generator,
+                        worker_init_fn=_seed_worker if cfg.workers > 0 else None)
+    steps_per_epoch = max(1, len(loader) // cfg.accum)
+    total_steps = cfg.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, min(100, total_steps // 20 + 1)))
+    scaler = torch.amp.GradScaler("cuda", enabled=(dtype == torch.float16))
+
+    start_epoch, step, best = 0, 0, -1.0
+    if cfg.resume:
+        from safetensors.torch import load_file
+
+        state = torch.load(resume_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(load_file(str(out / LAST), device="cpu"))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, step, best = state["epoch"], state["step"], state["best"]
+        torch.set_rng_state(state["torch_rng"])
+        np.random.set_state(state["numpy_rng"])
+        log(f"resuming {out} at epoch {start_epoch} (step {step})")
+
+    run_model = model
+    if d.world > 1:
+        run_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if cuda else None)
+    if cfg.compile:
+        run_model = torch.compile(run_model)
+
+    writer = _make_logger(cfg, out) if d.main else None
+    if d.main:
+        write_manifest(out, "train", cfg.to_json(), inputs={"data": str(cfg.data), "splits": str(cfg.splits)},
+                       train_images=len(train_items), val_images=len(val_items), world_size=d.world)
+    metrics_path = out / "metrics.csv"
+    last_dice = None
+    run_model.train()
+    for epoch in range(start_epoch, cfg.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        t0, seen, loss_sum, batches = time.perf_counter(), 0, 0.0, 0
+        progress = progress_factory(f"epoch {epoch + 1}/{cfg.epochs}", len(loader)) if (progress_factory and d.main) else None
+        optimizer.zero_grad(set_to_none=True)
+        for i, (x, y) in enumerate(loader):
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True).float()
+            if cuda and cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
+                logits = run_model(x)
+            loss = loss_fn(logits.float(), y)
+            if not torch.isfinite(loss):
+                raise HandsegError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step}: lower --lr, "
+                                   "try --amp off, or check the data")
+            scaler.scale(loss / cfg.accum).backward()
+            if (i + 1) % cfg.accum == 0 or i + 1 == len(loader):
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                step += 1
+            seen += x.shape[0]
+            loss_sum += float(loss.detach())
+            batches += 1
+            if progress:
+                rate = seen * d.world / max(time.perf_counter() - t0, 1e-9)
+                progress(f"loss {loss_sum / batches:.4f} lr {scheduler.get_last_lr()[0]:.2e} {rate:.1f} img/s")
+            if cfg.max_steps and step >= cfg.max_steps:
+                break
+        if progress:
+            progress(None)
+        seconds = time.perf_counter() - t0
+        stats = all_reduce_sum(torch.tensor([loss_sum, batches, seen], dtype=torch.float64, device=device), d)
+        train_loss = float(stats[0] / max(float(stats[1]), 1))
+        images_per_s = float(stats[2]) / max(seconds, 1e-9)
+        card.epoch, card.step = epoch + 1, step
+        last_epoch = epoch + 1 == cfg.epochs or bool(cfg.max_steps and step >= cfg.max_steps)
+        per_class = None
+        if val_items and ((epoch + 1) % cfg.val_every == 0 or last_epoch):
+            per_class = validate(unwrap(run_model), card, val_items, device, dtype, d)
+            last_dice = float(per_class.mean())
+        if d.main:
+            card.score = last_dice
+            save_checkpoint(out / LAST, model, card)
+            if per_class is not None and last_dice > best:
+                best = last_dice
+                save_checkpoint(out / BEST, model, card)
+            elif not val_items:
+                save_checkpoint(out / BEST, model, card)
+            _save_resume(resume_path, optimizer, scheduler, scaler, epoch + 1, step, best)
+            row = {"epoch": epoch + 1, "step": step, "train_loss": round(train_loss, 6),
+                   "lr": scheduler.get_last_lr()[0], "images_per_s": round(images_per_s, 3),
+                   "seconds": round(seconds, 2), "val_dice": "" if per_class is None else round(last_dice, 6)}
+            if per_class is not None:
+                row.update({c: round(float(v), 6) for c, v in zip(CLASSES, per_class)})
+            _append_metrics(metrics_path, row)
+            if writer:
+                writer(row, step)
+            dice_text = f" val dice {last_dice:.4f}" if per_class is not None else ""
+            log(f"epoch {epoch + 1}: loss {train_loss:.4f}{dice_text} ({images_per_s:.1f} img/s, {seconds:.1f}s)")
+        if cfg.max_steps and step >= cfg.max_steps:
+            break
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return {"best_dice": best if best >= 0 else None, "last_dice": last_dice, "epochs": card.epoch,
+            "steps": step, "out": str(out)}
+
+
+def _seed_worker(worker_id: int) -> None:
+    import torch
+
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _save_resume(path: Path, optimizer, scheduler, scaler, epoch: int, step: int, best: float) -> None:
+    import torch
+
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+             "epoch": epoch, "step": step, "best": best, "torch_rng": torch.get_rng_state(),
+             "numpy_rng": np.random.get_state()}
+    with atomic_open(path, "wb") as f:
+        torch.save(state, f)
+
+
+def _append_metrics(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def _make_logger(cfg: TrainConfig, out: Path):
+    if cfg.logger == "none":
+        return None
+    if cfg.logger == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise HandsegError("--logger tensorboard needs the tensorboard package (pip install tensorboard)") from None
+        tb = SummaryWriter(str(out / "tensorboard"))
+
+        def write(row, step):
+            for k, v in row.items():
+                if isinstance(v, float | int) and k not in ("epoch", "step"):
+                    tb.add_scalar(k, v, step)
+            tb.flush()
+
+        return write
+    if cfg.logger == "wandb":
+        try:
+            import wandb
+        except ImportError:
+            raise HandsegError("--logger wandb needs the wandb package (pip install wandb)") from None
+        wandb.init(project="handseg", config=cfg.to_json(), dir=str(out))
+        return lambda row, step: wandb.log({k: v for k, v in row.items() if v != ""}, step=step)
+    raise HandsegError(f"unknown --logger {cfg.logger!r}; valid: none, tensorboard, wandb")
