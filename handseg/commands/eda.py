@@ -1,0 +1,35 @@
+"""``handseg eda``: a report of a data set (and of a prediction on it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from handseg.commands.options import DataDir, OutDir
+
+
+def eda(
+    data: DataDir = Path("data/train"),
+    pred: Annotated[Path | None, typer.Option("--pred", help="A prediction CSV for these (labelled) images: "
+                                              "adds Dice against class area and the worst cases.")] = None,
+    meta: Annotated[Path | None, typer.Option("--meta", help="meta_data.xlsx [default: DATA/../meta_data.xlsx]."
+                                              )] = None,
+    out: OutDir = Path("eda"),
+) -> None:
+    """Write an HTML report of a data set: counts, sizes, intensities, areas, overlaps, handedness,
+    wrist bend, meta data, label overlays.
+
+    Example: handseg eda --data data/train --out reports/eda
+    """
+    from handseg.console import make_progress, stdout
+    from handseg.core.data import discover
+    from handseg.core.files import write_manifest
+    from handseg.core.reports import eda_report
+
+    with make_progress() as progress:
+        task = progress.add_task("eda", total=len(discover(data, labels="ignore")), info="")
+        index = eda_report(data, out, pred, meta, progress=lambda: progress.advance(task))
+    write_manifest(out, "eda", {"pred": str(pred) if pred else None}, inputs={"data": str(data)})
+    stdout.print(f"report -> {index}")

@@ -1,0 +1,44 @@
+"""``handseg pseudo``: pseudo-labels from test predictions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from handseg.commands.options import DataDir, OutDir, Overwrite
+
+
+def pseudo(
+    source: Annotated[Path, typer.Argument(help="PRED.csv, or a probability folder from `predict --probs`.")],
+    data: DataDir = Path("data/test"),
+    out: OutDir = Path("pseudo"),
+    min_confidence: Annotated[float | None, typer.Option("--min-confidence", help="Keep images whose mean "
+                                                         "probability over predicted bone pixels is at least P "
+                                                         "(probability folders only).")] = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Turn test predictions into a labelled data set for `handseg train --extra OUT`.
+
+    Example: handseg pseudo probs/ --data data/test --out pseudo --min-confidence 0.9
+    """
+    from handseg.console import make_progress, stdout
+    from handseg.core.data import discover
+    from handseg.core.errors import HandsegError
+    from handseg.core.files import write_manifest
+    from handseg.core.pseudo import make_pseudo
+
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise HandsegError("folder exists and is not empty; pass --overwrite to write into it", out)
+    with make_progress() as progress:
+        task = progress.add_task("pseudo", total=len(discover(data, labels="ignore")), info="")
+        result = make_pseudo(source, data, out, min_confidence, progress=lambda: progress.advance(task))
+    write_manifest(out / "cache" / "masks", "pseudo", {"min_confidence": min_confidence},
+                   inputs={"source": str(source), "data": str(data)}, format="packed-bbox-v1",
+                   samples=[{"path": p} for p in result.kept])
+    write_manifest(out, "pseudo", {"min_confidence": min_confidence}, inputs={"source": str(source),
+                   "data": str(data)}, kept=result.kept, dropped=result.dropped)
+    stdout.print(f"{len(result.kept)} images labelled, {len(result.dropped)} dropped -> {out}")
+    for name, why in list(result.dropped.items())[:5]:
+        stdout.print(f"  dropped {name}: {why}")
