@@ -17,7 +17,8 @@ def train(
                                                 "[default: 5 patient-grouped folds, seeded].")] = None,
     fold: Annotated[int, typer.Option("--fold", help="Validation fold; -1 trains on everything.")] = 0,
     arch: Annotated[str, typer.Option("--arch", help="smp architecture: unet, unetplusplus, manet, linknet, fpn, "
-                                      "pspnet, deeplabv3, deeplabv3plus, pan, upernet, segformer, dpt.")] = "unetplusplus",
+                                      "pspnet, deeplabv3, deeplabv3plus, pan, upernet, segformer, dpt."
+                                      )] = "unetplusplus",
     encoder: Annotated[str, typer.Option("--encoder", help="smp encoder or any timm model (hrnet_w48, "
                                          "efficientnet_b4, convnext_small, mit_b3, ...).")] = "resnet34",
     encoder_weights: Annotated[str, typer.Option("--encoder-weights", help="imagenet | none | PATH to a local "

@@ -79,7 +79,8 @@ def build_model(arch: str, encoder: str, encoder_weights: str | None = "none", c
                                                                        "download", "url", "http")):
             raise HandsegError(f"cannot download imagenet weights for {encoder} ({text.splitlines()[0][:120]}); "
                                "on a machine without network pass --encoder-weights PATH") from None
-        raise HandsegError(f"cannot build {arch_key} with encoder {encoder_key}: {text.splitlines()[0][:200]}") from None
+        first = text.splitlines()[0][:200] if text else type(e).__name__
+        raise HandsegError(f"cannot build {arch_key} with encoder {encoder_key}: {first}") from None
     if weights == "path":
         load_encoder_weights(model, Path(str(encoder_weights)))
     return model

@@ -177,8 +177,8 @@ def compare_report(result, out: Path, worst: int = 8) -> Path:
             runs_to_mask(result.reference_set.runs[name][c], shape, a)
             runs_to_mask(first.runs[name][c], shape, b)
         worst_c = int(np.argmin(report.dice[i]))
-        tiles.append((f"diff_{Path(name).stem}.png", diff_overlay(xray, a, b),
-                      f"{name}: mean {report.dice[i].mean():.4f}, worst {CLASSES[worst_c]} {report.dice[i, worst_c]:.3f}"))
+        caption = f"{name}: mean {report.dice[i].mean():.4f}, worst {CLASSES[worst_c]} {report.dice[i, worst_c]:.3f}"
+        tiles.append((f"diff_{Path(name).stem}.png", diff_overlay(xray, a, b), caption))
     rep.image_grid(tiles)
 
     rep.h2("Worst classes")
@@ -248,7 +248,8 @@ def eda_report(data: Path, out: Path, pred_csv: Path | None = None, meta: Path |
     rep.h2("Overview")
     rep.table(["what", "value"], [["images", len(samples)], ["patients (IDs)", len(per_id)],
                                   ["labelled images", len(labelled)],
-                                  ["images per ID", ", ".join(f"{k}: {v}" for k, v in sorted(Counter(per_id.values()).items()))],
+                                  ["images per ID", ", ".join(f"{k} images: {v} IDs" for k, v in
+                                                              sorted(Counter(per_id.values()).items()))],
                                   ["sizes", ", ".join(f"{k}: {v}" for k, v in sizes.most_common())],
                                   ["handedness (by geometry)", ", ".join(f"{k}: {v}" for k, v in sides.items())]])
     fig, ax = plt.subplots(figsize=(7, 3))

@@ -186,7 +186,8 @@ def split_items(cfg: TrainConfig) -> tuple[list[Item], list[Item]]:
         splits = make_splits(cfg.data, n_folds=5, seed=cfg.seed)
     fold_of = {im["path"]: im["fold"] for im in splits["images"]}
     if cfg.fold >= splits["n_folds"]:
-        raise HandsegError(f"--fold {cfg.fold} but the splits have {splits['n_folds']} folds (0..{splits['n_folds'] - 1})")
+        n = splits["n_folds"]
+        raise HandsegError(f"--fold {cfg.fold} but the splits have {n} folds (0..{n - 1})")
     missing = [s.rel for s in samples if s.rel not in fold_of]
     if missing:
         raise HandsegError(f"{len(missing)} images are not in the splits (e.g. {missing[0]}); re-run kfold",
@@ -319,6 +320,8 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
     d = setup_distributed(device)
     if d.world > 1 and device.startswith("cuda"):
         device = f"cuda:{d.local_rank}"
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise HandsegError(f"--lr must be a positive number, got {cfg.lr}")
     if cfg.size % 32 or (cfg.crop and cfg.crop % 32):
         raise HandsegError("--size and --crop must be multiples of 32")
     arch, encoder = resolve_arch(cfg.arch), resolve_encoder(cfg.encoder)
@@ -395,7 +398,9 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
         if sampler is not None:
             sampler.set_epoch(epoch)
         t0, seen, loss_sum, batches = time.perf_counter(), 0, 0.0, 0
-        progress = progress_factory(f"epoch {epoch + 1}/{cfg.epochs}", len(loader)) if (progress_factory and d.main) else None
+        progress = None
+        if progress_factory and d.main:
+            progress = progress_factory(f"epoch {epoch + 1}/{cfg.epochs}", len(loader))
         optimizer.zero_grad(set_to_none=True)
         for i, (x, y) in enumerate(loader):
             x = x.to(device, non_blocking=True)

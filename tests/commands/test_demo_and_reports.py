@@ -1,0 +1,75 @@
+"""The demo chain end to end (CPU, tiny), and the reports' numbers against direct computation."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from handseg.core.analysis import compare_predictions
+from handseg.core.data import class_masks, discover, read_image, read_polygons
+from handseg.core.rle import rle_encode
+from handseg.core.submission import write_predictions
+from tests.conftest import run_cli
+
+
+def _only_embedded_images(page: str) -> None:
+    sources = re.findall(r'<img[^>]*src="([^"]*)"', page)
+    assert sources, "report has no images"
+    assert all(s.startswith("data:image/png;base64,") for s in sources)
+    assert "http://" not in page and "https://" not in page
+
+
+@pytest.mark.slow
+def test_demo_runs_the_whole_chain(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code, stdout, err = run_cli(["demo", "--out", out, "--ids", 5, "--size", 64, "--epochs", 1], capsys)
+    assert code == 0, err
+    for path in ("scores.json", "report/index.html", "eda/index.html", "vote_hard.csv", "vote_soft.csv",
+                 "pred_tta.csv", "pseudo/manifest.json", "runs/fold0/best.safetensors", "runs/fold1/last.safetensors"):
+        assert (out / path).exists(), path
+    scores = json.loads((out / "scores.json").read_text())
+    assert 0.0 <= scores["mean_dice"] <= 1.0 and len(scores["results"]) == 5
+    _only_embedded_images((out / "report" / "index.html").read_text())
+    _only_embedded_images((out / "eda" / "index.html").read_text())
+
+
+def test_compare_report_numbers(synth_data, tmp_path, capsys):
+    gt = synth_data / "test_gt"
+    samples = discover(gt, labels="required")
+    masks = {s.name: class_masks(read_polygons(s.label_path), read_image(s.image_path).shape) for s in samples}
+    write_predictions(tmp_path / "perfect.csv", [(n, [rle_encode(m) for m in ms]) for n, ms in masks.items()])
+    shifted = {n: np.roll(ms, 2, axis=2) for n, ms in masks.items()}
+    write_predictions(tmp_path / "shifted.csv", [(n, [rle_encode(m) for m in ms]) for n, ms in shifted.items()])
+    write_predictions(tmp_path / "third.csv", [(n, [rle_encode(m) for m in np.roll(ms, -1, axis=1)])
+                                               for n, ms in masks.items()])
+    csvs = [tmp_path / "perfect.csv", tmp_path / "shifted.csv", tmp_path / "third.csv"]
+    code, _, err = run_cli(["compare", *csvs, "--gt", gt, "--out", tmp_path / "rep"], capsys)
+    assert code == 0, err
+    page = (tmp_path / "rep" / "index.html").read_text()
+    _only_embedded_images(page)
+    for png in ("per_class.png", "similarity.png"):
+        assert (tmp_path / "rep" / png).is_file()
+    # the shifted CSV's mean Dice, computed directly from the masks, appears in the report
+    eps = 1e-4
+    direct = np.mean([[(2 * (masks[n][c] & shifted[n][c]).sum() + eps) / (masks[n][c].sum() + shifted[n][c].sum() + eps)
+                       for c in range(29)] for n in masks], axis=0).mean()
+    result = compare_predictions(csvs, gt)
+    assert result.reports[1].mean_dice == pytest.approx(direct)
+    assert f"{direct:.4f}" in page
+
+
+def test_eda_report_numbers(synth_data, tmp_path, capsys):
+    code, _, err = run_cli(["eda", "--data", synth_data / "train", "--out", tmp_path / "eda"], capsys)
+    assert code == 0, err
+    page = (tmp_path / "eda" / "index.html").read_text()
+    _only_embedded_images(page)
+    samples = discover(synth_data / "train", labels="required")
+    multi = total = 0
+    for s in samples:
+        count = class_masks(read_polygons(s.label_path), read_image(s.image_path).shape).sum(axis=0)
+        multi += int((count > 1).sum())
+        total += int((count > 0).sum())
+    assert f"{multi} of {total} bone pixels carry two or more labels" in page
+    assert "Trapezium / Trapezoid" in page and "Triquetrum / Pisiform" in page
+    assert f"<td>images</td><td>{len(samples)}</td>" in page

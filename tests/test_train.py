@@ -1,0 +1,127 @@
+"""Training on CPU at tiny sizes: the loss falls, checkpoints reload bit-identically, resume continues."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from handseg.core.checkpoint import load_checkpoint, read_card
+from handseg.core.errors import HandsegError
+from handseg.core.losses import build_loss, parse_loss_spec
+from handseg.core.models import build_model, resolve_arch, resolve_encoder
+from handseg.core.training import TrainConfig, train
+
+
+def _cfg(data, out, **kw):
+    base = dict(data=data / "train", arch="unet", encoder="resnet18", encoder_weights="none", size=64, epochs=2,
+                batch_size=4, workers=0, device="cpu", out=out, lr=3e-3, augment="none", val_every=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_loss_falls_checkpoint_reloads_and_resume_continues(synth_data, tmp_path):
+    out = tmp_path / "run"
+    result = train(_cfg(synth_data, out, epochs=6), log=lambda *a: None)
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    losses = [float(r["train_loss"]) for r in rows]
+    assert len(rows) == 6 and losses[-1] < losses[0]
+    assert result["steps"] == 6 * 2  # 9-10 train images, batch 4, drop_last -> 2 steps an epoch
+    assert 0.0 <= float(rows[-1]["val_dice"]) <= 1.0
+
+    # the checkpoint describes its model and reloads bit-identically
+    model, card = load_checkpoint(out)
+    assert card.arch == "unet" and card.encoder == "resnet18" and card.size == 64 and len(card.classes) == 29
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "last.safetensors"))
+    model_last, _ = load_checkpoint(out / "last.safetensors")
+    for k, v in model_last.state_dict().items():
+        assert torch.equal(v, saved[k])
+
+    # resume: two more epochs continue the step count and the metrics file
+    train(_cfg(synth_data, out, epochs=8, resume=True), log=lambda *a: None)
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 9))
+    assert int(rows[-1]["step"]) == 16
+    assert read_card(out / "last.safetensors").step == 16
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "train" and manifest["options"]["arch"] == "unet"
+
+    with pytest.raises(HandsegError, match="--resume"):
+        train(_cfg(synth_data, out), log=lambda *a: None)
+
+
+def test_crop_training_and_unify_hands(synth_data, tmp_path):
+    result = train(_cfg(synth_data, tmp_path / "crop", crop=64, epochs=1, unify_hands=True, augment="default"),
+                   log=lambda *a: None)
+    assert result["steps"] == 2
+    card = read_card(tmp_path / "crop")
+    assert card.crop == 64 and card.unify_hands
+
+
+def test_unknown_names_list_the_valid_ones():
+    with pytest.raises(HandsegError, match="unknown architecture 'unet3'; valid: unet, unetplusplus"):
+        resolve_arch("unet3")
+    with pytest.raises(HandsegError, match="unknown encoder 'resnet_nope'.*any timm model name"):
+        resolve_encoder("resnet_nope")
+    with pytest.raises(HandsegError, match="unknown loss 'dicey'; valid: bce, dice, focal"):
+        parse_loss_spec("bce:0.5,dicey:0.5")
+    assert resolve_encoder("hrnet_w18_small") == "tu-hrnet_w18_small"
+    assert resolve_encoder("resnet34") == "resnet34"
+    assert resolve_arch("unet++") == "unetplusplus"
+
+
+def test_losses_are_zero_ish_for_perfect_predictions_and_weighted():
+    target = torch.zeros(1, 29, 16, 16)
+    target[:, :, 4:12, 4:12] = 1
+    perfect = (target * 2 - 1) * 20
+    for name in ("bce", "dice", "focal", "jaccard", "boundary"):
+        assert build_loss(name)(perfect, target) < 1e-3, name
+        assert build_loss(name)(-perfect, target) > 0.1, name
+    combo = build_loss("bce:0.5,dice:0.5")(-perfect, target)
+    parts = 0.5 * build_loss("bce")(-perfect, target) + 0.5 * build_loss("dice")(-perfect, target)
+    assert combo == pytest.approx(parts)
+    w = torch.zeros(29)
+    w[0] = 1
+    wrong_only_1 = perfect.clone()
+    wrong_only_1[:, 1] *= -1
+    assert build_loss("dice", w)(wrong_only_1, target) < 1e-3  # class 1 has weight 0
+
+
+def test_local_encoder_weights_file(tmp_path):
+    src = build_model("unet", "resnet18", "none")
+    path = tmp_path / "resnet18.pth"
+    torch.save(src.encoder.state_dict(), path)
+    model = build_model("unet", "resnet18", str(path))
+    assert torch.equal(model.encoder.conv1.weight, src.encoder.conv1.weight)
+    bad = tmp_path / "other.pth"
+    torch.save({"x": torch.zeros(3)}, bad)
+    with pytest.raises(HandsegError, match="weights do not fit encoder"):
+        build_model("unet", "resnet18", str(bad))
+    with pytest.raises(HandsegError, match="weights file not found"):
+        build_model("unet", "resnet18", str(tmp_path / "missing.pth"))
+
+
+def test_timm_encoder_builds_and_runs():
+    model = build_model("unetplusplus", "hrnet_w18_small", "none").eval()
+    with torch.no_grad():
+        out = model(torch.zeros(1, 1, 64, 64))
+    assert out.shape == (1, 29, 64, 64)
+
+
+def test_nan_loss_stops_with_a_message(synth_data, tmp_path, monkeypatch):
+    import handseg.core.losses as losses
+
+    monkeypatch.setattr(losses, "build_loss", lambda *a, **k: lambda logits, y: logits.mean() * float("nan"))
+    with pytest.raises(HandsegError, match="loss became nan at epoch 1"):
+        train(_cfg(synth_data, tmp_path / "nan", epochs=1), log=lambda *a: None)
+    with pytest.raises(HandsegError, match="--lr"):
+        train(_cfg(synth_data, tmp_path / "nan2", lr=float("nan")), log=lambda *a: None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_amp_channels_last_on_gpu(synth_data, tmp_path):
+    result = train(_cfg(synth_data, tmp_path / "gpu", device="cuda", amp="auto", epochs=1), log=lambda *a: None)
+    assert result["steps"] >= 1
