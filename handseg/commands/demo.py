@@ -13,7 +13,7 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Work folder (replaced if it holds a demo).")] = Path("demo"),
     ids: Annotated[int, typer.Option("--ids", min=4, help="Synthetic train patients.")] = 10,
     size: Annotated[int, typer.Option("--size", min=64, help="Synthetic image size.")] = 256,
-    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 4,
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 12,
     device: Annotated[str, typer.Option("--device")] = "cpu",
 ) -> None:
     """Run synth, prep, kfold, train (2 folds), predict, tta, vote, pseudo, compare and eda, and say

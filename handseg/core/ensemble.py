@@ -16,6 +16,7 @@ import numpy as np
 
 from handseg.core.constants import CLASS_INDEX, CLASSES, DEFAULT_THRESHOLD, NUM_CLASSES
 from handseg.core.errors import HandsegError
+from handseg.core.files import read_json
 from handseg.core.rle import crop_to_runs, runs_to_rle, vote_runs
 from handseg.core.submission import PredictionSet, check_same_images, read_predictions, write_predictions
 
@@ -180,12 +181,7 @@ def read_class_map(path: Path) -> dict[str, Path]:
 
     Relative CSV paths are taken relative to the map file.
     """
-    try:
-        doc = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise HandsegError("class map not found", path) from None
-    except json.JSONDecodeError as e:
-        raise HandsegError(f"not valid JSON ({e})", path) from None
+    doc = read_json(path, "class map")
     if not isinstance(doc, dict):
         raise HandsegError('class map must be an object like {"default": "a.csv", "Lunate": "b.csv"}', path)
     unknown = [k for k in doc if k != "default" and k not in CLASS_INDEX]

@@ -67,6 +67,17 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def read_json(path: str | Path, what: str) -> Any:
+    """Load a JSON file; a missing or malformed file is a HandsegError naming it (``what`` says which file)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise HandsegError(f"{what} not found", path) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HandsegError(f"not valid JSON ({e})", path) from None
+
+
 def check_can_write(path: str | Path, overwrite: bool) -> Path:
     """Refuse to replace an existing output unless the user said ``--overwrite``."""
     path = Path(path)

@@ -97,15 +97,9 @@ def make_splits(data_dir: str | Path, n_folds: int = 5, seed: int = 0, stratify:
 
 def read_splits(path: str | Path) -> dict:
     """Read a ``splits.json`` written by ``handseg kfold``."""
-    import json
+    from handseg.core.files import read_json
 
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise HandsegError("splits file not found", path) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HandsegError(f"not valid JSON ({e})", path) from None
+    doc = read_json(path, "splits file")
     if not isinstance(doc, dict) or "images" not in doc or "n_folds" not in doc:
         raise HandsegError("not a handseg splits file (no 'images' / 'n_folds')", path)
     return doc

@@ -83,7 +83,22 @@ def build_model(arch: str, encoder: str, encoder_weights: str | None = "none", c
         raise HandsegError(f"cannot build {arch_key} with encoder {encoder_key}: {first}") from None
     if weights == "path":
         load_encoder_weights(model, Path(str(encoder_weights)))
+    _prior_bias(model)
     return model
+
+
+def _prior_bias(model, prior: float = 0.01) -> None:
+    """Start the head at p = 1% rather than 50%: each bone covers about 1% of an image, so training
+    does not first have to unlearn "everything is bone" (the focal-loss prior initialisation)."""
+    import math
+
+    import torch
+
+    head = getattr(model, "segmentation_head", None)
+    convs = [m for m in head.modules() if isinstance(m, torch.nn.Conv2d)] if head is not None else []
+    if convs and convs[-1].bias is not None:
+        with torch.no_grad():
+            convs[-1].bias.fill_(math.log(prior / (1 - prior)))
 
 
 def _is_path(value: str | None) -> bool:

@@ -7,7 +7,6 @@ each transform alone and merged.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ import numpy as np
 from handseg.core.constants import CLASSES, NUM_CLASSES
 from handseg.core.data import Sample, class_masks, discover, read_image, read_polygons
 from handseg.core.errors import HandsegError
-from handseg.core.files import atomic_write_json
+from handseg.core.files import atomic_write_json, read_json
 from handseg.core.inference import Predictor, binarize
 from handseg.core.metrics import dice_masks
 from handseg.core.rle import mask_to_runs, runs_to_rle
@@ -239,12 +238,7 @@ def write_thresholds(path: Path, thresholds: list[float]) -> None:
 
 def read_thresholds(path: Path) -> list[float]:
     """``{"finger-1": 0.45, ...}`` (missing classes: 0.5) or a list of 29 numbers."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise HandsegError("thresholds file not found", path) from None
-    except json.JSONDecodeError as e:
-        raise HandsegError(f"not valid JSON ({e})", path) from None
+    doc = read_json(path, "thresholds file")
     if isinstance(doc, list):
         if len(doc) != NUM_CLASSES:
             raise HandsegError(f"need {NUM_CLASSES} thresholds, got {len(doc)}", path)
