@@ -19,7 +19,8 @@ from _timing import best_of, report  # noqa: E402
 
 from handseg.core.constants import DICE_EPS  # noqa: E402
 from handseg.core.data import class_masks  # noqa: E402
-from handseg.core.rle import dice_from_runs, rle_decode, rle_encode, rle_to_runs, rles_to_masks  # noqa: E402
+from handseg.core.metrics import dice_from_runs  # noqa: E402
+from handseg.core.rle import rle_decode, rle_encode, rle_to_runs, rles_to_masks  # noqa: E402
 from handseg.core.synth import sample_pose, synth_hand  # noqa: E402
 
 
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
                                               args.repeat),
          best_of(lambda: rles_to_masks(rles, (h, w)), args.repeat)),
         ("Dice of 29 classes from two RLE sets", best_of(lambda: baseline_dice(rles, shifted, h, w), args.repeat),
-         best_of(lambda: [dice_from_runs(rle_to_runs(a), rle_to_runs(b), DICE_EPS) for a, b in zip(rles, shifted)],
+         best_of(lambda: [dice_from_runs(rle_to_runs(a), rle_to_runs(b)) for a, b in zip(rles, shifted)],
                  args.repeat)),
     ]
     print(f"RLE at {args.size} x {args.size}")

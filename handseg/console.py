@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from collections.abc import Callable, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-T = TypeVar("T")
 
 console = Console(stderr=True, highlight=False)
 stdout = Console(highlight=False, soft_wrap=True)
@@ -34,12 +32,17 @@ def make_progress(transient: bool = False) -> Progress:
     )
 
 
-def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    """Iterate with a rich progress bar on stderr (disabled with HANDSEG_NO_PROGRESS=1)."""
-    if total is None and hasattr(items, "__len__"):
-        total = len(items)  # type: ignore[arg-type]
-    with make_progress() as progress:
-        task = progress.add_task(description, total=total, info="")
-        for item in items:
-            yield item
-            progress.advance(task)
+@contextlib.contextmanager
+def progress_task(description: str, transient: bool = False) -> Iterator[Callable[..., None]]:
+    """A progress bar for one stage, as the callback the core takes: ``tick()`` advances it by one,
+    ``tick(total=n)`` sets its length once the core knows it."""
+    with make_progress(transient) as progress:
+        task = progress.add_task(description, total=None, info="")
+
+        def tick(total: int | None = None) -> None:
+            if total is None:
+                progress.advance(task)
+            else:
+                progress.update(task, total=total)
+
+        yield tick

@@ -24,16 +24,15 @@ def compare(
       handseg compare a.csv b.csv                  (a is the reference)
       handseg compare pred.csv --gt data/test_gt --json scores.json
     """
-    from handseg.console import make_progress, stdout
+    from handseg.console import progress_task, stdout
     from handseg.core.analysis import compare_predictions, scores_table
     from handseg.core.errors import HandsegError
     from handseg.core.files import atomic_write_json
 
     if gt is None and len(csvs) < 2:
         raise HandsegError("give two or more CSVs (the first is the reference), or one CSV and --gt DIR")
-    with make_progress(transient=True) as progress:
-        task = progress.add_task("compare", total=None, info="")
-        result = compare_predictions(csvs, gt, progress=lambda: progress.advance(task))
+    with progress_task("compare", transient=True) as tick:
+        result = compare_predictions(csvs, gt, progress=tick)
     stdout.print(scores_table(result))
     if json_out is not None:
         atomic_write_json(json_out, result.to_json())

@@ -23,13 +23,11 @@ def eda(
 
     Example: handseg eda --data data/train --out reports/eda
     """
-    from handseg.console import make_progress, stdout
-    from handseg.core.data import discover
+    from handseg.console import progress_task, stdout
     from handseg.core.files import write_manifest
     from handseg.core.reports import eda_report
 
-    with make_progress() as progress:
-        task = progress.add_task("eda", total=len(discover(data, labels="ignore")), info="")
-        index = eda_report(data, out, pred, meta, progress=lambda: progress.advance(task))
+    with progress_task("eda") as tick:
+        index = eda_report(data, out, pred, meta, progress=tick)
     write_manifest(out, "eda", {"pred": str(pred) if pred else None}, inputs={"data": str(data)})
     stdout.print(f"report -> {index}")

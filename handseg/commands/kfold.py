@@ -27,16 +27,15 @@ def kfold(
     """
     from collections import Counter
 
-    from handseg.console import make_progress, stdout
+    from handseg.console import progress_task, stdout
     from handseg.core.files import atomic_write_json, check_can_write, manifest
     from handseg.core.kfold import make_splits
 
     check_can_write(out, overwrite)
     if meta is None and stratify in ("age", "sex", "nail"):
         meta = data.parent / "meta_data.xlsx"
-    with make_progress(transient=True) as progress:
-        task = progress.add_task("kfold", total=None, info="")
-        splits = make_splits(data, folds, seed, stratify, meta, progress=lambda: progress.advance(task))
+    with progress_task("kfold", transient=True) as tick:
+        splits = make_splits(data, folds, seed, stratify, meta, progress=tick)
     doc = {**splits, "manifest": manifest("kfold", {"folds": folds, "seed": seed, "stratify": stratify},
                                           inputs={"data": str(data), "meta": str(meta) if meta else None})}
     atomic_write_json(out, doc)

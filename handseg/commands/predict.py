@@ -63,9 +63,8 @@ def tta(
 def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, device, amp, stage, batch_size):
     from rich.table import Table
 
-    from handseg.console import make_progress, stdout
+    from handseg.console import progress_task, stdout
     from handseg.core.checkpoint import resolve_checkpoint
-    from handseg.core.data import discover
     from handseg.core.errors import HandsegError
     from handseg.core.files import sidecar_manifest_path, write_manifest
     from handseg.core.prediction import (
@@ -81,11 +80,9 @@ def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, dev
     resolved = [resolve_checkpoint(c) for c in checkpoints]
     transform_list = parse_transforms(transforms)
     thr = read_thresholds(thresholds) if thresholds else None
-    total = len(discover(data, labels="ignore"))
-    with make_progress() as progress:
-        task = progress.add_task(stage, total=total, info="")
+    with progress_task(stage) as tick:
         result = run_predictions(resolved, data, out, probs, transform_list, merge, thr, tune, device, amp,
-                                 progress=lambda: progress.advance(task))
+                                 progress=tick)
     options = {"checkpoints": [str(c) for c in resolved], "transforms": [t.name for t in transform_list],
                "merge": merge, "thresholds": result.thresholds, "tuned": result.tuned, "device": device,
                "amp": amp, "batch_size": batch_size}

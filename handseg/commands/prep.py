@@ -16,17 +16,14 @@ CacheOut = Annotated[Path | None, typer.Option("--out", "-o", help="Cache folder
 
 
 def _run(kind: str, data: Path, out: Path | None, workers: int | None) -> None:
-    from handseg.console import make_progress, stdout
+    from handseg.console import progress_task, stdout
     from handseg.core.cache import build_cache, default_cache_dir, default_workers
-    from handseg.core.data import discover
     from handseg.core.files import write_manifest
 
     out = out or default_cache_dir(data)
     workers = workers or default_workers()
-    total = len(discover(data, labels="ignore"))
-    with make_progress() as progress:
-        task = progress.add_task(f"prep {kind}", total=total, info="")
-        result = build_cache(kind, data, out, workers=workers, progress=lambda: progress.advance(task))
+    with progress_task(f"prep {kind}") as tick:
+        result = build_cache(kind, data, out, workers=workers, progress=tick)
     write_manifest(result.folder, f"prep-{kind}", {"workers": workers}, inputs={"data": str(data)},
                    format="packed-bbox-v1" if kind == "masks" else "npy-uint8", samples=result.samples)
     stdout.print(f"{kind}: {result.written} written, {result.skipped} up to date -> {result.folder}")

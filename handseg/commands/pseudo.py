@@ -23,17 +23,13 @@ def pseudo(
 
     Example: handseg pseudo probs/ --data data/test --out pseudo --min-confidence 0.9
     """
-    from handseg.console import make_progress, stdout
-    from handseg.core.data import discover
-    from handseg.core.errors import HandsegError
-    from handseg.core.files import write_manifest
+    from handseg.console import progress_task, stdout
+    from handseg.core.files import check_can_write_dir, write_manifest
     from handseg.core.pseudo import make_pseudo
 
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise HandsegError("folder exists and is not empty; pass --overwrite to write into it", out)
-    with make_progress() as progress:
-        task = progress.add_task("pseudo", total=len(discover(data, labels="ignore")), info="")
-        result = make_pseudo(source, data, out, min_confidence, progress=lambda: progress.advance(task))
+    check_can_write_dir(out, overwrite)
+    with progress_task("pseudo") as tick:
+        result = make_pseudo(source, data, out, min_confidence, progress=tick)
     write_manifest(out / "cache" / "masks", "pseudo", {"min_confidence": min_confidence},
                    inputs={"source": str(source), "data": str(data)}, format="packed-bbox-v1",
                    samples=[{"path": p} for p in result.kept])

@@ -25,17 +25,13 @@ def synth(
 
     Example: handseg synth data --ids 20 --test-ids 6 --size 512 --seed 0
     """
-    from handseg.console import make_progress, stdout
-    from handseg.core.errors import HandsegError
-    from handseg.core.files import write_manifest
+    from handseg.console import progress_task, stdout
+    from handseg.core.files import check_can_write_dir, write_manifest
     from handseg.core.synth import make_dataset
 
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise HandsegError("folder exists and is not empty; pass --overwrite to write into it", out)
-    with make_progress() as progress:
-        task = progress.add_task("synth", total=2 * (ids + test_ids), info="")
-        result = make_dataset(out, ids=ids, test_ids=test_ids, size=size, seed=seed,
-                              progress=lambda: progress.advance(task))
+    check_can_write_dir(out, overwrite)
+    with progress_task("synth") as tick:
+        result = make_dataset(out, ids=ids, test_ids=test_ids, size=size, seed=seed, progress=tick)
     write_manifest(out, "synth", {"ids": ids, "test_ids": test_ids, "size": size, "seed": seed},
                    train_ids=result.train_ids, test_ids=result.test_ids, images=result.images)
     stdout.print(f"wrote {result.images} images ({len(result.train_ids)} train IDs, {len(result.test_ids)} test IDs, "

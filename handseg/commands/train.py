@@ -121,14 +121,12 @@ def _apply_config(ctx: typer.Context, params: dict, path: Path) -> dict:
         raise HandsegError(f"not valid YAML ({str(e).splitlines()[0]})", path) from None
     if not isinstance(doc, dict):
         raise HandsegError("config must be a mapping of option: value", path)
-    names = {k: k for k in params}
-    names["compile_model"] = "compile"
     for key, value in doc.items():
         name = key.replace("-", "_")
-        target = "compile" if name == "compile" else name
-        if target not in params:
+        if name not in params:
             raise HandsegError(f"unknown option {key!r} in config; valid: {', '.join(sorted(params))}", path)
-        source_name = "compile_model" if target == "compile" else target
-        if ctx.get_parameter_source(source_name) in (ParameterSource.DEFAULT, None):
-            params[target] = value
+        # --compile is the parameter compile_model (compile is a builtin)
+        source = "compile_model" if name == "compile" else name
+        if ctx.get_parameter_source(source) in (ParameterSource.DEFAULT, None):
+            params[name] = value
     return params

@@ -33,12 +33,11 @@ def hard(
 
     Example: handseg vote hard a.csv b.csv c.csv -o vote.csv --min-votes 2
     """
-    from handseg.console import make_progress
+    from handseg.console import progress_task
     from handseg.core.ensemble import hard_vote
 
-    with make_progress(transient=True) as progress:
-        task = progress.add_task("vote hard", total=None, info="")
-        n = hard_vote(csvs, out, min_votes, progress=lambda: progress.advance(task))
+    with progress_task("vote hard", transient=True) as tick:
+        n = hard_vote(csvs, out, min_votes, progress=tick)
     _finish("vote-hard", out, {"min_votes": min_votes or len(csvs) // 2 + 1}, {"csvs": [str(c) for c in csvs]}, n)
 
 
@@ -53,7 +52,7 @@ def soft(
 
     Example: handseg vote soft probs_a/ probs_b/ -o vote.csv --weights 2,1 --threshold 0.45
     """
-    from handseg.console import make_progress
+    from handseg.console import progress_task
     from handseg.core.ensemble import soft_vote
     from handseg.core.errors import HandsegError
 
@@ -61,9 +60,8 @@ def soft(
         w = [float(v) for v in weights.split(",")] if weights else None
     except ValueError:
         raise HandsegError(f"--weights {weights!r} is not a comma-separated list of numbers") from None
-    with make_progress(transient=True) as progress:
-        task = progress.add_task("vote soft", total=None, info="")
-        n = soft_vote(folders, out, w, threshold, progress=lambda: progress.advance(task))
+    with progress_task("vote soft", transient=True) as tick:
+        n = soft_vote(folders, out, w, threshold, progress=tick)
     _finish("vote-soft", out, {"weights": w, "threshold": threshold}, {"probs": [str(f) for f in folders]}, n)
 
 

@@ -44,7 +44,7 @@ def compare_predictions(csvs: list[Path], gt_dir: Path | None = None,
     if gt_dir is not None:
         reference = ground_truth(gt_dir, progress)
         for s in sets:
-            check_fits(s, gt_dir)
+            check_fits(s, reference.shapes)
         ref_name, others, names = str(gt_dir), sets, [str(p) for p in csvs]
     else:
         reference, others = sets[0], sets[1:]

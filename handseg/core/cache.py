@@ -7,9 +7,8 @@ Layout::
     CACHE/masks/ID001/image1661130828152_R.npy     packed masks (see below)
     CACHE/masks/manifest.json
 
-A packed mask file is a 1-D uint8 ``.npy``: an int64 header ``[magic, version, C, H, W]`` followed
-by ``C`` records ``[row0, col0, height, width, offset]``, then each class's bounding-box crop packed
-8 pixels a byte along rows (``np.packbits(axis=1)``). A 2048 px sample is about 1-2 MB instead of
+A packed mask file is a :mod:`handseg.core.cropfile` buffer whose crops are each class's bounding
+box packed 8 pixels a byte along rows (``np.packbits(axis=1)``). A 2048 px sample is about 1-2 MB instead of
 116 MB of bool, and unpacking touches only the bones.
 """
 
@@ -23,70 +22,59 @@ from pathlib import Path
 
 import numpy as np
 
+from handseg.core import cropfile
 from handseg.core.constants import CLASS_INDEX, NUM_CLASSES
-from handseg.core.data import Polygons, Sample, _polygon_crop, discover, read_image, read_polygons
+from handseg.core.data import Polygons, Sample, discover, image_size, polygon_crop, read_image, read_polygons
 from handseg.core.errors import HandsegError
 from handseg.core.files import atomic_open
 
 MAGIC = 0x48534D4B  # "HSMK"
-VERSION = 1
-_HEADER = 5
-_RECORD = 5
 IMAGES = "images"
 MASKS = "masks"
 
 
+def _row_bytes(width: int) -> int:
+    return (width + 7) // 8
+
+
 def pack_polygons(polygons: Polygons, shape: tuple[int, int]) -> np.ndarray:
     """Rasterise polygons (as :func:`handseg.core.data.class_masks` does) straight into the packed form."""
-    crops: list[tuple[int, np.ndarray, int, int, int]] = []
+    blocks = []
     for name, points in polygons.items():
-        placed = _polygon_crop(points, shape)
+        placed = polygon_crop(points, shape)
         if placed is not None:
             crop, r0, c0 = placed
-            crops.append((CLASS_INDEX[name], crop, r0, c0, crop.shape[1]))
-    return _pack(crops, shape)
+            blocks.append((CLASS_INDEX[name], np.packbits(crop.astype(bool), axis=1), r0, c0, crop.shape[1]))
+    return cropfile.pack(blocks, shape, NUM_CLASSES, MAGIC)
 
 
 def pack_masks(masks: np.ndarray) -> np.ndarray:
     """Pack a ``(C, H, W)`` bool stack into the cache's 1-D uint8 form."""
-    crops = []
+    blocks = []
     for c, m in enumerate(masks):
-        rows = np.flatnonzero(m.any(axis=1))
-        if rows.size:
-            cols = np.flatnonzero(m[rows[0] : rows[-1] + 1].any(axis=0))
-            r0, c0 = int(rows[0]), int(cols[0])
-            crop = m[r0 : rows[-1] + 1, c0 : cols[-1] + 1]
-            crops.append((c, crop, r0, c0, crop.shape[1]))
-    return _pack(crops, masks.shape[1:], channels=masks.shape[0])
-
-
-def _pack(crops, shape, channels: int = NUM_CLASSES) -> np.ndarray:
-    header = np.zeros(_HEADER + _RECORD * channels, dtype=np.int64)
-    header[:_HEADER] = (MAGIC, VERSION, channels, shape[0], shape[1])
-    blobs, offset = [], 0
-    for c, crop, r0, c0, w in crops:
-        packed = np.packbits(crop.astype(bool, copy=False), axis=1)
-        header[_HEADER + _RECORD * c : _HEADER + _RECORD * (c + 1)] = (r0, c0, crop.shape[0], w, offset)
-        blobs.append(packed.ravel())
-        offset += packed.size
-    return np.concatenate([header.view(np.uint8), *blobs])
+        box = cropfile.bbox(m)
+        if box is not None:
+            r0, r1, c0, c1 = box
+            blocks.append((c, np.packbits(m[r0:r1, c0:c1], axis=1), r0, c0, c1 - c0))
+    return cropfile.pack(blocks, masks.shape[1:], masks.shape[0], MAGIC)
 
 
 def unpack_masks(buf: np.ndarray) -> np.ndarray:
-    """Unpack the cache's 1-D uint8 form into ``(C, H, W)`` bool."""
-    header = np.asarray(buf[: _HEADER * 8]).view(np.int64)
-    if header[0] != MAGIC or header[1] != VERSION:
-        raise ValueError("not a handseg packed mask file")
-    channels, height, width = (int(v) for v in header[2:5])
-    table = buf[_HEADER * 8 : (_HEADER + _RECORD * channels) * 8]
-    records = np.asarray(table).view(np.int64).reshape(channels, _RECORD)
-    data = buf[(_HEADER + _RECORD * channels) * 8 :]
-    out = np.zeros((channels, height, width), dtype=np.bool_)
-    for c, (r0, c0, h, w, offset) in enumerate(records.tolist()):
-        if h:
-            wb = (w + 7) // 8
-            block = np.asarray(data[offset : offset + h * wb]).reshape(h, wb)
-            out[c, r0 : r0 + h, c0 : c0 + w] = np.unpackbits(block, axis=1, count=w).view(np.bool_)
+    """Unpack the cache's 1-D uint8 form into ``(C, H, W)`` bool.
+
+    Raises:
+        ValueError: ``buf`` is not a packed mask file.
+    """
+    try:
+        crops = cropfile.CropFile.parse(buf, MAGIC)
+    except ValueError as e:
+        raise ValueError(f"not a handseg packed mask file ({e})") from None
+    out = np.zeros((crops.channels, *crops.shape), dtype=np.bool_)
+    for c in range(crops.channels):
+        got = crops.block(c, _row_bytes)
+        if got is not None:
+            block, r0, c0, w = got
+            out[c, r0 : r0 + block.shape[0], c0 : c0 + w] = np.unpackbits(block, axis=1, count=w).view(np.bool_)
     return out
 
 
@@ -116,8 +104,6 @@ def _up_to_date(target: Path, *sources: Path) -> bool:
 
 def _cache_one_mask(args: tuple[Sample, Path]) -> tuple[str, list[int], bool]:
     sample, target = args
-    from handseg.core.data import image_size
-
     shape = image_size(sample.image_path)
     if _up_to_date(target, sample.image_path, sample.label_path):
         return sample.rel, list(shape), False
@@ -156,6 +142,8 @@ def build_cache(kind: str, data_dir: str | Path, cache_dir: str | Path, workers:
     folder = Path(cache_dir) / kind
     jobs = [(s, _npy_bytes_path(folder, s)) for s in samples]
     fn = _cache_one_mask if kind == MASKS else _cache_one_image
+    if progress:
+        progress(total=len(jobs))
     results = []
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
@@ -202,8 +190,10 @@ def default_cache_dir(data_dir: str | Path) -> Path:
     return Path(data_dir) / "cache"
 
 
-def has_cache(cache_dir: str | Path, kind: str) -> bool:
-    return (Path(cache_dir) / kind / "manifest.json").is_file()
+def find_cache(data_dir: str | Path, cache_dir: str | Path | None = None) -> Path | None:
+    """The mask cache to train from: ``cache_dir`` or ``DATA/cache``, if it holds masks; else None."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(data_dir)
+    return cache if (cache / MASKS).is_dir() else None
 
 
 def default_workers() -> int:

@@ -30,7 +30,7 @@ from handseg.core.constants import (
     NUM_CLASSES,
 )
 from handseg.core.errors import HandsegError
-from handseg.core.rle import Runs, crop_to_runs
+from handseg.core.rle import EMPTY_RUNS, Runs, crop_to_runs
 
 Polygons = dict[str, np.ndarray]
 """Class name -> ``(N, 2)`` int32 polygon vertices, x = column, y = row."""
@@ -224,7 +224,7 @@ def polygon_document(polygons: Polygons, filename: str, parent_path: str, meta_s
 # masks
 
 
-def _polygon_crop(points: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, int, int] | None:
+def polygon_crop(points: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, int, int] | None:
     """Rasterise one polygon into its clipped bounding box: ``(crop uint8, row0, col0)``.
 
     ``cv2.fillPoly`` with integer vertices is translation invariant, so the crop equals the
@@ -258,7 +258,7 @@ def class_masks(polygons: Polygons, shape: tuple[int, int], out: np.ndarray | No
     if out is None:
         out = np.zeros((NUM_CLASSES, *shape), dtype=np.bool_)
     for name, points in polygons.items():
-        placed = _polygon_crop(points, shape)
+        placed = polygon_crop(points, shape)
         if placed is not None:
             crop, r0, c0 = placed
             out[CLASS_INDEX[name], r0 : r0 + crop.shape[0], c0 : c0 + crop.shape[1]] |= crop.view(np.bool_)
@@ -267,11 +267,9 @@ def class_masks(polygons: Polygons, shape: tuple[int, int], out: np.ndarray | No
 
 def class_runs(polygons: Polygons, shape: tuple[int, int]) -> list[Runs]:
     """Per-class runs of the masks of :func:`class_masks`, without building full-size masks."""
-    from handseg.core.rle import EMPTY_RUNS
-
     runs = [EMPTY_RUNS] * NUM_CLASSES
     for name, points in polygons.items():
-        placed = _polygon_crop(points, shape)
+        placed = polygon_crop(points, shape)
         if placed is not None:
             crop, r0, c0 = placed
             runs[CLASS_INDEX[name]] = crop_to_runs(crop, r0, c0, shape[1])

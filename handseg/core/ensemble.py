@@ -1,9 +1,8 @@
 """Ensembles: hard votes on RLE runs, soft votes on probability maps, class-wise picks.
 
-Probability maps (``predict --probs DIR``) are stored one ``.npy`` per image: a 1-D uint8 buffer
-with an int64 header ``[magic, version, C, H, W]``, ``C`` records ``[row0, col0, height, width,
-offset]`` and each class's bounding box (where p >= 1/255) quantised to uint8 (p * 255). They are
-memory-mappable, and a soft vote reads one class's crop at a time.
+Probability maps (``predict --probs DIR``) are stored one ``.npy`` per image: a
+:mod:`handseg.core.cropfile` buffer holding each class's bounding box (where p >= 1/255) quantised to
+uint8 (p * 255). They are memory-mappable, and a soft vote reads one class's crop at a time.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from handseg.core import cropfile
 from handseg.core.constants import CLASS_INDEX, CLASSES, DEFAULT_THRESHOLD, NUM_CLASSES
 from handseg.core.errors import HandsegError
 from handseg.core.files import read_json
@@ -21,7 +21,6 @@ from handseg.core.rle import crop_to_runs, runs_to_rle, vote_runs
 from handseg.core.submission import PredictionSet, check_same_images, read_predictions, write_predictions
 
 PROBS_MAGIC = 0x48535042  # "HSPB"
-_H, _R = 5, 5
 PROBS_INDEX = "index.json"
 
 
@@ -29,24 +28,20 @@ PROBS_INDEX = "index.json"
 # probability maps
 
 
+def _row_bytes(width: int) -> int:
+    return width
+
+
 def pack_probs(probs: np.ndarray) -> np.ndarray:
     """``(C, H, W)`` float probabilities -> the 1-D uint8 buffer described above."""
-    c_count, h, w = probs.shape
-    header = np.zeros(_H + _R * c_count, dtype=np.int64)
-    header[:_H] = (PROBS_MAGIC, 1, c_count, h, w)
     q = np.clip(np.rint(probs * 255.0), 0, 255).astype(np.uint8)
-    blobs, offset = [], 0
-    for c in range(c_count):
-        rows = np.flatnonzero(q[c].any(axis=1))
-        if rows.size == 0:
-            continue
-        cols = np.flatnonzero(q[c, rows[0] : rows[-1] + 1].any(axis=0))
-        r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-        crop = q[c, r0:r1, c0:c1]
-        header[_H + _R * c : _H + _R * (c + 1)] = (r0, c0, r1 - r0, c1 - c0, offset)
-        blobs.append(crop.ravel())
-        offset += crop.size
-    return np.concatenate([header.view(np.uint8), *blobs])
+    blocks = []
+    for c in range(q.shape[0]):
+        box = cropfile.bbox(q[c])
+        if box is not None:
+            r0, r1, c0, c1 = box
+            blocks.append((c, q[c, r0:r1, c0:c1], r0, c0, c1 - c0))
+    return cropfile.pack(blocks, q.shape[1:], q.shape[0], PROBS_MAGIC)
 
 
 class ProbMap:
@@ -55,30 +50,22 @@ class ProbMap:
     def __init__(self, path: Path):
         self.path = path
         try:
-            self.buf = np.load(path, mmap_mode="r")
-            head = np.asarray(self.buf[: _H * 8]).view(np.int64)
+            self.crops = cropfile.CropFile.parse(np.load(path, mmap_mode="r"), PROBS_MAGIC)
         except (ValueError, OSError) as e:
-            raise HandsegError(f"not a probability map ({e})", path) from None
-        if head[0] != PROBS_MAGIC:
-            raise HandsegError("not a handseg probability map", path)
-        self.channels, self.height, self.width = (int(v) for v in head[2:5])
-        end = (_H + _R * self.channels) * 8
-        self.records = np.asarray(self.buf[_H * 8 : end]).view(np.int64).reshape(self.channels, _R)
-        self.data = self.buf[end:]
+            raise HandsegError(f"not a handseg probability map ({e})", path) from None
+        self.channels = self.crops.channels
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.height, self.width
+        return self.crops.shape
 
     def crop(self, c: int):
-        r0, c0, h, w, off = (int(v) for v in self.records[c])
-        if h == 0:
-            return None
-        return np.asarray(self.data[off : off + h * w]).reshape(h, w), r0, c0
+        got = self.crops.block(c, _row_bytes)
+        return None if got is None else got[:3]
 
     def dense(self) -> np.ndarray:
         """All classes as ``(C, H, W)`` float32 in [0, 1]."""
-        out = np.zeros((self.channels, self.height, self.width), dtype=np.float32)
+        out = np.zeros((self.channels, *self.shape), dtype=np.float32)
         for c in range(self.channels):
             got = self.crop(c)
             if got is not None:
@@ -123,6 +110,9 @@ def hard_vote(csvs: list[Path], out: Path, min_votes: int | None = None,
     for s in sets[1:]:
         check_same_images(sets[0], s)
 
+    if progress:
+        progress(total=len(sets[0].images))
+
     def rows():
         for image in sets[0].images:
             yield image, [runs_to_rle(vote_runs([s.runs[image][c] for s in sets], k)) for c in range(NUM_CLASSES)]
@@ -146,6 +136,8 @@ def soft_vote(folders: list[Path], out: Path, weights: list[float] | None = None
             raise HandsegError(f"different image sets from {folders[0]}", f)
     thresholds = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (NUM_CLASSES,))
     total = float(sum(weights))
+    if progress:
+        progress(total=len(indices[0]))
 
     def rows():
         for image in indices[0]:
@@ -192,8 +184,8 @@ def read_class_map(path: Path) -> dict[str, Path]:
     if missing:
         raise HandsegError(f"class map gives no CSV for {', '.join(missing[:5])} (add \"default\")", path)
     base = Path(path).parent
-    return {c: (base / Path(doc.get(c, default))) if not Path(doc.get(c, default)).is_absolute()
-            else Path(doc.get(c, default)) for c in CLASSES}
+    chosen = {c: Path(doc.get(c, default)) for c in CLASSES}
+    return {c: p if p.is_absolute() else base / p for c, p in chosen.items()}
 
 
 def classwise_vote(class_map: dict[str, Path], out: Path) -> int:

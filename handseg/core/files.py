@@ -86,6 +86,14 @@ def check_can_write(path: str | Path, overwrite: bool) -> Path:
     return path
 
 
+def check_can_write_dir(folder: str | Path, overwrite: bool) -> Path:
+    """Refuse to write into a non-empty folder unless the user said ``--overwrite``."""
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise HandsegError("folder exists and is not empty; pass --overwrite to write into it", folder)
+    return folder
+
+
 def manifest(stage: str, options: dict[str, Any], inputs: dict[str, Any] | None = None, **extra: Any) -> dict:
     """Build the manifest of one stage: stage, resolved options, version, classes, inputs."""
     return {

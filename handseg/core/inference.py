@@ -155,15 +155,15 @@ class Predictor:
         """Per-class thresholds: the mean of the checkpoints' own."""
         return np.mean([c.thresholds for c in self.cards], axis=0)
 
-    def logits(self, model, card: ModelCard, image: np.ndarray, flip: bool = False):
-        import torch
+    def probs(self, image: np.ndarray, flip: str | None = None, scale: float = 1.0):
+        """``(H, W)`` uint8 image -> ``(K, H, W)`` probabilities (a tensor on the device) at the
+        image's size, averaged over the checkpoints.
 
-        x = to_input(image[:, ::-1] if flip else image, card, self.device)
-        out = model_logits(model, card, x, image.shape, self.dtype)
-        return torch.flip(out, dims=[-1]) if flip else out
-
-    def probs(self, image: np.ndarray) -> np.ndarray:
-        """``(H, W)`` uint8 image -> ``(K, H, W)`` float32 probabilities at the image's size."""
+        Args:
+            flip: a test-time flip applied through ttach (``"hflip"`` or ``"vflip"``) and undone on
+                the output.
+            scale: factor on each model's input size (resize models only).
+        """
         import torch
 
         from handseg.core.data import hand_side
@@ -171,13 +171,28 @@ class Predictor:
         total = None
         with torch.inference_mode():
             for model, card in zip(self.models, self.cards):
-                p = self.logits(model, card, image).sigmoid()
-                if card.unify_hands:
-                    side = hand_side(masks=(p[0] > 0.5).cpu().numpy())
-                    if side == "left":
-                        p = self.logits(model, card, image, flip=True).sigmoid()
+                p = self._logits(model, card, image, flip, scale).sigmoid()
+                if card.unify_hands and hand_side(masks=(p[0] > 0.5).cpu().numpy()) == "left":
+                    p = torch.flip(self._logits(model, card, image[:, ::-1], flip, scale).sigmoid(), dims=[-1])
                 total = p if total is None else total + p
-        return (total[0] / len(self.models)).cpu().numpy()
+        return total[0] / len(self.models)
+
+    def _logits(self, model, card: ModelCard, image: np.ndarray, flip: str | None, scale: float):
+        x = to_input(image, card, self.device)
+        if flip is None:
+            return model_logits(model, card, x, image.shape, self.dtype, scale=scale)
+        transform = _ttach_flip(flip)
+        out = model_logits(model, card, transform.apply_aug_image(x, apply=True), image.shape, self.dtype, scale=scale)
+        return transform.apply_deaug_mask(out, apply=True)
+
+
+def _ttach_flip(name: str):
+    import ttach
+
+    flips = {"hflip": ttach.HorizontalFlip, "vflip": ttach.VerticalFlip}
+    if name not in flips:
+        raise HandsegError(f"unknown flip {name!r}; valid: {', '.join(flips)}")
+    return flips[name]()
 
 
 def binarize(probs: np.ndarray, thresholds) -> np.ndarray:

@@ -15,7 +15,7 @@ import numpy as np
 from handseg.core.constants import CLASSES, DICE_EPS, NUM_CLASSES
 from handseg.core.data import class_runs, discover, image_size, read_polygons
 from handseg.core.errors import HandsegError
-from handseg.core.rle import check_runs_fit, intersection_area
+from handseg.core.rle import Runs, check_runs_fit, intersection_area
 from handseg.core.submission import PredictionSet, check_same_images
 
 
@@ -43,6 +43,16 @@ class DiceReport:
         return {"mean_dice": self.mean_dice, "per_class": self.per_class}
 
 
+def dice_value(intersection, truth_area, pred_area):
+    """The leaderboard Dice from pixel counts (scalars or arrays): 1 when both masks are empty."""
+    return (2.0 * intersection + DICE_EPS) / (truth_area + pred_area + DICE_EPS)
+
+
+def dice_from_runs(truth: Runs, pred: Runs) -> float:
+    """Leaderboard Dice of two masks given as runs, without building either mask."""
+    return float(dice_value(intersection_area(truth, pred), int(truth[1].sum()), int(pred[1].sum())))
+
+
 def dice_scores(truth: PredictionSet, pred: PredictionSet, progress: Callable[[], None] | None = None) -> DiceReport:
     """Score ``pred`` against ``truth`` (the reference). Both must cover the same images.
 
@@ -60,8 +70,7 @@ def dice_scores(truth: PredictionSet, pred: PredictionSet, progress: Callable[[]
             yt, yp = t_runs[c], p_runs[c]
             t_area[i, c] = yt[1].sum()
             p_area[i, c] = yp[1].sum()
-            inter = intersection_area(yt, yp)
-            dice[i, c] = (2.0 * inter + DICE_EPS) / (t_area[i, c] + p_area[i, c] + DICE_EPS)
+            dice[i, c] = dice_value(intersection_area(yt, yp), t_area[i, c], p_area[i, c])
         if progress is not None:
             progress()
     return DiceReport(list(truth.images), dice, t_area, p_area)
@@ -71,8 +80,7 @@ def dice_masks(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
     """Leaderboard Dice of ``(C, H, W)`` bool masks: ``(C,)`` float64."""
     t = truth.reshape(truth.shape[0], -1)
     p = pred.reshape(pred.shape[0], -1)
-    inter = np.logical_and(t, p).sum(axis=1)
-    return (2.0 * inter + DICE_EPS) / (t.sum(axis=1) + p.sum(axis=1) + DICE_EPS)
+    return dice_value(np.logical_and(t, p).sum(axis=1), t.sum(axis=1), p.sum(axis=1))
 
 
 def ground_truth(data_dir: str | Path, progress: Callable[[], None] | None = None) -> PredictionSet:
@@ -87,18 +95,17 @@ def ground_truth(data_dir: str | Path, progress: Callable[[], None] | None = Non
         raise HandsegError("two images share a basename; CSV rows could not tell them apart", data_dir)
     gt = PredictionSet(Path(data_dir))
     for s in samples:
+        shape = gt.shapes[s.name] = image_size(s.image_path)
         gt.images.append(s.name)
-        gt.runs[s.name] = class_runs(read_polygons(s.label_path), image_size(s.image_path))
+        gt.runs[s.name] = class_runs(read_polygons(s.label_path), shape)
         if progress is not None:
             progress()
     return gt
 
 
-def check_fits(pred: PredictionSet, data_dir: str | Path) -> None:
-    """Check that every prediction's runs fit the size of its image in ``data_dir``."""
-    sizes = {s.name: s.image_path for s in discover(data_dir, labels="ignore")}
+def check_fits(pred: PredictionSet, shapes: dict[str, tuple[int, int]]) -> None:
+    """Check that every prediction's runs fit the size of its image (``shapes`` from :func:`ground_truth`)."""
     for image in pred.images:
-        if image in sizes:
-            shape = image_size(sizes[image])
+        if image in shapes:
             for runs in pred.runs[image]:
-                check_runs_fit(runs, shape, f"{pred.path} ({image})")
+                check_runs_fit(runs, shapes[image], f"{pred.path} ({image})")

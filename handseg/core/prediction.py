@@ -71,38 +71,6 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def _ttach_transform(name: str):
-    import ttach
-
-    return {"hflip": ttach.HorizontalFlip, "vflip": ttach.VerticalFlip}[name]()
-
-
-def transform_probs(predictor: Predictor, image: np.ndarray, t: Transform):
-    """Probabilities ``(K, H, W)`` (torch, on the device) for one transform, mapped back to the image."""
-    import torch
-
-    from handseg.core.data import hand_side
-    from handseg.core.inference import model_logits, to_input
-
-    total = None
-    with torch.inference_mode():
-        for model, card in zip(predictor.models, predictor.cards):
-            def run(img, card=card, model=model):
-                x = to_input(np.ascontiguousarray(img), card, predictor.device)
-                if t.flip:
-                    tt = _ttach_transform(t.flip)
-                    x = tt.apply_aug_image(x, apply=True)
-                    out = model_logits(model, card, x, img.shape, predictor.dtype, scale=t.scale)
-                    return tt.apply_deaug_mask(out, apply=True)
-                return model_logits(model, card, x, img.shape, predictor.dtype, scale=t.scale)
-
-            p = run(image).sigmoid()
-            if card.unify_hands and hand_side(masks=(p[0] > 0.5).cpu().numpy()) == "left":
-                p = torch.flip(run(image[:, ::-1]).sigmoid(), dims=[-1])
-            total = p if total is None else total + p
-    return total[0] / len(predictor.models)
-
-
 def merge_probs(probs: list, how: str):
     import torch
 
@@ -157,15 +125,19 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
     if thr.shape != (NUM_CLASSES,):
         raise HandsegError(f"need {NUM_CLASSES} thresholds, got {thr.size}")
     shard, rank, world = _shard(samples)
+    if tune and world > 1:
+        raise HandsegError("--tune-thresholds runs on one process; run it without torchrun")
 
     dice_sum = {t.name: np.zeros(NUM_CLASSES) for t in transforms}
     if len(transforms) > 1:
         dice_sum["merged"] = np.zeros(NUM_CLASSES)
     tune_sum = np.zeros((NUM_CLASSES, TUNE_GRID.size)) if tune else None
     rows: dict[str, list] = {}
+    if progress:
+        progress(total=len(shard))
     for s in shard:
         image = read_image(s.image_path)
-        per_t = [transform_probs(predictor, image, t) for t in transforms]
+        per_t = [predictor.probs(image, t.flip, t.scale) for t in transforms]
         merged = merge_probs(per_t, merge)
         probs = merged.float().cpu().numpy()
         if labelled:
@@ -174,11 +146,16 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
                 for t, p in zip(transforms, per_t):
                     dice_sum[t.name] += dice_masks(truth, binarize(p.float().cpu().numpy(), thr))
             dice_sum["merged" if len(transforms) > 1 else transforms[0].name] += dice_masks(truth, binarize(probs, thr))
-            if tune_sum is not None:
-                for j, t in enumerate(TUNE_GRID):
-                    tune_sum[:, j] += dice_masks(truth, probs > t)
         if tune:
-            rows[s.name] = probs  # kept until the thresholds are known
+            # the Dice and the RLE of every class at every candidate threshold: small, and exact once
+            # a threshold is chosen, so no probability map is held until the end
+            grid = [[""] * TUNE_GRID.size for _ in range(NUM_CLASSES)]
+            for j, t in enumerate(TUNE_GRID):
+                masks = probs > t
+                tune_sum[:, j] += dice_masks(truth, masks)
+                for c in range(NUM_CLASSES):
+                    grid[c][j] = runs_to_rle(mask_to_runs(masks[c]))
+            rows[s.name] = grid
         else:
             rows[s.name] = [runs_to_rle(mask_to_runs(m)) for m in binarize(probs, thr)]
         if probs_dir is not None:
@@ -188,11 +165,9 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
             progress()
 
     if tune:
-        best = TUNE_GRID[np.argmax(tune_sum, axis=1)] if world == 1 else None
-        if world > 1:
-            raise HandsegError("--tune-thresholds runs on one process; run it without torchrun")
-        thr = best.astype(np.float64)
-        rows = {n: [runs_to_rle(mask_to_runs(m)) for m in binarize(p, thr)] for n, p in rows.items()}
+        best = np.argmax(tune_sum, axis=1)
+        thr = TUNE_GRID[best].astype(np.float64)
+        rows = {n: [per_class[c][best[c]] for c in range(NUM_CLASSES)] for n, per_class in rows.items()}
 
     if world > 1:
         rows, dice_sum = _gather(rows, dice_sum, rank, world)

@@ -74,6 +74,8 @@ def make_pseudo(source: Path, data: Path, out: Path, min_confidence: float | Non
     if unknown:
         raise HandsegError(f"{len(unknown)} predicted images are not in {data} (e.g. {unknown[0]})", source)
     kept, dropped = [], {}
+    if progress:
+        progress(total=len(names))
     for name in names:
         s = by_name[name]
         shape = image_size(s.image_path)

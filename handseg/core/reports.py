@@ -199,8 +199,9 @@ def eda_report(data: Path, out: Path, pred_csv: Path | None = None, meta: Path |
     data, label overlays; with ``pred_csv`` and labels also Dice against area and the worst cases."""
     import cv2
 
-    from handseg.core.data import class_masks, discover, hand_side, read_image, read_polygons, wrist_bend
+    from handseg.core.data import class_masks, class_runs, discover, hand_side, read_image, read_polygons, wrist_bend
     from handseg.core.meta import read_meta
+    from handseg.core.submission import PredictionSet
 
     plt = _plt()
     samples = discover(data, labels="optional")
@@ -217,6 +218,10 @@ def eda_report(data: Path, out: Path, pred_csv: Path | None = None, meta: Path |
     tiles = []
     colours = (plt.get_cmap("tab20")(np.linspace(0, 1, NUM_CLASSES))[:, :3] * 255).astype(np.uint8)
     label_index = {s.rel: i for i, s in enumerate(labelled)}
+    # with a prediction to score, the ground truth is collected in the same pass over the labels
+    truth = PredictionSet(Path(data)) if pred_csv is not None else None
+    if progress:
+        progress(total=len(samples))
     for s in samples:
         image = read_image(s.image_path)
         sizes[f"{image.shape[1]}x{image.shape[0]}"] += 1
@@ -233,7 +238,11 @@ def eda_report(data: Path, out: Path, pred_csv: Path | None = None, meta: Path |
                 for b in range(a + 1, NUM_CLASSES):
                     if (masks[a] & masks[b]).any():
                         pairs[(CLASSES[a], CLASSES[b])] += 1
-            sides[hand_side(polys) or "unknown"] += 1
+            side = hand_side(polys) or "unknown"
+            sides[side] += 1
+            if truth is not None:
+                truth.images.append(s.name)
+                truth.runs[s.name] = class_runs(polys, image.shape)
             bends.append(wrist_bend(polys))
             if len(tiles) < grid:
                 rgb = np.repeat(image[..., None], 3, axis=2).astype(np.float32)
@@ -241,7 +250,7 @@ def eda_report(data: Path, out: Path, pred_csv: Path | None = None, meta: Path |
                     rgb[masks[c]] = 0.5 * rgb[masks[c]] + 0.5 * colours[c]
                 s_ = _thumb(image)
                 thumb = cv2.resize(rgb.astype(np.uint8), (280, int(image.shape[0] * s_)), interpolation=cv2.INTER_AREA)
-                tiles.append((f"labels_{s.stem}.png", thumb, f"{s.rel} ({sides and hand_side(polys)} hand)"))
+                tiles.append((f"labels_{s.stem}.png", thumb, f"{s.rel} ({side} hand)"))
         if progress:
             progress()
 
@@ -294,10 +303,10 @@ def eda_report(data: Path, out: Path, pred_csv: Path | None = None, meta: Path |
         rep.figure("meta.png", fig)
 
     if pred_csv is not None and labelled:
-        from handseg.core.metrics import dice_scores, ground_truth
+        from handseg.core.metrics import dice_scores
         from handseg.core.submission import read_predictions
 
-        rep_scores = dice_scores(ground_truth(data), read_predictions(pred_csv))
+        rep_scores = dice_scores(truth, read_predictions(pred_csv))
         rep.h2(f"Prediction {pred_csv.name}: mean Dice {rep_scores.mean_dice:.4f}")
         fig, ax = plt.subplots(figsize=(7, 4))
         mean_area = areas.mean(axis=0)

@@ -224,17 +224,8 @@ def rles_to_masks(rles: list[str], shape: tuple[int, int]) -> np.ndarray:
     return out
 
 
-def masks_to_rles(masks: np.ndarray) -> list[str]:
-    """Encode a ``(C, H, W)`` mask stack into one RLE string per channel."""
-    return [rle_encode(m) for m in masks]
-
-
 # ----------------------------------------------------------------------------------------------
 # set operations on runs
-
-
-def runs_area(runs: Runs) -> int:
-    return int(runs[1].sum())
 
 
 def _coverage(run_sets: list[Runs]) -> tuple[np.ndarray, np.ndarray]:
@@ -275,12 +266,6 @@ def vote_runs(run_sets: list[Runs], min_votes: int) -> Runs:
             starts = starts[np.concatenate(([True], ~touching))]
             ends = ends[np.concatenate((~touching, [True]))]
     return starts, ends - starts
-
-
-def dice_from_runs(truth: Runs, pred: Runs, eps: float) -> float:
-    """Leaderboard Dice ``(2|y&p| + eps) / (|y| + |p| + eps)`` computed on runs."""
-    inter = intersection_area(truth, pred)
-    return (2.0 * inter + eps) / (runs_area(truth) + runs_area(pred) + eps)
 
 
 def check_runs_fit(runs: Runs, shape: tuple[int, int], where: str) -> None:

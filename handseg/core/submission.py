@@ -15,7 +15,7 @@ from pathlib import Path
 from handseg.core.constants import CLASS_INDEX, CLASSES, CSV_COLUMNS, NUM_CLASSES
 from handseg.core.errors import HandsegError
 from handseg.core.files import atomic_open
-from handseg.core.rle import EMPTY_RUNS, Runs, rle_to_runs, runs_to_rle
+from handseg.core.rle import Runs, rle_to_runs, runs_to_rle
 
 
 @dataclass
@@ -25,6 +25,8 @@ class PredictionSet:
     path: Path | None
     images: list[str] = field(default_factory=list)
     runs: dict[str, list[Runs]] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Image sizes, where known (ground truth read from a labelled folder); a CSV does not carry them."""
 
     def __len__(self) -> int:
         return len(self.images)
@@ -105,10 +107,6 @@ def write_predictions(path: str | Path, rows: Iterable[tuple[str, list[str]]]) -
     return count
 
 
-def write_prediction_set(path: str | Path, preds: PredictionSet) -> int:
-    return write_predictions(path, ((im, [runs_to_rle(r) for r in preds.runs[im]]) for im in preds.images))
-
-
 def check_same_images(reference: PredictionSet, other: PredictionSet, what: str = "image sets") -> None:
     """Raise a HandsegError naming both files if two CSVs do not cover the same images."""
     a, b = set(reference.images), set(other.images)
@@ -120,7 +118,3 @@ def check_same_images(reference: PredictionSet, other: PredictionSet, what: str 
         if only_b:
             detail.append(f"{len(only_b)} only in {other.path} (e.g. {only_b[0]})")
         raise HandsegError(f"different {what}: " + "; ".join(detail), other.path)
-
-
-def empty_runs() -> list[Runs]:
-    return [EMPTY_RUNS] * NUM_CLASSES

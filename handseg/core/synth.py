@@ -335,6 +335,8 @@ def make_dataset(out: str | Path, ids: int = 20, test_ids: int = 6, size: int = 
             stem = f"image{stamp}" + (("_R" if side == "right" else "_L") if number == 1 else "")
             jobs.append((pid, stem, side, bool(test_flag), nail, int(rng.integers(0, 2**31))))
 
+    if progress is not None:
+        progress(total=len(jobs))
     for pid, stem, side, test_flag, nail, job_seed in jobs:
         job_rng = np.random.default_rng(job_seed)
         pose = sample_pose(job_rng, side, bent_fraction=0.57 if test_flag else 0.11, nail_art=nail)

@@ -18,7 +18,7 @@ import numpy as np
 
 from handseg.core.checkpoint import BEST, LAST, RESUME, ModelCard, save_checkpoint, unwrap
 from handseg.core.constants import CLASSES, NUM_CLASSES
-from handseg.core.data import Sample, class_masks, discover, hand_side, read_image, read_polygons
+from handseg.core.data import Sample, discover, hand_side, load_labels, read_image
 from handseg.core.errors import HandsegError
 from handseg.core.files import atomic_open, write_manifest
 from handseg.core.models import DEFAULT_NORM
@@ -104,13 +104,12 @@ def load_item(item: Item) -> tuple[np.ndarray, np.ndarray]:
     """``(image (H, W) uint8, masks (29, H, W) bool)`` from the cache if there, else PNG + JSON."""
     from handseg.core import cache as cache_mod
 
-    if item.cache is not None and cache_mod.mask_path(item.cache, item.sample).is_file():
-        masks = cache_mod.load_cached_masks(item.cache, item.sample)
-        ipath = cache_mod.image_path(item.cache, item.sample)
-        image = np.asarray(np.load(ipath, mmap_mode="r")) if ipath.is_file() else read_image(item.sample.image_path)
-        return image, masks
-    image = read_image(item.sample.image_path)
-    return image, class_masks(read_polygons(item.sample.label_path), image.shape)
+    if item.cache is None or not cache_mod.mask_path(item.cache, item.sample).is_file():
+        return load_labels(item.sample)
+    masks = cache_mod.load_cached_masks(item.cache, item.sample)
+    if cache_mod.image_path(item.cache, item.sample).is_file():
+        return cache_mod.load_cached_image(item.cache, item.sample), masks
+    return read_image(item.sample.image_path), masks
 
 
 class SegmentationDataset:
@@ -160,26 +159,19 @@ class SegmentationDataset:
 
 
 def _resize_masks(hwc: np.ndarray, size: int) -> np.ndarray:
-    """Resize ``(H, W, 29)`` 0/1 masks: area-average then threshold at one half (OpenCV takes at most
-    4 channels per call for INTER_AREA on some builds, so go in groups)."""
+    """Resize ``(H, W, 29)`` 0/1 masks: area-average, then keep pixels that were at least half bone."""
     import cv2
 
-    out = np.empty((size, size, hwc.shape[2]), dtype=np.uint8)
-    for c0 in range(0, hwc.shape[2], 4):
-        part = np.ascontiguousarray(hwc[:, :, c0 : c0 + 4]) * np.uint8(255)
-        r = cv2.resize(part, (size, size), interpolation=cv2.INTER_AREA)
-        out[:, :, c0 : c0 + 4] = (r.reshape(size, size, -1) > 127).astype(np.uint8)
-    return out
+    return (cv2.resize(hwc * np.uint8(255), (size, size), interpolation=cv2.INTER_AREA) > 127).astype(np.uint8)
 
 
 def split_items(cfg: TrainConfig) -> tuple[list[Item], list[Item]]:
     """Train and validation items for the fold (``--fold -1``: everything is train, no validation)."""
-    from handseg.core.cache import default_cache_dir
+    from handseg.core.cache import find_cache
     from handseg.core.kfold import make_splits, read_splits
 
     samples = discover(cfg.data, labels="required")
-    cache = cfg.cache or default_cache_dir(cfg.data)
-    cache = cache if (Path(cache) / "masks").is_dir() else None
+    cache = find_cache(cfg.data, cfg.cache)
     if cfg.splits is not None:
         splits = read_splits(cfg.splits)
     else:
@@ -195,9 +187,7 @@ def split_items(cfg: TrainConfig) -> tuple[list[Item], list[Item]]:
     train = [Item(s, cache) for s in samples if fold_of[s.rel] != cfg.fold]
     val = [Item(s, cache) for s in samples if fold_of[s.rel] == cfg.fold]
     for extra in cfg.extra:
-        from handseg.core.cache import default_cache_dir as dcd
-
-        extra_cache = dcd(extra) if (dcd(extra) / "masks").is_dir() else None
+        extra_cache = find_cache(extra)
         train += [Item(s, extra_cache) for s in discover(extra, labels="required")]
     if not train:
         raise HandsegError("no training images left after taking out the validation fold")
