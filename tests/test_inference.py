@@ -173,3 +173,26 @@ def test_pseudo_labels_reload_as_training_data(synth_data, tmp_path, capsys):
         from handseg.core.pseudo import make_pseudo
 
         make_pseudo(tmp_path / "p.csv", synth_data / "test", tmp_path / "ps2", min_confidence=0.9)
+
+
+def test_batch_size_reaches_the_sliding_window(synth_data, tmp_path, capsys, monkeypatch):
+    import handseg.core.inference as inference
+
+    cfg = TrainConfig(data=synth_data / "train", arch="unet", encoder="resnet18", encoder_weights="none", crop=64,
+                      epochs=1, batch_size=4, workers=0, device="cpu", out=tmp_path / "crop", augment="none")
+    train(cfg, log=lambda *a: None)
+    seen = []
+    original = inference.sliding_window_logits
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["batch"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "sliding_window_logits", spy)
+    for b in (1, 3):
+        code, _, err = run_cli(["predict", tmp_path / "crop", "--data", synth_data / "test", "-o", tmp_path / f"b{b}.csv",
+                                "--batch-size", b, "--device", "cpu"], capsys)
+        assert code == 0, err
+    assert set(seen) == {1, 3}
+    # 128 px images, 64 px windows at stride 32: the batch size must not change the result
+    assert (tmp_path / "b1.csv").read_text() == (tmp_path / "b3.csv").read_text()

@@ -82,7 +82,7 @@ def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, dev
     thr = read_thresholds(thresholds) if thresholds else None
     with progress_task(stage) as tick:
         result = run_predictions(resolved, data, out, probs, transform_list, merge, thr, tune, device, amp,
-                                 progress=tick)
+                                 progress=tick, batch=batch_size)
     options = {"checkpoints": [str(c) for c in resolved], "transforms": [t.name for t in transform_list],
                "merge": merge, "thresholds": result.thresholds, "tuned": result.tuned, "device": device,
                "amp": amp, "batch_size": batch_size}

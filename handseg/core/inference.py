@@ -132,9 +132,11 @@ class Predictor:
     cards: list[ModelCard]
     device: str
     dtype: object = None
+    batch: int = 4
+    """Sliding-window crops per forward pass (crop-trained models)."""
 
     @classmethod
-    def load(cls, paths, device: str = "auto", amp: bool = True) -> Predictor:
+    def load(cls, paths, device: str = "auto", amp: bool = True, batch: int = 4) -> Predictor:
         import torch
 
         device = pick_device(device)
@@ -148,7 +150,7 @@ class Predictor:
         classes = {tuple(c.classes) for c in cards}
         if len(classes) > 1:
             raise HandsegError("checkpoints predict different class lists; they cannot be averaged")
-        return cls(models, cards, device, amp_dtype(device) if amp else None)
+        return cls(models, cards, device, amp_dtype(device) if amp else None, batch)
 
     @property
     def thresholds(self) -> np.ndarray:
@@ -180,9 +182,10 @@ class Predictor:
     def _logits(self, model, card: ModelCard, image: np.ndarray, flip: str | None, scale: float):
         x = to_input(image, card, self.device)
         if flip is None:
-            return model_logits(model, card, x, image.shape, self.dtype, scale=scale)
+            return model_logits(model, card, x, image.shape, self.dtype, scale, self.batch)
         transform = _ttach_flip(flip)
-        out = model_logits(model, card, transform.apply_aug_image(x, apply=True), image.shape, self.dtype, scale=scale)
+        out = model_logits(model, card, transform.apply_aug_image(x, apply=True), image.shape, self.dtype, scale,
+                           self.batch)
         return transform.apply_deaug_mask(out, apply=True)
 
 

@@ -102,7 +102,7 @@ def _shard(samples: list[Sample]) -> tuple[list[Sample], int, int]:
 def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_dir: Path | None = None,
                     transforms: list[Transform] | None = None, merge: str = "mean",
                     thresholds: list[float] | None = None, tune: bool = False, device: str = "auto",
-                    amp: bool = True, progress: Callable[[], None] | None = None) -> PredictResult:
+                    amp: bool = True, progress: Callable[..., None] | None = None, batch: int = 4) -> PredictResult:
     """Predict every image of ``data`` and write the CSV (and probability maps) in submission order.
 
     With labels in ``data`` the Dice of each transform and of the merge is measured; ``tune``
@@ -120,7 +120,7 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
     names = [s.name for s in samples]
     if len(set(names)) != len(names):
         raise HandsegError("two images share a basename; submission rows could not tell them apart", data)
-    predictor = Predictor.load(checkpoints, device, amp)
+    predictor = Predictor.load(checkpoints, device, amp, batch)
     thr = np.asarray(thresholds if thresholds is not None else predictor.thresholds, dtype=np.float64)
     if thr.shape != (NUM_CLASSES,):
         raise HandsegError(f"need {NUM_CLASSES} thresholds, got {thr.size}")
