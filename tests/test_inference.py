@@ -190,8 +190,8 @@ def test_batch_size_reaches_the_sliding_window(synth_data, tmp_path, capsys, mon
 
     monkeypatch.setattr(inference, "sliding_window_logits", spy)
     for b in (1, 3):
-        code, _, err = run_cli(["predict", tmp_path / "crop", "--data", synth_data / "test", "-o", tmp_path / f"b{b}.csv",
-                                "--batch-size", b, "--device", "cpu"], capsys)
+        code, _, err = run_cli(["predict", tmp_path / "crop", "--data", synth_data / "test",
+                                "-o", tmp_path / f"b{b}.csv", "--batch-size", b, "--device", "cpu"], capsys)
         assert code == 0, err
     assert set(seen) == {1, 3}
     # 128 px images, 64 px windows at stride 32: the batch size must not change the result

@@ -125,3 +125,20 @@ def test_nan_loss_stops_with_a_message(synth_data, tmp_path, monkeypatch):
 def test_amp_channels_last_on_gpu(synth_data, tmp_path):
     result = train(_cfg(synth_data, tmp_path / "gpu", device="cuda", amp="auto", epochs=1), log=lambda *a: None)
     assert result["steps"] >= 1
+
+
+def test_workers_draw_different_crops_and_augmentations(synth_data):
+    from torch.utils.data import DataLoader
+
+    from handseg.core.data import discover
+    from handseg.core.training import Item, SegmentationDataset, _seed_worker
+
+    sample = discover(synth_data / "train", labels="required")[0]
+    for augment, crop in (("none", 32), ("default", None)):
+        cfg = TrainConfig(size=64, crop=crop, augment=augment, seed=0)
+        dataset = SegmentationDataset([Item(sample, None)] * 4, cfg)
+        generator = torch.Generator()
+        generator.manual_seed(0)
+        loader = DataLoader(dataset, batch_size=1, num_workers=2, worker_init_fn=_seed_worker, generator=generator)
+        first, second = [x for x, _ in loader][:2]  # batch 0 from worker 0, batch 1 from worker 1
+        assert not torch.equal(first, second), augment

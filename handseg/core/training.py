@@ -118,7 +118,15 @@ class SegmentationDataset:
     def __init__(self, items: list[Item], cfg: TrainConfig, train: bool = True, in_channels: int = 1):
         self.items, self.cfg, self.train, self.in_channels = items, cfg, train, in_channels
         self.augment = _augmenter(cfg.augment, cfg.unify_hands) if train else None
-        self.rng = np.random.default_rng(cfg.seed)
+        self.reseed(cfg.seed)
+
+    def reseed(self, seed: int) -> None:
+        """Seed the random crops and the augmentations. Each DataLoader worker calls this with its
+        own seed: a forked worker would otherwise repeat the parent's random stream (albumentations
+        keeps its own generator, untouched by ``np.random.seed``)."""
+        self.rng = np.random.default_rng(seed)
+        if self.augment is not None:
+            self.augment.set_random_seed(seed)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -462,10 +470,14 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
 
 def _seed_worker(worker_id: int) -> None:
     import torch
+    from torch.utils.data import get_worker_info
 
-    seed = torch.initial_seed() % 2**32
+    seed = torch.initial_seed() % 2**32  # differs per worker; derived from the loader's seeded generator
     np.random.seed(seed)
     random.seed(seed)
+    info = get_worker_info()
+    if info is not None and hasattr(info.dataset, "reseed"):
+        info.dataset.reseed(seed)
 
 
 def _save_resume(path: Path, optimizer, scheduler, scaler, epoch: int, step: int, best: float) -> None:
