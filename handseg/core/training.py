@@ -246,23 +246,24 @@ def all_reduce_sum(tensor, d: Dist):
 
 
 def validate(model, card: ModelCard, items: list[Item], device: str, dtype, d: Dist) -> np.ndarray:
-    """Leaderboard Dice per class over the validation items, at each image's full size: ``(29,)``."""
+    """Leaderboard Dice per class over the validation items, at each image's full size: ``(29,)``.
+
+    Predictions go through :class:`~handseg.core.inference.Predictor`, exactly as ``predict`` makes
+    them (with ``unify_hands``, the hand's side comes from the prediction, never from the labels).
+    """
     import torch
 
-    from handseg.core.inference import model_logits, to_input
+    from handseg.core.inference import Predictor, binarize
     from handseg.core.metrics import dice_masks
 
     model.eval()
+    predictor = Predictor([model], [card], device, dtype)
     sums = torch.zeros(NUM_CLASSES + 1, dtype=torch.float64, device=device)
-    with torch.inference_mode():
-        for item in items[d.rank :: d.world]:
-            image, masks = load_item(item)
-            if card.unify_hands and hand_side(masks=masks) == "left":
-                image, masks = image[:, ::-1], masks[:, :, ::-1]
-            logits = model_logits(model, card, to_input(np.ascontiguousarray(image), card, device), image.shape, dtype)
-            pred = (logits[0].sigmoid() > torch.tensor(card.thresholds, device=device).view(-1, 1, 1)).cpu().numpy()
-            sums[:NUM_CLASSES] += torch.from_numpy(dice_masks(masks, pred)).to(device)
-            sums[NUM_CLASSES] += 1
+    for item in items[d.rank :: d.world]:
+        image, masks = load_item(item)
+        pred = binarize(predictor.probs(image).cpu().numpy(), card.thresholds)
+        sums[:NUM_CLASSES] += torch.from_numpy(dice_masks(masks, pred)).to(device)
+        sums[NUM_CLASSES] += 1
     all_reduce_sum(sums, d)
     model.train()
     count = max(float(sums[NUM_CLASSES]), 1.0)
