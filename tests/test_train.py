@@ -163,3 +163,9 @@ def test_validation_dice_equals_predict_on_the_fold(synth_data, tmp_path):
             shutil.copy(src, fold / sub / src.parent.name / src.name)
     result = run_predictions([out / "last.safetensors"], fold, tmp_path / "p.csv", device="cpu")
     assert result.dice["identity"] == pytest.approx(float(last["val_dice"]), abs=1e-6)
+
+
+def test_a_run_that_cannot_start_leaves_no_folder(synth_data, tmp_path):
+    with pytest.raises(HandsegError, match="weights file not found"):
+        train(_cfg(synth_data, tmp_path / "never", encoder_weights=str(tmp_path / "missing.pth")), log=lambda *a: None)
+    assert not (tmp_path / "never").exists()

@@ -16,8 +16,10 @@ def demo(
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 12,
     device: Annotated[str, typer.Option("--device")] = "cpu",
 ) -> None:
-    """Run synth, prep, kfold, train (2 folds), predict, tta, vote, pseudo, compare and eda, and say
-    where everything is. Each step is the real command, as a shell script would call it.
+    """Run the whole chain on synthetic data on a CPU, and say where the results are.
+
+    synth, prep, kfold, train (2 folds), predict, tta, vote, pseudo, compare and eda: each step is
+    the real command, as a shell script would call it.
 
     Example: handseg demo --out demo
     """

@@ -14,12 +14,14 @@ def eda(
     data: DataDir = Path("data/train"),
     pred: Annotated[Path | None, typer.Option("--pred", help="A prediction CSV for these (labelled) images: "
                                               "adds Dice against class area and the worst cases.")] = None,
-    meta: Annotated[Path | None, typer.Option("--meta", help="meta_data.xlsx [default: DATA/../meta_data.xlsx]."
+    meta: Annotated[Path | None, typer.Option("--meta", help="meta_data.xlsx (default: DATA/../meta_data.xlsx)."
                                               )] = None,
     out: OutDir = Path("eda"),
 ) -> None:
-    """Write an HTML report of a data set: counts, sizes, intensities, areas, overlaps, handedness,
-    wrist bend, meta data, label overlays.
+    """Write an HTML report of a data set (and of a prediction on it).
+
+    Counts, sizes, intensities, class areas, overlaps, handedness, wrist bend, meta data and label
+    overlays; with --pred, Dice against class area and the worst cases.
 
     Example: handseg eda --data data/train --out reports/eda
     """

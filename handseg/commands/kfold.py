@@ -16,7 +16,7 @@ def kfold(
     seed: Seed = 0,
     stratify: Annotated[str, typer.Option("--stratify", help="none | bend (from labels) | age | sex | nail "
                                           "(from meta data).")] = "none",
-    meta: Annotated[Path | None, typer.Option("--meta", help="meta_data.xlsx [default: DATA/../meta_data.xlsx]."
+    meta: Annotated[Path | None, typer.Option("--meta", help="meta_data.xlsx (default: DATA/../meta_data.xlsx)."
                                               )] = None,
     out: OutFile = Path("splits.json"),
     overwrite: Overwrite = False,

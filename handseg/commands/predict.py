@@ -14,7 +14,7 @@ Checkpoints = Annotated[list[Path], typer.Argument(help="Run folders or .safeten
 Probs = Annotated[Path | None, typer.Option("--probs", help="Also save per-image probability maps here "
                                             "(uint8, memory-mappable) for `vote soft`.")]
 Thresholds = Annotated[Path | None, typer.Option("--thresholds", help="JSON {class: threshold} "
-                                                 "[default: the checkpoints' own].")]
+                                                 "(default: the checkpoints' own).")]
 NoAmp = Annotated[bool, typer.Option("--no-amp", help="Run in fp32 on GPU.")]
 
 

@@ -12,7 +12,7 @@ from handseg.commands.options import DataDir, Workers
 app = typer.Typer(help="Cache images and masks for fast loading (idempotent: up-to-date files are skipped).",
                   no_args_is_help=True)
 
-CacheOut = Annotated[Path | None, typer.Option("--out", "-o", help="Cache folder [default: DATA/cache].")]
+CacheOut = Annotated[Path | None, typer.Option("--out", "-o", help="Cache folder (default: DATA/cache).")]
 
 
 def _run(kind: str, data: Path, out: Path | None, workers: int | None) -> None:

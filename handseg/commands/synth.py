@@ -20,8 +20,8 @@ def synth(
 ) -> None:
     """Make realistic synthetic hand radiographs with labels, in the competition layout.
 
-    Train images get polygon JSONs; test images get none (their ground truth goes to test_gt/, for
-    `handseg compare PRED.csv --gt OUT/test_gt`). Deterministic by seed.
+    Train images get polygon JSONs; test images get none. Their ground truth goes to test_gt/,
+    for scoring: handseg compare PRED.csv --gt OUT/test_gt. Deterministic by seed.
 
     Example: handseg synth data --ids 20 --test-ids 6 --size 512 --seed 0
     """

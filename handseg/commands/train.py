@@ -14,7 +14,7 @@ def train(
     ctx: typer.Context,
     data: DataDir = Path("data/train"),
     splits: Annotated[Path | None, typer.Option("--splits", help="splits.json from `handseg kfold` "
-                                                "[default: 5 patient-grouped folds, seeded].")] = None,
+                                                "(default: 5 patient-grouped folds, seeded).")] = None,
     fold: Annotated[int, typer.Option("--fold", help="Validation fold; -1 trains on everything.")] = 0,
     arch: Annotated[str, typer.Option("--arch", help="smp architecture: unet, unetplusplus, manet, linknet, fpn, "
                                       "pspnet, deeplabv3, deeplabv3plus, pan, upernet, segformer, dpt."
@@ -46,7 +46,7 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped.")] = False,
     extra: Annotated[list[Path] | None, typer.Option("--extra", help="More labelled data (e.g. pseudo labels) "
                                                      "added to training; repeatable.")] = None,
-    cache: Annotated[Path | None, typer.Option("--cache", help="Prep cache [default: DATA/cache if present].")] = None,
+    cache: Annotated[Path | None, typer.Option("--cache", help="Prep cache (default: DATA/cache if present).")] = None,
     seed: Seed = 0,
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after this many optimizer steps.")] = None,
     logger: Annotated[str, typer.Option("--logger", help="none | tensorboard | wandb (when installed).")] = "none",
@@ -111,7 +111,6 @@ def _parse_weights(text: str) -> list[float]:
 def _apply_config(ctx: typer.Context, params: dict, path: Path) -> dict:
     """defaults < config file < flags given on the command line."""
     import yaml
-    from click.core import ParameterSource
 
     from handseg.core.errors import HandsegError
 
@@ -127,6 +126,8 @@ def _apply_config(ctx: typer.Context, params: dict, path: Path) -> dict:
             raise HandsegError(f"unknown option {key!r} in config; valid: {', '.join(sorted(params))}", path)
         # --compile is the parameter compile_model (compile is a builtin)
         source = "compile_model" if name == "compile" else name
-        if ctx.get_parameter_source(source) in (ParameterSource.DEFAULT, None):
+        # by name: Typer carries its own copy of click, whose ParameterSource is not click's
+        given = ctx.get_parameter_source(source)
+        if given is None or given.name in ("DEFAULT", "DEFAULT_MAP"):
             params[name] = value
     return params

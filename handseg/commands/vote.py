@@ -26,7 +26,7 @@ def _finish(stage: str, out: Path, options: dict, inputs: dict, images: int) -> 
 def hard(
     csvs: Annotated[list[Path], typer.Argument(help="Prediction CSVs (same images).")],
     out: OutFile = Path("vote_hard.csv"),
-    min_votes: Annotated[int | None, typer.Option("--min-votes", help="Votes a pixel needs [default: majority]."
+    min_votes: Annotated[int | None, typer.Option("--min-votes", help="Votes a pixel needs (default: majority)."
                                                   )] = None,
 ) -> None:
     """Pixel-wise majority vote of CSVs, computed on RLE runs (no full-size masks).

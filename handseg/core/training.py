@@ -340,7 +340,6 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
         if out.exists() and (out / LAST).exists() and not cfg.resume:
             raise HandsegError("run folder already has a checkpoint; pass --resume to continue it or "
                                "choose another --out", out)
-        out.mkdir(parents=True, exist_ok=True)
     if cfg.resume and not resume_path.is_file():
         raise HandsegError(f"nothing to resume: no {RESUME}", out)
 
@@ -386,6 +385,8 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
     if cfg.compile:
         run_model = torch.compile(run_model)
 
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no folder
     writer = _make_logger(cfg, out) if d.main else None
     if d.main:
         write_manifest(out, "train", cfg.to_json(), inputs={"data": str(cfg.data), "splits": str(cfg.splits)},

@@ -96,3 +96,20 @@ def test_compare_runs_past_image_is_an_error(tmp_path, capsys, synth_data):
     assert code == 2 and "past the end" in err
 
 
+
+
+def test_train_config_file_then_flags(tmp_path, capsys, synth_data):
+    config = tmp_path / "run.yaml"
+    config.write_text("arch: unet\nencoder: resnet18\nencoder-weights: none\nsize: 64\nepochs: 3\nbatch_size: 4\n"
+                      "workers: 0\ndevice: cpu\naugment: none\n")
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train", "--config", config, "--epochs", 1, "--data", synth_data / "train",
+                            "--out", out], capsys)
+    assert code == 0, err
+    options = json.loads((out / "manifest.json").read_text())["options"]
+    chosen = (options["arch"], options["encoder"], options["size"], options["augment"])
+    assert chosen == ("unet", "resnet18", 64, "none")
+    assert options["epochs"] == 1  # the flag wins over the file
+    config.write_text("arch: unet\nlearning_rate: 3\n")
+    code, _, err = run_cli(["train", "--config", config, "--out", tmp_path / "r2"], capsys)
+    assert code == 2 and "unknown option 'learning_rate' in config" in err
