@@ -92,15 +92,21 @@ def _thumb(image: np.ndarray, width: int = 280) -> float:
 
 
 def diff_overlay(image: np.ndarray | None, a: np.ndarray, b: np.ndarray, width: int = 280) -> np.ndarray:
-    """RGB thumbnail: the X-ray, white where A and B agree, red only in A, green only in B."""
+    """RGB thumbnail comparing ``(C, H, W)`` masks class by class, on the X-ray: white where A and B
+    give a pixel the same classes, red where A has a class B lacks (missed), green where B has a
+    class A lacks (extra), yellow where both happen (a bone found but labelled as another)."""
     import cv2
 
-    h, w = a.shape
+    h, w = a.shape[1:]
+    missed = (a & ~b).any(axis=0)
+    extra = (b & ~a).any(axis=0)
+    agree = (a & b).any(axis=0) & ~missed & ~extra
     base = np.zeros((h, w), np.uint8) if image is None else image
     rgb = np.repeat((base.astype(np.float32) * 0.6)[..., None], 3, axis=2)
-    rgb[a & b] = (255, 255, 255)
-    rgb[a & ~b] = (255, 40, 40)
-    rgb[~a & b] = (40, 220, 40)
+    rgb[agree] = (255, 255, 255)
+    rgb[missed & ~extra] = (255, 40, 40)
+    rgb[extra & ~missed] = (40, 220, 40)
+    rgb[missed & extra] = (255, 210, 0)
     s = _thumb(base, width)
     return cv2.resize(rgb.astype(np.uint8), (width, max(1, int(h * s))), interpolation=cv2.INTER_AREA)
 
@@ -155,7 +161,8 @@ def compare_report(result, out: Path, worst: int = 8) -> Path:
         rep.figure("similarity.png", fig)
 
     rep.h2("Worst images (first CSV against the reference)")
-    rep.p("White: both agree; red: only in the reference (missed); green: only in the prediction (extra).")
+    rep.p("Class by class. White: both agree; red: only in the reference (missed); green: only in the "
+          "prediction (extra); yellow: a bone found but labelled as another class.")
     first, report = result.sets[0], result.reports[0]
     images = {}
     if result.gt_dir is not None:
@@ -171,11 +178,11 @@ def compare_report(result, out: Path, worst: int = 8) -> Path:
             ends = [int(r[0][-1] + r[1][-1]) for r in first.runs[name] + result.reference_set.runs[name] if r[0].size]
             side = int(np.ceil(np.sqrt(max(ends, default=1))))
             shape = (side, side)
-        a = np.zeros(shape, bool)
-        b = np.zeros(shape, bool)
+        a = np.zeros((NUM_CLASSES, *shape), bool)
+        b = np.zeros((NUM_CLASSES, *shape), bool)
         for c in range(NUM_CLASSES):
-            runs_to_mask(result.reference_set.runs[name][c], shape, a)
-            runs_to_mask(first.runs[name][c], shape, b)
+            runs_to_mask(result.reference_set.runs[name][c], shape, a[c])
+            runs_to_mask(first.runs[name][c], shape, b[c])
         worst_c = int(np.argmin(report.dice[i]))
         caption = f"{name}: mean {report.dice[i].mean():.4f}, worst {CLASSES[worst_c]} {report.dice[i, worst_c]:.3f}"
         tiles.append((f"diff_{Path(name).stem}.png", diff_overlay(xray, a, b), caption))

@@ -73,3 +73,16 @@ def test_eda_report_numbers(synth_data, tmp_path, capsys):
     assert f"{multi} of {total} bone pixels carry two or more labels" in page
     assert "Trapezium / Trapezoid" in page and "Triquetrum / Pisiform" in page
     assert f"<td>images</td><td>{len(samples)}</td>" in page
+
+
+def test_diff_overlay_colours_class_by_class():
+    from handseg.core.reports import diff_overlay
+
+    a = np.zeros((2, 1, 4), bool)
+    b = np.zeros((2, 1, 4), bool)
+    a[0, 0, 0] = b[0, 0, 0] = True  # agree
+    a[0, 0, 1] = True  # missed
+    b[1, 0, 2] = True  # extra
+    a[0, 0, 3] = b[1, 0, 3] = True  # same pixel, other class
+    rgb = diff_overlay(None, a, b, width=4)
+    assert rgb[0].tolist() == [[255, 255, 255], [255, 40, 40], [40, 220, 40], [255, 210, 0]]
