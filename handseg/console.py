@@ -14,8 +14,13 @@ console = Console(stderr=True, highlight=False)
 stdout = Console(highlight=False, soft_wrap=True)
 
 
+def is_main_process() -> bool:
+    """False in torchrun processes other than rank 0, which neither print nor show progress."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def progress_enabled() -> bool:
-    return os.environ.get("HANDSEG_NO_PROGRESS", "") == "" and sys.stderr is not None
+    return os.environ.get("HANDSEG_NO_PROGRESS", "") == "" and sys.stderr is not None and is_main_process()
 
 
 def make_progress(transient: bool = False) -> Progress:

@@ -29,3 +29,18 @@ def run_cli(args: list[str], capsys=None) -> tuple[int, str, str]:
         return code, "", ""
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def copy_default_val_fold(train_dir: Path, dest: Path) -> Path:
+    """Copy the labelled images of train's default validation split (fold 0 of 5 seeded folds) to ``dest``."""
+    import shutil
+
+    from handseg.core.kfold import make_splits
+
+    val = [im["path"] for im in make_splits(train_dir, n_folds=5, seed=0)["images"] if im["fold"] == 0]
+    for rel in val:
+        for sub, ext in (("DCM", ".png"), ("outputs_json", ".json")):
+            src = train_dir / sub / rel.replace(".png", ext)
+            (dest / sub / src.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, dest / sub / src.parent.name / src.name)
+    return dest

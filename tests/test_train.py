@@ -11,6 +11,7 @@ from handseg.core.errors import HandsegError
 from handseg.core.losses import build_loss, parse_loss_spec
 from handseg.core.models import build_model, resolve_arch, resolve_encoder
 from handseg.core.training import TrainConfig, train
+from tests.conftest import copy_default_val_fold
 
 
 def _cfg(data, out, **kw):
@@ -145,22 +146,12 @@ def test_workers_draw_different_crops_and_augmentations(synth_data):
 
 
 def test_validation_dice_equals_predict_on_the_fold(synth_data, tmp_path):
-    import shutil
-
-    from handseg.core.kfold import make_splits
     from handseg.core.prediction import run_predictions
 
     out = tmp_path / "uh"
     train(_cfg(synth_data, out, epochs=1, unify_hands=True), log=lambda *a: None)
     last = list(csv.DictReader(open(out / "metrics.csv")))[-1]
-    # the default split: fold 0 of 5 seeded folds; copy those labelled images into their own folder
-    val = [im["path"] for im in make_splits(synth_data / "train", n_folds=5, seed=0)["images"] if im["fold"] == 0]
-    fold = tmp_path / "fold0"
-    for rel in val:
-        for sub, ext in (("DCM", ".png"), ("outputs_json", ".json")):
-            src = synth_data / "train" / sub / rel.replace(".png", ext)
-            (fold / sub / src.parent.name).mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, fold / sub / src.parent.name / src.name)
+    fold = copy_default_val_fold(synth_data / "train", tmp_path / "fold0")
     result = run_predictions([out / "last.safetensors"], fold, tmp_path / "p.csv", device="cpu")
     assert result.dice["identity"] == pytest.approx(float(last["val_dice"]), abs=1e-6)
 

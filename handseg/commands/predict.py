@@ -83,6 +83,8 @@ def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, dev
     with progress_task(stage) as tick:
         result = run_predictions(resolved, data, out, probs, transform_list, merge, thr, tune, device, amp,
                                  progress=tick, batch=batch_size)
+    if not result.main:
+        return  # under torchrun, rank 0 writes the manifest and prints
     options = {"checkpoints": [str(c) for c in resolved], "transforms": [t.name for t in transform_list],
                "merge": merge, "thresholds": result.thresholds, "tuned": result.tuned, "device": device,
                "amp": amp, "batch_size": batch_size}

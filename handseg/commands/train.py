@@ -59,7 +59,7 @@ def train(
       handseg train --data data/train --splits splits.json --fold 0 --encoder hrnet_w48 --size 1024
       torchrun --nproc_per_node 4 -m handseg train --encoder hrnet_w48 --size 2048 --out runs/hr48
     """
-    from handseg.console import make_progress, stdout
+    from handseg.console import is_main_process, make_progress, stdout
     from handseg.core.training import TrainConfig
     from handseg.core.training import train as run_training
 
@@ -76,7 +76,8 @@ def train(
             params[key] = Path(params[key])
     params["extra"] = [Path(p) for p in params["extra"]]
     cfg = TrainConfig(**params)
-    stdout.print("[bold]handseg train[/bold] " + " ".join(f"{k}={v}" for k, v in cfg.to_json().items()))
+    say = stdout.print if is_main_process() else (lambda *args, **kwargs: None)  # torchrun: rank 0 speaks
+    say("[bold]handseg train[/bold] " + " ".join(f"{k}={v}" for k, v in cfg.to_json().items()))
 
     progress_cm = make_progress()
 
@@ -93,9 +94,9 @@ def train(
 
         return update
 
-    result = run_training(cfg, log=stdout.print, progress_factory=progress_factory)
+    result = run_training(cfg, log=say, progress_factory=progress_factory)
     best = result["best_dice"]
-    stdout.print(f"done: {result['epochs']} epochs, {result['steps']} steps; best val dice "
+    say(f"done: {result['epochs']} epochs, {result['steps']} steps; best val dice "
                  f"{best:.4f}" if best is not None else f"done: {result['steps']} steps", f"-> {result['out']}")
 
 

@@ -9,6 +9,7 @@ predicted and mirrored back. Several checkpoints are averaged in probability spa
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,11 +22,13 @@ def pick_device(device: str = "auto") -> str:
     import torch
 
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise HandsegError(f"--device {device} asked for, but CUDA is not available here")
     if device != "cpu" and not device.startswith("cuda"):
         raise HandsegError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # under torchrun: one GPU per process
     return device
 
 

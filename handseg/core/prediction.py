@@ -91,6 +91,8 @@ class PredictResult:
     """Mean Dice per transform (and ``merged``) when labels were available."""
     per_class: dict[str, float] = field(default_factory=dict)
     tuned: bool = False
+    main: bool = True
+    """False on torchrun ranks other than 0, which write nothing."""
 
 
 def _shard(samples: list[Sample]) -> tuple[list[Sample], int, int]:
@@ -172,7 +174,7 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
     if world > 1:
         rows, dice_sum = _gather(rows, dice_sum, rank, world)
         if rank != 0:
-            return PredictResult(len(shard), thr.tolist())
+            return PredictResult(len(shard), thr.tolist(), main=False)
     write_predictions(out_csv, ((n, rows[n]) for n in names))
     if probs_dir is not None:
         atomic_write_json(Path(probs_dir) / PROBS_INDEX, {"images": names, "classes": list(CLASSES),
@@ -193,12 +195,15 @@ def _gather(rows: dict, dice_sum: dict, rank: int, world: int):
     """Collect every rank's rows and Dice sums on rank 0 (object all-gather over the process group)."""
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    own = not dist.is_initialized()
+    if own:
         import torch
 
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     gathered = [None] * world
     dist.all_gather_object(gathered, (rows, {k: v.tolist() for k, v in dice_sum.items()}))
+    if own:
+        dist.destroy_process_group()
     all_rows, sums = {}, {k: np.zeros(NUM_CLASSES) for k in dice_sum}
     for r, d in gathered:
         all_rows.update(r)

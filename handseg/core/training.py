@@ -233,6 +233,17 @@ def setup_distributed(device: str) -> Dist:
     return Dist(rank, world, local)
 
 
+def broadcast_buffers(model, d: Dist) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics). DDP copies them from rank 0
+    at the start of each forward, so after the last step every other rank holds its own update:
+    without this, rank 1 would validate a model that differs from the checkpoint rank 0 saves."""
+    if d.world > 1:
+        import torch.distributed as dist
+
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
 def all_reduce_sum(tensor, d: Dist):
     if d.world > 1:
         import torch.distributed as dist
@@ -316,9 +327,7 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
     from handseg.core.models import build_model, resolve_arch, resolve_encoder
 
     device = pick_device(cfg.device)
-    d = setup_distributed(device)
-    if d.world > 1 and device.startswith("cuda"):
-        device = f"cuda:{d.local_rank}"
+    d = setup_distributed(device)  # pick_device already gave each torchrun process its own GPU
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise HandsegError(f"--lr must be a positive number, got {cfg.lr}")
     if cfg.size % 32 or (cfg.crop and cfg.crop % 32):
@@ -353,9 +362,10 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     dataset = SegmentationDataset(train_items, cfg, train=True)
+    dataset.reseed(seed)  # each rank its own crops and augmentations (workers reseed from the generator)
     sampler = DistributedSampler(dataset, d.world, d.rank, shuffle=True, seed=cfg.seed) if d.world > 1 else None
     generator = torch.Generator()
-    generator.manual_seed(cfg.seed)
+    generator.manual_seed(seed)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
                         num_workers=cfg.workers, pin_memory=cuda, drop_last=len(dataset) > cfg.batch_size,
                         persistent_workers=cfg.workers > 0, generator=generator,
@@ -438,6 +448,7 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
         last_epoch = epoch + 1 == cfg.epochs or bool(cfg.max_steps and step >= cfg.max_steps)
         per_class = None
         if val_items and ((epoch + 1) % cfg.val_every == 0 or last_epoch):
+            broadcast_buffers(model, d)
             per_class = validate(unwrap(run_model), card, val_items, device, dtype, d)
             last_dice = float(per_class.mean())
         if d.main:
