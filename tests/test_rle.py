@@ -95,3 +95,22 @@ def test_vote_worked_out_by_hand():
     assert vote_runs([a, b, c], 2)[1].tolist() == [5]
     assert vote_runs([a, b, c], 3)[0].tolist() == [4] and vote_runs([a, b, c], 3)[1].tolist() == [1]
     assert vote_runs([a, b, c], 1)[1].tolist() == [10]
+
+
+def test_tensor_runs_equal_numpy_runs():
+    """predict's device-side runs (torch) equal the numpy encoder's, including empty, full and
+    row-wrapping masks and widths that are not multiples of 8."""
+    import torch
+
+    from handseg.core.inference import masks_to_runs
+
+    rng = np.random.default_rng(3)
+    for h, w in ((37, 53), (64, 64)):
+        masks = rng.random((6, h, w)) < np.array([0.0, 1.0, 0.5, 0.02, 0.98, 0.3]).reshape(-1, 1, 1)
+        masks[5, :, -3:] = True
+        masks[5, 1:, :2] = True  # runs that continue from one row's end into the next
+        got = masks_to_runs(torch.from_numpy(masks))
+        for m, (starts, lengths) in zip(masks, got):
+            want = mask_to_runs(m)
+            assert starts.dtype == np.int64 and lengths.dtype == np.int64
+            assert np.array_equal(starts, want[0]) and np.array_equal(lengths, want[1])

@@ -33,8 +33,8 @@ def _row_bytes(width: int) -> int:
 
 
 def pack_probs(probs: np.ndarray) -> np.ndarray:
-    """``(C, H, W)`` float probabilities -> the 1-D uint8 buffer described above."""
-    q = np.clip(np.rint(probs * 255.0), 0, 255).astype(np.uint8)
+    """``(C, H, W)`` float probabilities (or already quantised uint8) -> the 1-D uint8 buffer described above."""
+    q = probs if probs.dtype == np.uint8 else np.clip(np.rint(probs * 255.0), 0, 255).astype(np.uint8)
     blocks = []
     for c in range(q.shape[0]):
         box = cropfile.bbox(q[c])

@@ -205,3 +205,25 @@ def binarize(probs: np.ndarray, thresholds) -> np.ndarray:
     """``(K, H, W)`` probabilities -> bool masks with one threshold per class."""
     t = np.asarray(thresholds, dtype=np.float32).reshape(-1, 1, 1)
     return probs > t
+
+
+def masks_to_runs(masks) -> list:
+    """Runs (see :mod:`handseg.core.rle`) of each ``(K, H, W)`` bool mask of a tensor, computed where
+    the tensor lives: on a GPU only the run boundaries are copied to the host. Equal to
+    :func:`~handseg.core.rle.mask_to_runs` of each mask."""
+    import torch
+
+    k = masks.shape[0]
+    flat = masks.reshape(k, -1)
+    edge = torch.zeros((k, 1), dtype=torch.bool, device=flat.device)
+    padded = torch.cat([edge, flat, edge], dim=1)
+    # a change between neighbours is a run's first pixel or one past its last; they alternate
+    cls, pos = (padded[:, 1:] != padded[:, :-1]).nonzero(as_tuple=True)
+    counts = torch.bincount(cls, minlength=k).cpu().numpy()
+    pos = pos.cpu().numpy().astype(np.int64, copy=False)
+    runs, offset = [], 0
+    for n in counts:
+        p = pos[offset : offset + n]
+        offset += n
+        runs.append((p[0::2], p[1::2] - p[0::2]))
+    return runs

@@ -18,7 +18,7 @@ from handseg.core.constants import CLASSES, NUM_CLASSES
 from handseg.core.data import Sample, class_masks, discover, read_image, read_polygons
 from handseg.core.errors import HandsegError
 from handseg.core.files import atomic_write_json, read_json
-from handseg.core.inference import Predictor, binarize
+from handseg.core.inference import Predictor, masks_to_runs
 from handseg.core.metrics import dice_masks
 from handseg.core.rle import mask_to_runs, runs_to_rle
 from handseg.core.submission import write_predictions
@@ -74,7 +74,9 @@ def _is_number(text: str) -> bool:
 def merge_probs(probs: list, how: str):
     import torch
 
-    if how == "mean" or len(probs) == 1:
+    if len(probs) == 1:
+        return probs[0]
+    if how == "mean":
         return torch.stack(probs).mean(0)
     if how == "gmean":
         return torch.stack(probs).clamp_min(1e-6).log().mean(0).exp()
@@ -111,6 +113,8 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
     searches a threshold per class on those labels (the CSV then uses the tuned thresholds).
     Under torchrun each rank predicts a shard; rank 0 writes the CSV in order.
     """
+    import torch
+
     from handseg.core.ensemble import PROBS_INDEX, pack_probs, probs_name
     from handseg.core.files import atomic_open
 
@@ -137,18 +141,23 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
     rows: dict[str, list] = {}
     if progress:
         progress(total=len(shard))
-    for s in shard:
-        image = read_image(s.image_path)
-        per_t = [predictor.probs(image, t.flip, t.scale) for t in transforms]
+    thr_device = None
+    for s, image in _prefetch_images(shard):
+        per_t = [predictor.probs(image, t.flip, t.scale).float() for t in transforms]
         merged = merge_probs(per_t, merge)
-        probs = merged.float().cpu().numpy()
+        if thr_device is None:
+            thr_device = torch.as_tensor(thr, dtype=torch.float32, device=merged.device).view(-1, 1, 1)
+        # thresholds, runs and quantisation on the device: only run boundaries (and uint8 maps
+        # when asked for) cross to the host, not 29 float maps of the image's full size
+        masks = merged > thr_device
         if labelled:
             truth = class_masks(read_polygons(s.label_path), image.shape)
             if len(transforms) > 1:
                 for t, p in zip(transforms, per_t):
-                    dice_sum[t.name] += dice_masks(truth, binarize(p.float().cpu().numpy(), thr))
-            dice_sum["merged" if len(transforms) > 1 else transforms[0].name] += dice_masks(truth, binarize(probs, thr))
+                    dice_sum[t.name] += dice_masks(truth, (p > thr_device).cpu().numpy())
+            dice_sum["merged" if len(transforms) > 1 else transforms[0].name] += dice_masks(truth, masks.cpu().numpy())
         if tune:
+            probs = merged.cpu().numpy()
             # the Dice and the RLE of every class at every candidate threshold: small, and exact once
             # a threshold is chosen, so no probability map is held until the end
             grid = [[""] * TUNE_GRID.size for _ in range(NUM_CLASSES)]
@@ -159,10 +168,11 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
                     grid[c][j] = runs_to_rle(mask_to_runs(masks[c]))
             rows[s.name] = grid
         else:
-            rows[s.name] = [runs_to_rle(mask_to_runs(m)) for m in binarize(probs, thr)]
+            rows[s.name] = [runs_to_rle(r) for r in masks_to_runs(masks)]
         if probs_dir is not None:
+            quantised = torch.round(merged * 255.0).clamp_(0, 255).to(torch.uint8).cpu().numpy()
             with atomic_open(Path(probs_dir) / probs_name(s.name), "wb") as f:
-                np.save(f, pack_probs(probs), allow_pickle=False)
+                np.save(f, pack_probs(quantised), allow_pickle=False)
         if progress:
             progress()
 
@@ -189,6 +199,20 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
             result.per_class = {c: float(tune_sum[i].max() / n) for i, c in enumerate(CLASSES)}
             result.dice[key] = float(np.mean(list(result.per_class.values())))
     return result
+
+
+def _prefetch_images(samples: list[Sample], ahead: int = 2):
+    """``(sample, image)`` in order, decoding the next PNGs in threads while the model runs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=ahead) as pool:
+        pending = [pool.submit(read_image, s.image_path) for s in samples[:ahead]]
+        for i, s in enumerate(samples):
+            image = pending[i].result()
+            if i + ahead < len(samples):
+                pending.append(pool.submit(read_image, samples[i + ahead].image_path))
+            pending[i] = None
+            yield s, image
 
 
 def _gather(rows: dict, dice_sum: dict, rank: int, world: int):

@@ -182,6 +182,8 @@ def split_items(cfg: TrainConfig) -> tuple[list[Item], list[Item]]:
     cache = find_cache(cfg.data, cfg.cache)
     if cfg.splits is not None:
         splits = read_splits(cfg.splits)
+    elif cfg.fold < 0:  # everything is train: no folds needed (nor enough patients for them)
+        splits = {"n_folds": 0, "images": [{"path": s.rel, "fold": -2} for s in samples]}
     else:
         splits = make_splits(cfg.data, n_folds=5, seed=cfg.seed)
     fold_of = {im["path"]: im["fold"] for im in splits["images"]}
