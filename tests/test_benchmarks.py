@@ -28,5 +28,32 @@ def test_vote_benchmark_agrees_with_baseline(capsys):
 def test_train_throughput_runs_tiny_on_cpu(capsys):
     import train_throughput
 
-    rows = train_throughput.main(["--size", "64", "--steps", "1", "--device", "cpu", "--configs", "unet/resnet34"])
-    assert rows[0]["handseg_img_s"] > 0 and rows[0]["baseline_img_s"] > 0
+    rows = train_throughput.main(["--size", "64", "--steps", "2", "--device", "cpu", "--configs", "unet/resnet34",
+                                  "--workers", "1"])
+    for key in ("baseline_img_s", "device_img_s", "handseg_img_s", "loader_img_s"):
+        assert rows[0][key] > 0, key
+    assert "handseg / on-device" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_predict_throughput_loops_predict_the_same_masks(tmp_path, capsys):
+    import predict_throughput
+    import torch
+
+    from handseg.core.checkpoint import ModelCard, save_checkpoint
+    from handseg.core.models import build_model
+
+    # a random model whose head is not biased towards background, so its masks are not empty; the
+    # images are the model's size, so neither loop resizes and their masks must agree
+    model = build_model("unet", "resnet18", "none")
+    for m in model.segmentation_head.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.zeros_(m.bias)
+    save_checkpoint(tmp_path / "m.safetensors", model, ModelCard(arch="unet", encoder="resnet18", size=64))
+    rows = predict_throughput.main(["--checkpoint", str(tmp_path / "m.safetensors"), "--image-size", "64",
+                                    "--images", "3", "--device", "cpu"])
+    assert [r["tta"] for r in rows] == ["none", "hflip"]
+    for r in rows:
+        assert r["images"] == 3 and r["baseline_img_s"] > 0 and r["handseg_img_s"] > 0
+        assert r["agreement"] > 0.99
+    assert "agreement" in capsys.readouterr().out
