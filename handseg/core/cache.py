@@ -59,8 +59,12 @@ def pack_masks(masks: np.ndarray) -> np.ndarray:
     return cropfile.pack(blocks, masks.shape[1:], masks.shape[0], MAGIC)
 
 
-def unpack_masks(buf: np.ndarray) -> np.ndarray:
-    """Unpack the cache's 1-D uint8 form into ``(C, H, W)`` bool.
+BoneCrops = list[tuple[int, np.ndarray, int, int]]
+"""The bones of one image as ``(class index, (h, w) bool bounding-box crop, row0, col0)``."""
+
+
+def unpack_crops(buf: np.ndarray) -> tuple[tuple[int, int], int, BoneCrops]:
+    """The cache's 1-D uint8 form as ``((H, W), channels, bone crops)``, touching only the bones.
 
     Raises:
         ValueError: ``buf`` is not a packed mask file.
@@ -69,12 +73,25 @@ def unpack_masks(buf: np.ndarray) -> np.ndarray:
         crops = cropfile.CropFile.parse(buf, MAGIC)
     except ValueError as e:
         raise ValueError(f"not a handseg packed mask file ({e})") from None
-    out = np.zeros((crops.channels, *crops.shape), dtype=np.bool_)
+    bones = []
     for c in range(crops.channels):
         got = crops.block(c, _row_bytes)
         if got is not None:
             block, r0, c0, w = got
-            out[c, r0 : r0 + block.shape[0], c0 : c0 + w] = np.unpackbits(block, axis=1, count=w).view(np.bool_)
+            bones.append((c, np.unpackbits(block, axis=1, count=w).view(np.bool_), r0, c0))
+    return crops.shape, crops.channels, bones
+
+
+def unpack_masks(buf: np.ndarray) -> np.ndarray:
+    """Unpack the cache's 1-D uint8 form into ``(C, H, W)`` bool.
+
+    Raises:
+        ValueError: ``buf`` is not a packed mask file.
+    """
+    shape, channels, bones = unpack_crops(buf)
+    out = np.zeros((channels, *shape), dtype=np.bool_)
+    for c, crop, r0, c0 in bones:
+        out[c, r0 : r0 + crop.shape[0], c0 : c0 + crop.shape[1]] = crop
     return out
 
 
@@ -178,6 +195,18 @@ def load_cached_masks(cache_dir: str | Path, sample: Sample) -> np.ndarray:
         return unpack_masks(np.load(path))
     except ValueError as e:
         raise HandsegError(f"corrupt cache file ({e})", path) from None
+
+
+def load_cached_crops(cache_dir: str | Path, sample: Sample) -> tuple[tuple[int, int], BoneCrops]:
+    """``((H, W), bone crops)`` from the mask cache, without a full-size mask."""
+    path = mask_path(cache_dir, sample)
+    if not path.is_file():
+        raise HandsegError("not in the mask cache (run `handseg prep json2npy`)", path)
+    try:
+        shape, _, bones = unpack_crops(np.load(path))
+    except ValueError as e:
+        raise HandsegError(f"corrupt cache file ({e})", path) from None
+    return shape, bones
 
 
 def load_sample(cache_dir: str | Path, sample: Sample) -> tuple[np.ndarray, np.ndarray]:

@@ -303,13 +303,31 @@ def _centroids_from_masks(masks: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def hand_side(polygons: Polygons | None = None, masks: np.ndarray | None = None) -> Side | None:
+def _centroids_from_crops(crops: list) -> dict[str, np.ndarray]:
+    out = {}
+    for c, crop, r0, c0 in crops:
+        n = np.count_nonzero(crop)
+        if n:
+            xs = crop.sum(axis=0, dtype=np.int64) @ np.arange(crop.shape[1])
+            ys = crop.sum(axis=1, dtype=np.int64) @ np.arange(crop.shape[0])
+            out[CLASSES[c]] = np.array([c0 + xs / n, r0 + ys / n])
+    return out
+
+
+def hand_side(polygons: Polygons | None = None, masks: np.ndarray | None = None,
+              crops: list | None = None) -> Side | None:
     """Which hand an image shows, by geometry: in this PA view the thumb tip (finger-1) of a right
     hand lies left of the little-finger tip (finger-16). ``None`` if either bone is absent.
 
-    Give either ``polygons`` or ``masks`` (``(29, H, W)`` bool, e.g. a prediction).
+    Give ``polygons``, ``masks`` (``(29, H, W)`` bool, e.g. a prediction) or bone ``crops``
+    (``(class, bool crop, row0, col0)``, as the prep cache holds them).
     """
-    cents = _centroids_from_polygons(polygons) if polygons is not None else _centroids_from_masks(masks)
+    if polygons is not None:
+        cents = _centroids_from_polygons(polygons)
+    elif crops is not None:
+        cents = _centroids_from_crops(crops)
+    else:
+        cents = _centroids_from_masks(masks)
     if "finger-1" not in cents or "finger-16" not in cents:
         return None
     return "right" if cents["finger-1"][0] < cents["finger-16"][0] else "left"

@@ -112,8 +112,106 @@ def load_item(item: Item) -> tuple[np.ndarray, np.ndarray]:
     return read_image(item.sample.image_path), masks
 
 
+def load_item_crops(item: Item) -> tuple[np.ndarray, list]:
+    """``(image (H, W) uint8, bone crops)`` from the cache if there, else PNG + JSON; no full-size
+    mask is made (see :data:`handseg.core.cache.BoneCrops`)."""
+    from handseg.core import cache as cache_mod
+    from handseg.core.constants import CLASS_INDEX
+    from handseg.core.data import polygon_crop, read_polygons
+
+    if item.cache is None or not cache_mod.mask_path(item.cache, item.sample).is_file():
+        image = read_image(item.sample.image_path)
+        crops = []
+        for name, points in read_polygons(item.sample.label_path).items():
+            placed = polygon_crop(points, image.shape)
+            if placed is not None:
+                crops.append((CLASS_INDEX[name], placed[0].view(np.bool_), placed[1], placed[2]))
+        return image, crops
+    shape, crops = cache_mod.load_cached_crops(item.cache, item.sample)
+    if cache_mod.image_path(item.cache, item.sample).is_file():
+        image = np.asarray(cache_mod.load_cached_image(item.cache, item.sample))
+    else:
+        image = read_image(item.sample.image_path)
+    if image.shape != tuple(shape):
+        raise HandsegError(f"cached masks are {shape[1]}x{shape[0]} but the image is "
+                           f"{image.shape[1]}x{image.shape[0]}; re-run prep", item.sample.image_path)
+    return image, crops
+
+
+def _aligned_span(a0: int, a1: int, src: int, dst: int) -> tuple[int, int, int, int]:
+    """The target span ``[t0, t1)`` that a source span ``[a0, a1)`` touches when ``src`` pixels are
+    resized to ``dst``, widened until both ends fall on source pixel edges, and the source span
+    ``[s0, s1)`` it maps from. Resizing that source span alone gives exactly those target pixels."""
+    g = math.gcd(src, dst)
+    p, q = dst // g, src // g  # target pixel t starts at source pixel t * q / p
+    first, last = a0 * dst // src, -((-a1 * dst) // src)  # floor and ceil
+    t0 = first // p * p
+    t1 = min(dst, -((-last) // p) * p)
+    return t0, t1, t0 * q // p, t1 * q // p
+
+
+MASK_BYTES = (NUM_CLASSES + 7) // 8
+"""Training masks travel bit-packed: class ``c`` is bit ``7 - c % 8`` of byte ``c // 8`` (the order
+of ``np.packbits``), 4 bytes a pixel instead of 29, through augmentation, collation and the copy to
+the device, where :func:`unpack_mask_bits` opens them."""
+
+
+def render_masks(crops: list, shape: tuple[int, int], size: int | None = None,
+                 window: tuple[int, int, int] | None = None) -> np.ndarray:
+    """Bone crops to ``(S, S, 4)`` uint8 bit-packed training masks (see :data:`MASK_BYTES`),
+    touching only the bones.
+
+    ``size``: the whole image resized to ``S x S`` (area-average, then pixels at least half bone),
+    equal to resizing each full-size mask. ``window=(row, col, S)``: an ``S x S`` window of the
+    full-resolution masks (outside the image is background).
+    """
+    import cv2
+
+    height, width = shape
+    side = window[2] if window is not None else size
+    out = np.zeros((side, side, MASK_BYTES), dtype=np.uint8)
+    for c, crop, r0, c0 in crops:
+        h, w = crop.shape
+        byte, bit = c // 8, np.uint8(7 - c % 8)
+        if window is not None:
+            wr, wc, _ = window
+            i0, i1 = max(r0, wr), min(r0 + h, wr + side)
+            j0, j1 = max(c0, wc), min(c0 + w, wc + side)
+            if i0 < i1 and j0 < j1:
+                part = crop[i0 - r0 : i1 - r0, j0 - c0 : j1 - c0].view(np.uint8)
+                out[i0 - wr : i1 - wr, j0 - wc : j1 - wc, byte] |= part << bit
+            continue
+        t0, t1, s0, s1 = _aligned_span(r0, r0 + h, height, size)
+        u0, u1, v0, v1 = _aligned_span(c0, c0 + w, width, size)
+        region = np.zeros((s1 - s0, v1 - v0), dtype=np.uint8)
+        region[r0 - s0 : r0 - s0 + h, c0 - v0 : c0 - v0 + w] = crop.view(np.uint8) * np.uint8(255)
+        if region.shape != (t1 - t0, u1 - u0):
+            region = cv2.resize(region, (u1 - u0, t1 - t0), interpolation=cv2.INTER_AREA)
+        out[t0:t1, u0:u1, byte] |= (region > 127).view(np.uint8) << bit
+    return out
+
+
+def unpack_mask_bits(packed):
+    """``(N, S, S, 4)`` uint8 bit-packed masks (a tensor, on any device) -> ``(N, 29, S, S)`` float."""
+    import torch
+
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1  # (N, S, S, 4, 8)
+    n, h, w = packed.shape[:3]
+    return bits.reshape(n, h, w, MASK_BYTES * 8)[..., :NUM_CLASSES].permute(0, 3, 1, 2).float()
+
+
+def _flip_crops(crops: list, width: int) -> list:
+    return [(c, crop[:, ::-1], r0, width - c0 - crop.shape[1]) for c, crop, r0, c0 in crops]
+
+
 class SegmentationDataset:
-    """Training samples: ``(image (C, S, S) float32, masks (29, S, S) uint8)`` tensors."""
+    """Training samples: ``(image (C, S, S) float32, masks (S, S, 4) uint8 bit-packed)`` tensors.
+
+    The masks are made from the bones' crops, never at full size, and stay bit-packed through
+    augmentation (its geometric transforms use nearest-neighbour interpolation for masks, which
+    moves whole pixels, so packed bits stay exact) and the copy to the device.
+    """
 
     def __init__(self, items: list[Item], cfg: TrainConfig, train: bool = True, in_channels: int = 1):
         self.items, self.cfg, self.train, self.in_channels = items, cfg, train, in_channels
@@ -135,42 +233,28 @@ class SegmentationDataset:
         import cv2
         import torch
 
-        image, masks = load_item(self.items[index])
-        if self.cfg.unify_hands and hand_side(masks=masks) == "left":
-            image, masks = image[:, ::-1], masks[:, :, ::-1]
-        hwc = np.ascontiguousarray(masks.transpose(1, 2, 0)).view(np.uint8)
-        image = np.ascontiguousarray(image)
+        image, crops = load_item_crops(self.items[index])
+        if self.cfg.unify_hands and hand_side(crops=crops) == "left":
+            image, crops = image[:, ::-1], _flip_crops(crops, image.shape[1])
         if self.cfg.crop:
-            image, hwc = self._random_crop(image, hwc, self.cfg.crop)
+            crop = self.cfg.crop
+            h, w = image.shape
+            r = int(self.rng.integers(0, max(h - crop, 0) + 1))
+            c = int(self.rng.integers(0, max(w - crop, 0) + 1))
+            window = np.zeros((crop, crop), dtype=np.uint8)
+            part = image[r : r + crop, c : c + crop]
+            window[: part.shape[0], : part.shape[1]] = part
+            image, hwc = window, render_masks(crops, image.shape, window=(r, c, crop))
         else:
             s = self.cfg.size
-            image = cv2.resize(image, (s, s), interpolation=cv2.INTER_AREA)
-            hwc = _resize_masks(hwc, s)
+            hwc = render_masks(crops, image.shape, size=s)
+            image = cv2.resize(np.ascontiguousarray(image), (s, s), interpolation=cv2.INTER_AREA)
         if self.augment is not None:
             out = self.augment(image=image, mask=hwc)
             image, hwc = out["image"], out["mask"]
         x = torch.from_numpy(np.ascontiguousarray(image)).float().div_(255.0)
         x = ((x - DEFAULT_NORM["mean"]) / DEFAULT_NORM["std"]).expand(self.in_channels, *x.shape).clone()
-        y = torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))
-        return x, y
-
-    def _random_crop(self, image, hwc, crop):
-        h, w = image.shape
-        if h < crop or w < crop:
-            ph, pw = max(crop - h, 0), max(crop - w, 0)
-            image = np.pad(image, ((0, ph), (0, pw)))
-            hwc = np.pad(hwc, ((0, ph), (0, pw), (0, 0)))
-            h, w = image.shape
-        r = int(self.rng.integers(0, h - crop + 1))
-        c = int(self.rng.integers(0, w - crop + 1))
-        return image[r : r + crop, c : c + crop], hwc[r : r + crop, c : c + crop]
-
-
-def _resize_masks(hwc: np.ndarray, size: int) -> np.ndarray:
-    """Resize ``(H, W, 29)`` 0/1 masks: area-average, then keep pixels that were at least half bone."""
-    import cv2
-
-    return (cv2.resize(hwc * np.uint8(255), (size, size), interpolation=cv2.INTER_AREA) > 127).astype(np.uint8)
+        return x, torch.from_numpy(np.ascontiguousarray(hwc))
 
 
 def split_items(cfg: TrainConfig) -> tuple[list[Item], list[Item]]:
@@ -416,7 +500,7 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
         optimizer.zero_grad(set_to_none=True)
         for i, (x, y) in enumerate(loader):
             x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True).float()
+            y = unpack_mask_bits(y.to(device, non_blocking=True))
             if cuda and cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
