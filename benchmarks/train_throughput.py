@@ -2,7 +2,7 @@
 
     python benchmarks/train_throughput.py --size 1024 --compile                  (on a GPU)
     python benchmarks/train_throughput.py --size 2048 --configs unetplusplus/hrnet_w48 --batch 2
-    python benchmarks/train_throughput.py --size 64 --steps 2 --device cpu       (tiny, as the tests run it)
+    python benchmarks/train_throughput.py --size 64 --image-size 128 --steps 2 --device cpu   (tiny, as tested)
 
 For each model, in one run and on the same synthetic data:
 
@@ -129,7 +129,7 @@ def _loader_rate(cfg, items, batches: int) -> float:
 
 
 def run(size: int, steps: int, device: str, compile_too: bool, configs: list[str], batch: int | None,
-        workers: int) -> list[dict]:
+        workers: int, image_size: int = 2048) -> list[dict]:
     import torch
 
     from handseg.core.cache import build_cache, find_cache
@@ -144,7 +144,7 @@ def run(size: int, steps: int, device: str, compile_too: bool, configs: list[str
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
-        make_dataset(data, ids=4, test_ids=0, size=max(size, 128), seed=0)
+        make_dataset(data, ids=4, test_ids=0, size=image_size, seed=0)
         for kind in ("masks", "images"):
             build_cache(kind, data / "train", data / "train" / "cache")
         samples = discover(data / "train", labels="required")
@@ -196,6 +196,7 @@ def _gib(v) -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--image-size", type=int, default=2048, help="side of the synthetic X-rays")
     parser.add_argument("--steps", type=int, default=20, help="timed optimiser steps per loop")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", action="store_true", help="also time the loops under torch.compile")
@@ -203,8 +204,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch", type=int, help="batch size (default: 4 for HRNet, 8 for ResNet34; 2 on CPU)")
     parser.add_argument("--workers", type=int, default=8, help="DataLoader workers of handseg's loop")
     args = parser.parse_args(argv)
-    rows = run(args.size, args.steps, args.device, args.compile, args.configs.split(","), args.batch, args.workers)
-    print(f"training throughput at {args.size} px ({args.steps} timed steps, {args.workers} workers), images/s")
+    rows = run(args.size, args.steps, args.device, args.compile, args.configs.split(","), args.batch, args.workers,
+               args.image_size)
+    print(f"training throughput at {args.size} px from {args.image_size} px X-rays ({args.steps} timed steps, "
+          f"{args.workers} workers), images/s")
     print("| model | batch | baseline | on-device | handseg | handseg / on-device | handseg / baseline | loader "
           "alone | peak GiB (baseline / on-device / handseg) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")

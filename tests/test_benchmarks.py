@@ -28,7 +28,8 @@ def test_vote_benchmark_agrees_with_baseline(capsys):
 def test_train_throughput_runs_tiny_on_cpu(capsys):
     import train_throughput
 
-    rows = train_throughput.main(["--size", "64", "--steps", "2", "--device", "cpu", "--configs", "unet/resnet34",
+    rows = train_throughput.main(["--size", "64", "--image-size", "128", "--steps", "2", "--device", "cpu",
+                                  "--configs", "unet/resnet34",
                                   "--workers", "1"])
     for key in ("baseline_img_s", "device_img_s", "handseg_img_s", "loader_img_s"):
         assert rows[0][key] > 0, key

@@ -3,6 +3,7 @@ import pytest
 
 from handseg.core.constants import CLASSES
 from handseg.core.errors import HandsegError
+from handseg.core.rle import rle_decode, rle_encode
 from handseg.core.submission import read_predictions, write_predictions
 
 
@@ -84,3 +85,15 @@ def test_meta_x0008_artefact_is_stripped(tmp_path):
     assert meta["nail_art"].tolist() == [False, True, False]
     assert list(meta.index) == ["ID001", "ID002", "ID003"]
     assert np.allclose(meta["height_cm"], [160, 175, 165])
+
+
+def test_a_noisy_mask_with_a_megabyte_rle_reads_back(tmp_path):
+    """A checkerboard-like 2048 px mask: about 2 million runs, an RLE far past csv's 128 KiB default."""
+    mask = np.zeros((2048, 2048), dtype=bool)
+    mask[::2, ::2] = True
+    rles = [""] * 29
+    rles[3] = rle_encode(mask)
+    assert len(rles[3]) > 1_000_000
+    write_predictions(tmp_path / "big.csv", [("a.png", rles)])
+    got = read_predictions(tmp_path / "big.csv")
+    assert np.array_equal(rle_decode(got.rle("a.png", 3), mask.shape), mask)

@@ -17,6 +17,9 @@ from handseg.core.errors import HandsegError
 from handseg.core.files import atomic_open
 from handseg.core.rle import Runs, rle_to_runs, runs_to_rle
 
+# a noisy 2048 x 2048 mask can have an RLE of megabytes; the csv module stops at 128 KiB by default
+csv.field_size_limit(2**31 - 1)
+
 
 @dataclass
 class PredictionSet:
