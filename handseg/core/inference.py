@@ -54,8 +54,11 @@ def _round32(v: float) -> int:
     return max(32, int(round(v / 32.0)) * 32)
 
 
-def resize_logits(model, x, size: int | tuple[int, int], out_hw: tuple[int, int], dtype=None):
-    """Run ``model`` on ``x`` resized to ``size`` and resize the logits back to ``out_hw`` bilinearly."""
+def resize_logits(model, x, size: int | tuple[int, int], out_hw: tuple[int, int], dtype=None, post=None):
+    """Run ``model`` on ``x`` resized to ``size`` and resize the logits back to ``out_hw`` bilinearly.
+
+    ``post`` (e.g. undoing a test-time flip) is applied to the logits at the model's resolution,
+    before the resize, where it is cheapest."""
     import torch
     import torch.nn.functional as F
 
@@ -64,6 +67,8 @@ def resize_logits(model, x, size: int | tuple[int, int], out_hw: tuple[int, int]
     with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
         logits = model(xin)
     logits = logits.float()
+    if post is not None:
+        logits = post(logits)
     if tuple(logits.shape[-2:]) != tuple(out_hw):
         logits = F.interpolate(logits, size=out_hw, mode="bilinear", align_corners=False)
     return logits
@@ -120,11 +125,13 @@ def sliding_window_logits(model, x, window: int, stride: int | None = None, batc
 
 
 def model_logits(model, card: ModelCard, x, out_hw: tuple[int, int], dtype=None, scale: float = 1.0,
-                 batch: int = 4):
-    """Logits at ``out_hw`` of one model for input ``x`` (resize or sliding window per the card)."""
+                 batch: int = 4, post=None):
+    """Logits at ``out_hw`` of one model for input ``x`` (resize or sliding window per the card),
+    with ``post`` applied to the model's output (see :func:`resize_logits`)."""
     if card.crop:
-        return sliding_window_logits(model, x, card.crop, batch=batch, dtype=dtype)
-    return resize_logits(model, x, _round32(card.size * scale), out_hw, dtype)
+        out = sliding_window_logits(model, x, card.crop, batch=batch, dtype=dtype)
+        return out if post is None else post(out)
+    return resize_logits(model, x, _round32(card.size * scale), out_hw, dtype, post)
 
 
 @dataclass
@@ -176,20 +183,19 @@ class Predictor:
         total = None
         with torch.inference_mode():
             for model, card in zip(self.models, self.cards):
-                p = self._logits(model, card, image, flip, scale).sigmoid()
+                p = self._logits(model, card, image, flip, scale).sigmoid_()
                 if card.unify_hands and hand_side(masks=(p[0] > 0.5).cpu().numpy()) == "left":
-                    p = torch.flip(self._logits(model, card, image[:, ::-1], flip, scale).sigmoid(), dims=[-1])
-                total = p if total is None else total + p
-        return total[0] / len(self.models)
+                    p = torch.flip(self._logits(model, card, image[:, ::-1], flip, scale).sigmoid_(), dims=[-1])
+                total = p if total is None else total.add_(p)
+        return total[0] if len(self.models) == 1 else total[0].div_(len(self.models))
 
     def _logits(self, model, card: ModelCard, image: np.ndarray, flip: str | None, scale: float):
         x = to_input(image, card, self.device)
         if flip is None:
             return model_logits(model, card, x, image.shape, self.dtype, scale, self.batch)
         transform = _ttach_flip(flip)
-        out = model_logits(model, card, transform.apply_aug_image(x, apply=True), image.shape, self.dtype, scale,
-                           self.batch)
-        return transform.apply_deaug_mask(out, apply=True)
+        return model_logits(model, card, transform.apply_aug_image(x, apply=True), image.shape, self.dtype, scale,
+                            self.batch, post=lambda out: transform.apply_deaug_mask(out, apply=True))
 
 
 def _ttach_flip(name: str):

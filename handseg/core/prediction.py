@@ -72,17 +72,26 @@ def _is_number(text: str) -> bool:
 
 
 def merge_probs(probs: list, how: str):
+    """Merge per-transform probability maps in place (the inputs are consumed), one map at a time."""
     import torch
 
+    if how not in MERGES:
+        raise HandsegError(f"unknown --merge {how!r}; valid: {', '.join(MERGES)}")
     if len(probs) == 1:
         return probs[0]
-    if how == "mean":
-        return torch.stack(probs).mean(0)
-    if how == "gmean":
-        return torch.stack(probs).clamp_min(1e-6).log().mean(0).exp()
     if how == "max":
-        return torch.stack(probs).amax(0)
-    raise HandsegError(f"unknown --merge {how!r}; valid: {', '.join(MERGES)}")
+        out = probs[0]
+        for p in probs[1:]:
+            torch.maximum(out, p, out=out)
+        return out
+    def prep(p):
+        return p.clamp_min_(1e-6).log_() if how == "gmean" else p
+
+    out = prep(probs[0])
+    for p in probs[1:]:
+        out.add_(prep(p))
+    out.div_(len(probs))
+    return out.exp_() if how == "gmean" else out
 
 
 @dataclass
@@ -142,39 +151,42 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
     if progress:
         progress(total=len(shard))
     thr_device = None
-    for s, image in _prefetch_images(shard):
-        per_t = [predictor.probs(image, t.flip, t.scale).float() for t in transforms]
-        merged = merge_probs(per_t, merge)
-        if thr_device is None:
-            thr_device = torch.as_tensor(thr, dtype=torch.float32, device=merged.device).view(-1, 1, 1)
-        # thresholds, runs and quantisation on the device: only run boundaries (and uint8 maps
-        # when asked for) cross to the host, not 29 float maps of the image's full size
-        masks = merged > thr_device
-        if labelled:
-            truth = class_masks(read_polygons(s.label_path), image.shape)
-            if len(transforms) > 1:
-                for t, p in zip(transforms, per_t):
-                    dice_sum[t.name] += dice_masks(truth, (p > thr_device).cpu().numpy())
-            dice_sum["merged" if len(transforms) > 1 else transforms[0].name] += dice_masks(truth, masks.cpu().numpy())
-        if tune:
-            probs = merged.cpu().numpy()
-            # the Dice and the RLE of every class at every candidate threshold: small, and exact once
-            # a threshold is chosen, so no probability map is held until the end
-            grid = [[""] * TUNE_GRID.size for _ in range(NUM_CLASSES)]
-            for j, t in enumerate(TUNE_GRID):
-                masks = probs > t
-                tune_sum[:, j] += dice_masks(truth, masks)
-                for c in range(NUM_CLASSES):
-                    grid[c][j] = runs_to_rle(mask_to_runs(masks[c]))
-            rows[s.name] = grid
-        else:
-            rows[s.name] = [runs_to_rle(r) for r in masks_to_runs(masks)]
-        if probs_dir is not None:
-            quantised = torch.round(merged * 255.0).clamp_(0, 255).to(torch.uint8).cpu().numpy()
-            with atomic_open(Path(probs_dir) / probs_name(s.name), "wb") as f:
-                np.save(f, pack_probs(quantised), allow_pickle=False)
-        if progress:
-            progress()
+    with torch.inference_mode():  # the maps are merged in place
+        for s, image in _prefetch_images(shard):
+            per_t = [predictor.probs(image, t.flip, t.scale).float() for t in transforms]
+            if thr_device is None:
+                thr_device = torch.as_tensor(thr, dtype=torch.float32, device=per_t[0].device).view(-1, 1, 1)
+            if labelled:
+                truth = class_masks(read_polygons(s.label_path), image.shape)
+                if len(transforms) > 1:
+                    for t, p in zip(transforms, per_t):
+                        dice_sum[t.name] += dice_masks(truth, (p > thr_device).cpu().numpy())
+            merged = merge_probs(per_t, merge)
+            # thresholds, runs and quantisation on the device: only run boundaries (and uint8 maps
+            # when asked for) cross to the host, not 29 float maps of the image's full size
+            masks = merged > thr_device
+            if labelled:
+                key = "merged" if len(transforms) > 1 else transforms[0].name
+                dice_sum[key] += dice_masks(truth, masks.cpu().numpy())
+            if tune:
+                probs = merged.cpu().numpy()
+                # the Dice and the RLE of every class at every candidate threshold: small, and exact once
+                # a threshold is chosen, so no probability map is held until the end
+                grid = [[""] * TUNE_GRID.size for _ in range(NUM_CLASSES)]
+                for j, t in enumerate(TUNE_GRID):
+                    masks = probs > t
+                    tune_sum[:, j] += dice_masks(truth, masks)
+                    for c in range(NUM_CLASSES):
+                        grid[c][j] = runs_to_rle(mask_to_runs(masks[c]))
+                rows[s.name] = grid
+            else:
+                rows[s.name] = [runs_to_rle(r) for r in masks_to_runs(masks)]
+            if probs_dir is not None:
+                quantised = torch.round(merged * 255.0).clamp_(0, 255).to(torch.uint8).cpu().numpy()
+                with atomic_open(Path(probs_dir) / probs_name(s.name), "wb") as f:
+                    np.save(f, pack_probs(quantised), allow_pickle=False)
+            if progress:
+                progress()
 
     if tune:
         best = np.argmax(tune_sum, axis=1)
