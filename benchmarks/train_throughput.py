@@ -182,6 +182,7 @@ def run(size: int, steps: int, device: str, compile_too: bool, configs: list[str
                 train(cfg, log=lambda *a: None)
                 epochs = list(csv.DictReader(open(out / "metrics.csv")))
                 row[f"{prefix}handseg_img_s"] = float(epochs[-1]["images_per_s"])
+                row[f"{prefix}handseg_data_wait"] = float(epochs[-1]["data_wait"])
                 row[f"{prefix}handseg_gib"] = _peak(device)
             cfg = TrainConfig(data=data / "train", size=size, batch_size=b, workers=workers)
             row["loader_img_s"] = _loader_rate(cfg, items * max(1, -(-(steps + 2) * b // len(items))), steps)
@@ -209,8 +210,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"training throughput at {args.size} px from {args.image_size} px X-rays ({args.steps} timed steps, "
           f"{args.workers} workers), images/s")
     print("| model | batch | baseline | on-device | handseg | handseg / on-device | handseg / baseline | loader "
-          "alone | peak GiB (baseline / on-device / handseg) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+          "alone | handseg's data wait | peak GiB (baseline / on-device / handseg) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         for prefix, label in (("", ""), ("compiled_", " compiled")):
             if f"{prefix}handseg_img_s" not in r:
@@ -218,6 +219,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             dev, ours = r[f"{prefix}device_img_s"], r[f"{prefix}handseg_img_s"]
             print(f"| {r['config']}{label} | {r['batch']} | {r['baseline_img_s']:.2f} | {dev:.2f} | {ours:.2f} | "
                   f"{ours / dev:.0%} | {ours / r['baseline_img_s']:.2f}x | {r['loader_img_s']:.1f} | "
+                  f"{r[f'{prefix}handseg_data_wait']:.0%} | "
                   f"{_gib(r['baseline_gib'])} / {_gib(r[f'{prefix}device_gib'])} / {_gib(r[f'{prefix}handseg_gib'])} |")
     return rows
 

@@ -29,6 +29,7 @@ def test_loss_falls_checkpoint_reloads_and_resume_continues(synth_data, tmp_path
     assert len(rows) == 6 and losses[-1] < losses[0]
     assert result["steps"] == 6 * 2  # 9-10 train images, batch 4, drop_last -> 2 steps an epoch
     assert 0.0 <= float(rows[-1]["val_dice"]) <= 1.0
+    assert all(0.0 <= float(r["data_wait"]) <= 1.0 for r in rows)
 
     # the checkpoint describes its model and reloads bit-identically
     model, card = load_checkpoint(out)
@@ -160,3 +161,22 @@ def test_a_run_that_cannot_start_leaves_no_folder(synth_data, tmp_path):
     with pytest.raises(HandsegError, match="weights file not found"):
         train(_cfg(synth_data, tmp_path / "never", encoder_weights=str(tmp_path / "missing.pth")), log=lambda *a: None)
     assert not (tmp_path / "never").exists()
+
+
+def test_a_slow_loader_is_reported(synth_data, tmp_path, monkeypatch):
+    import time
+
+    import handseg.core.training as training
+
+    real = training.load_item_crops
+
+    def slow(item):
+        time.sleep(0.15)
+        return real(item)
+
+    monkeypatch.setattr(training, "load_item_crops", slow)
+    said = []
+    train(_cfg(synth_data, tmp_path / "slow", epochs=1), log=said.append)
+    row = list(csv.DictReader(open(tmp_path / "slow" / "metrics.csv")))[0]
+    assert float(row["data_wait"]) > 0.2
+    assert any("waited for data" in line and "--workers" in line for line in said)

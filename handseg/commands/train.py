@@ -90,7 +90,7 @@ def train(
                 progress_cm.remove_task(task)
                 progress_cm.stop()
             else:
-                progress_cm.update(task, advance=1, info=info)
+                progress_cm.update(task, advance=1, **({"info": info} if info else {}))  # "": advance only
 
         return update
 

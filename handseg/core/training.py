@@ -395,7 +395,11 @@ def _lr_lambda(total_steps: int, warmup: int):
     return f
 
 
-METRIC_FIELDS = ["epoch", "step", "train_loss", "lr", "images_per_s", "seconds", "val_dice", *CLASSES]
+METRIC_FIELDS = ["epoch", "step", "train_loss", "lr", "images_per_s", "seconds", "data_wait", "val_dice", *CLASSES]
+"""``data_wait``: the share of the epoch the loop spent waiting for the DataLoader."""
+SYNC_EVERY = 10
+"""Steps between the host's waits for the device (loss check, progress)."""
+DATA_WAIT_HINT = 0.2
 
 
 def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
@@ -493,12 +497,17 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
     for epoch in range(start_epoch, cfg.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
-        t0, seen, loss_sum, batches = time.perf_counter(), 0, 0.0, 0
+        t0, seen, batches, waited = time.perf_counter(), 0, 0, 0.0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync a step
         progress = None
         if progress_factory and d.main:
             progress = progress_factory(f"epoch {epoch + 1}/{cfg.epochs}", len(loader))
         optimizer.zero_grad(set_to_none=True)
-        for i, (x, y) in enumerate(loader):
+        batches_iter = iter(loader)
+        for i in range(len(loader)):
+            t_wait = time.perf_counter()
+            x, y = next(batches_iter)
+            waited += time.perf_counter() - t_wait
             x = x.to(device, non_blocking=True)
             y = unpack_mask_bits(y.to(device, non_blocking=True))
             if cuda and cfg.channels_last:
@@ -506,9 +515,6 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
             with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
                 logits = run_model(x)
             loss = loss_fn(logits.float(), y)
-            if not torch.isfinite(loss):
-                raise HandsegError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step}: lower --lr, "
-                                   "try --amp off, or check the data")
             scaler.scale(loss / cfg.accum).backward()
             if (i + 1) % cfg.accum == 0 or i + 1 == len(loader):
                 scaler.step(optimizer)
@@ -517,19 +523,30 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
                 scheduler.step()
                 step += 1
             seen += x.shape[0]
-            loss_sum += float(loss.detach())
+            loss_sum += loss.detach()
             batches += 1
-            if progress:
-                rate = seen * d.world / max(time.perf_counter() - t0, 1e-9)
-                progress(f"loss {loss_sum / batches:.4f} lr {scheduler.get_last_lr()[0]:.2e} {rate:.1f} img/s")
-            if cfg.max_steps and step >= cfg.max_steps:
+            stop = bool(cfg.max_steps and step >= cfg.max_steps)
+            if batches % SYNC_EVERY == 0 or i + 1 == len(loader) or stop:
+                # the host waits for the device only here, so it can queue the next steps meanwhile
+                mean_loss = float(loss_sum) / batches
+                if not math.isfinite(mean_loss):
+                    raise HandsegError(f"loss became {mean_loss} at epoch {epoch + 1}, by step {step}: lower --lr, "
+                                       "try --amp off, or check the data")
+                if progress:
+                    rate = seen * d.world / max(time.perf_counter() - t0, 1e-9)
+                    progress(f"loss {mean_loss:.4f} lr {scheduler.get_last_lr()[0]:.2e} {rate:.1f} img/s")
+            elif progress:
+                progress("")
+            if stop:
                 break
         if progress:
             progress(None)
         seconds = time.perf_counter() - t0
-        stats = all_reduce_sum(torch.tensor([loss_sum, batches, seen], dtype=torch.float64, device=device), d)
+        stats = all_reduce_sum(torch.stack([loss_sum, *torch.tensor([batches, seen, waited], dtype=torch.float64,
+                                                                     device=device)]), d)
         train_loss = float(stats[0] / max(float(stats[1]), 1))
         images_per_s = float(stats[2]) / max(seconds, 1e-9)
+        data_wait = float(stats[3]) / d.world / max(seconds, 1e-9)
         card.epoch, card.step = epoch + 1, step
         last_epoch = epoch + 1 == cfg.epochs or bool(cfg.max_steps and step >= cfg.max_steps)
         per_class = None
@@ -548,7 +565,8 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
             _save_resume(resume_path, optimizer, scheduler, scaler, epoch + 1, step, best)
             row = {"epoch": epoch + 1, "step": step, "train_loss": round(train_loss, 6),
                    "lr": scheduler.get_last_lr()[0], "images_per_s": round(images_per_s, 3),
-                   "seconds": round(seconds, 2), "val_dice": "" if per_class is None else round(last_dice, 6)}
+                   "seconds": round(seconds, 2), "data_wait": round(data_wait, 4),
+                   "val_dice": "" if per_class is None else round(last_dice, 6)}
             if per_class is not None:
                 row.update({c: round(float(v), 6) for c, v in zip(CLASSES, per_class)})
             _append_metrics(metrics_path, row)
@@ -556,6 +574,9 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
                 writer(row, step)
             dice_text = f" val dice {last_dice:.4f}" if per_class is not None else ""
             log(f"epoch {epoch + 1}: loss {train_loss:.4f}{dice_text} ({images_per_s:.1f} img/s, {seconds:.1f}s)")
+            if data_wait > DATA_WAIT_HINT and cfg.workers < (os.cpu_count() or 1):
+                log(f"  the loop waited for data {data_wait:.0%} of this epoch: more --workers (now {cfg.workers}) "
+                    "or `handseg prep` caches would help")
         if cfg.max_steps and step >= cfg.max_steps:
             break
     if d.world > 1:
