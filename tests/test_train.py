@@ -180,3 +180,18 @@ def test_a_slow_loader_is_reported(synth_data, tmp_path, monkeypatch):
     row = list(csv.DictReader(open(tmp_path / "slow" / "metrics.csv")))[0]
     assert float(row["data_wait"]) > 0.2
     assert any("waited for data" in line and "--workers" in line for line in said)
+
+
+def test_metrics_from_an_older_version_are_rewritten_with_todays_columns(tmp_path):
+    from handseg.core.training import METRIC_FIELDS, _append_metrics
+
+    old_fields = [f for f in METRIC_FIELDS if f != "data_wait"]
+    path = tmp_path / "metrics.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=old_fields)
+        w.writeheader()
+        w.writerow({"epoch": 1, "step": 2, "train_loss": 0.5, "val_dice": 0.1})
+    _append_metrics(path, {"epoch": 2, "step": 4, "train_loss": 0.4, "data_wait": 0.05, "val_dice": 0.2})
+    rows = list(csv.DictReader(open(path)))
+    assert list(rows[0]) == METRIC_FIELDS
+    assert [(r["epoch"], r["val_dice"], r["data_wait"]) for r in rows] == [("1", "0.1", ""), ("2", "0.2", "0.05")]

@@ -611,7 +611,18 @@ def _save_resume(path: Path, optimizer, scheduler, scaler, epoch: int, step: int
 
 
 def _append_metrics(path: Path, row: dict) -> None:
+    """Append an epoch's row; a file from another handseg version (other columns) is rewritten with
+    today's columns first, so a resumed run keeps one well-formed table."""
     new = not path.exists()
+    if not new:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != METRIC_FIELDS:
+                old = list(reader)
+                with atomic_open(path, "w", newline="") as out:
+                    writer = csv.DictWriter(out, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+                    writer.writeheader()
+                    writer.writerows(old)
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
         if new:
