@@ -196,3 +196,17 @@ def test_batch_size_reaches_the_sliding_window(synth_data, tmp_path, capsys, mon
     assert set(seen) == {1, 3}
     # 128 px images, 64 px windows at stride 32: the batch size must not change the result
     assert (tmp_path / "b1.csv").read_text() == (tmp_path / "b3.csv").read_text()
+
+
+def test_device_hand_side_matches_hand_side(synth_data):
+    from handseg.core.data import class_masks, hand_side, read_polygons
+    from handseg.core.inference import _is_left_hand
+
+    sides = []
+    for s in discover(synth_data / "train")[:6]:
+        masks = class_masks(read_polygons(s.label_path), read_image(s.image_path).shape)
+        side = hand_side(masks=masks)
+        sides.append(side)
+        assert _is_left_hand(torch.from_numpy(masks).float()) == (side == "left")
+    assert {"left", "right"} <= set(sides)
+    assert not _is_left_hand(torch.zeros(29, 8, 8))  # no fingers: no flip

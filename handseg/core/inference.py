@@ -178,13 +178,11 @@ class Predictor:
         """
         import torch
 
-        from handseg.core.data import hand_side
-
         total = None
         with torch.inference_mode():
             for model, card in zip(self.models, self.cards):
                 p = self._logits(model, card, image, flip, scale).sigmoid_()
-                if card.unify_hands and hand_side(masks=(p[0] > 0.5).cpu().numpy()) == "left":
+                if card.unify_hands and _is_left_hand(p[0]):
                     p = torch.flip(self._logits(model, card, image[:, ::-1], flip, scale).sigmoid_(), dims=[-1])
                 total = p if total is None else total.add_(p)
         return total[0] if len(self.models) == 1 else total[0].div_(len(self.models))
@@ -196,6 +194,22 @@ class Predictor:
         transform = _ttach_flip(flip)
         return model_logits(model, card, transform.apply_aug_image(x, apply=True), image.shape, self.dtype, scale,
                             self.batch, post=lambda out: transform.apply_deaug_mask(out, apply=True))
+
+
+def _is_left_hand(probs) -> bool:
+    """:func:`~handseg.core.data.hand_side` of a prediction, on its device: the thumb tip (finger-1)
+    right of the little-finger tip (finger-16). Only two numbers cross to the host."""
+    import torch
+
+    from handseg.core.constants import CLASS_INDEX
+
+    masks = probs[[CLASS_INDEX["finger-1"], CLASS_INDEX["finger-16"]]] > 0.5
+    cols = masks.sum(dim=1, dtype=torch.float64)  # (2, W) pixels per column
+    counts = cols.sum(dim=1)
+    if bool((counts == 0).any()):
+        return False
+    x = (cols @ torch.arange(cols.shape[1], dtype=torch.float64, device=cols.device)) / counts
+    return bool(x[0] >= x[1])
 
 
 def _ttach_flip(name: str):
