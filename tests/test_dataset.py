@@ -64,13 +64,16 @@ def test_render_window_equals_slicing_full_masks(cached):
         assert np.array_equal(_unpack(render_masks(crops, image.shape, window=(r, c, side))), want)
 
 
-def test_unpack_mask_bits_on_tensors():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_unpack_mask_bits_on_tensors(device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
     rng = np.random.default_rng(0)
     masks = rng.random((3, 29, 8, 8)) < 0.4
     packed = np.packbits(masks.transpose(0, 2, 3, 1), axis=-1)
-    got = unpack_mask_bits(torch.from_numpy(packed))
+    got = unpack_mask_bits(torch.from_numpy(packed).to(device))
     assert got.shape == (3, 29, 8, 8) and got.dtype == torch.float32
-    assert torch.equal(got, torch.from_numpy(masks).float())
+    assert torch.equal(got.cpu(), torch.from_numpy(masks).float())
 
 
 @pytest.mark.parametrize("preset", ["light", "default", "strong"])

@@ -210,3 +210,21 @@ def test_device_hand_side_matches_hand_side(synth_data):
         assert _is_left_hand(torch.from_numpy(masks).float()) == (side == "left")
     assert {"left", "right"} <= set(sides)
     assert not _is_left_hand(torch.zeros(29, 8, 8))  # no fingers: no flip
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_predict_on_gpu_agrees_with_cpu(runs, synth_data, tmp_path):
+    """The device path (AMP, channels_last, thresholds and runs on the GPU) against the CPU path."""
+    from handseg.core.metrics import dice_scores
+    from handseg.core.prediction import parse_transforms, run_predictions
+
+    for amp in (False, True):
+        run_predictions(runs, synth_data / "test", tmp_path / "cpu.csv", tmp_path / "pc", device="cpu")
+        run_predictions(runs, synth_data / "test", tmp_path / "gpu.csv", tmp_path / "pg", device="cuda", amp=amp,
+                        transforms=parse_transforms(""))
+        report = dice_scores(read_predictions(tmp_path / "cpu.csv"), read_predictions(tmp_path / "gpu.csv"))
+        assert report.dice.mean() > (0.999 if not amp else 0.95)
+        for f in (tmp_path / "pc").glob("*.npy"):
+            diff = np.abs(ProbMap(f).dense() - ProbMap(tmp_path / "pg" / f.name).dense()) * 255
+            assert diff.max() <= (1.01 if not amp else 8.01)  # uint8 steps

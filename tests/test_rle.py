@@ -97,10 +97,14 @@ def test_vote_worked_out_by_hand():
     assert vote_runs([a, b, c], 1)[1].tolist() == [10]
 
 
-def test_tensor_runs_equal_numpy_runs():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_tensor_runs_equal_numpy_runs(device):
     """predict's device-side runs (torch) equal the numpy encoder's, including empty, full and
     row-wrapping masks and widths that are not multiples of 8."""
     import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
 
     from handseg.core.inference import masks_to_runs
 
@@ -109,7 +113,7 @@ def test_tensor_runs_equal_numpy_runs():
         masks = rng.random((6, h, w)) < np.array([0.0, 1.0, 0.5, 0.02, 0.98, 0.3]).reshape(-1, 1, 1)
         masks[5, :, -3:] = True
         masks[5, 1:, :2] = True  # runs that continue from one row's end into the next
-        got = masks_to_runs(torch.from_numpy(masks))
+        got = masks_to_runs(torch.from_numpy(masks).to(device))
         for m, (starts, lengths) in zip(masks, got):
             want = mask_to_runs(m)
             assert starts.dtype == np.int64 and lengths.dtype == np.int64
