@@ -23,8 +23,18 @@ from pathlib import Path
 import numpy as np
 
 from handseg.core import cropfile
-from handseg.core.constants import CLASS_INDEX, NUM_CLASSES
-from handseg.core.data import Polygons, Sample, discover, image_size, polygon_crop, read_image, read_polygons
+from handseg.core.constants import NUM_CLASSES
+from handseg.core.data import (
+    BoneCrops,
+    Polygons,
+    Sample,
+    discover,
+    image_size,
+    place_crops,
+    polygon_crops,
+    read_image,
+    read_polygons,
+)
 from handseg.core.errors import HandsegError
 from handseg.core.files import atomic_open
 
@@ -39,12 +49,8 @@ def _row_bytes(width: int) -> int:
 
 def pack_polygons(polygons: Polygons, shape: tuple[int, int]) -> np.ndarray:
     """Rasterise polygons (as :func:`handseg.core.data.class_masks` does) straight into the packed form."""
-    blocks = []
-    for name, points in polygons.items():
-        placed = polygon_crop(points, shape)
-        if placed is not None:
-            crop, r0, c0 = placed
-            blocks.append((CLASS_INDEX[name], np.packbits(crop.astype(bool), axis=1), r0, c0, crop.shape[1]))
+    blocks = [(c, np.packbits(crop, axis=1), r0, c0, crop.shape[1])
+              for c, crop, r0, c0 in polygon_crops(polygons, shape)]
     return cropfile.pack(blocks, shape, NUM_CLASSES, MAGIC)
 
 
@@ -57,10 +63,6 @@ def pack_masks(masks: np.ndarray) -> np.ndarray:
             r0, r1, c0, c1 = box
             blocks.append((c, np.packbits(m[r0:r1, c0:c1], axis=1), r0, c0, c1 - c0))
     return cropfile.pack(blocks, masks.shape[1:], masks.shape[0], MAGIC)
-
-
-BoneCrops = list[tuple[int, np.ndarray, int, int]]
-"""The bones of one image as ``(class index, (h, w) bool bounding-box crop, row0, col0)``."""
 
 
 def unpack_crops(buf: np.ndarray) -> tuple[tuple[int, int], int, BoneCrops]:
@@ -89,10 +91,7 @@ def unpack_masks(buf: np.ndarray) -> np.ndarray:
         ValueError: ``buf`` is not a packed mask file.
     """
     shape, channels, bones = unpack_crops(buf)
-    out = np.zeros((channels, *shape), dtype=np.bool_)
-    for c, crop, r0, c0 in bones:
-        out[c, r0 : r0 + crop.shape[0], c0 : c0 + crop.shape[1]] = crop
-    return out
+    return place_crops(bones, shape, channels=channels)
 
 
 def _npy_bytes_path(folder: Path, sample: Sample) -> Path:
@@ -188,13 +187,8 @@ def load_cached_image(cache_dir: str | Path, sample: Sample, mmap: bool = True) 
 
 def load_cached_masks(cache_dir: str | Path, sample: Sample) -> np.ndarray:
     """``(29, H, W)`` bool masks from the cache."""
-    path = mask_path(cache_dir, sample)
-    if not path.is_file():
-        raise HandsegError("not in the mask cache (run `handseg prep json2npy`)", path)
-    try:
-        return unpack_masks(np.load(path))
-    except ValueError as e:
-        raise HandsegError(f"corrupt cache file ({e})", path) from None
+    shape, crops = load_cached_crops(cache_dir, sample)
+    return place_crops(crops, shape)
 
 
 def load_cached_crops(cache_dir: str | Path, sample: Sample) -> tuple[tuple[int, int], BoneCrops]:

@@ -244,6 +244,32 @@ def polygon_crop(points: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray
     return crop, r0, c0
 
 
+BoneCrops = list[tuple[int, np.ndarray, int, int]]
+"""The bones of one image as ``(class index, (h, w) bool bounding-box crop, row0, col0)``: what
+the prep cache stores, and what masks, runs and training samples are made from."""
+
+
+def polygon_crops(polygons: Polygons, shape: tuple[int, int]) -> BoneCrops:
+    """Each class's polygon rasterised into its clipped bounding box (see :func:`polygon_crop`)."""
+    crops = []
+    for name, points in polygons.items():
+        placed = polygon_crop(points, shape)
+        if placed is not None:
+            crop, r0, c0 = placed
+            crops.append((CLASS_INDEX[name], crop.view(np.bool_), r0, c0))
+    return crops
+
+
+def place_crops(crops: BoneCrops, shape: tuple[int, int], out: np.ndarray | None = None,
+                channels: int = NUM_CLASSES) -> np.ndarray:
+    """Bone crops onto full-size ``(channels, H, W)`` bool masks (``out``: zero-filled, optional)."""
+    if out is None:
+        out = np.zeros((channels, *shape), dtype=np.bool_)
+    for c, crop, r0, c0 in crops:
+        out[c, r0 : r0 + crop.shape[0], c0 : c0 + crop.shape[1]] |= crop
+    return out
+
+
 def class_masks(polygons: Polygons, shape: tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
     """Multi-label masks, each class filled exactly as ``cv2.fillPoly`` fills it in its own channel.
 
@@ -255,24 +281,14 @@ def class_masks(polygons: Polygons, shape: tuple[int, int], out: np.ndarray | No
     Returns:
         ``(29, H, W)`` bool; overlapping bones are set in both channels (never argmax).
     """
-    if out is None:
-        out = np.zeros((NUM_CLASSES, *shape), dtype=np.bool_)
-    for name, points in polygons.items():
-        placed = polygon_crop(points, shape)
-        if placed is not None:
-            crop, r0, c0 = placed
-            out[CLASS_INDEX[name], r0 : r0 + crop.shape[0], c0 : c0 + crop.shape[1]] |= crop.view(np.bool_)
-    return out
+    return place_crops(polygon_crops(polygons, shape), shape, out)
 
 
 def class_runs(polygons: Polygons, shape: tuple[int, int]) -> list[Runs]:
     """Per-class runs of the masks of :func:`class_masks`, without building full-size masks."""
     runs = [EMPTY_RUNS] * NUM_CLASSES
-    for name, points in polygons.items():
-        placed = polygon_crop(points, shape)
-        if placed is not None:
-            crop, r0, c0 = placed
-            runs[CLASS_INDEX[name]] = crop_to_runs(crop, r0, c0, shape[1])
+    for c, crop, r0, c0 in polygon_crops(polygons, shape):
+        runs[c] = crop_to_runs(crop, r0, c0, shape[1])
     return runs
 
 
@@ -303,7 +319,7 @@ def _centroids_from_masks(masks: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def _centroids_from_crops(crops: list) -> dict[str, np.ndarray]:
+def _centroids_from_crops(crops: BoneCrops) -> dict[str, np.ndarray]:
     out = {}
     for c, crop, r0, c0 in crops:
         n = np.count_nonzero(crop)
@@ -315,7 +331,7 @@ def _centroids_from_crops(crops: list) -> dict[str, np.ndarray]:
 
 
 def hand_side(polygons: Polygons | None = None, masks: np.ndarray | None = None,
-              crops: list | None = None) -> Side | None:
+              crops: BoneCrops | None = None) -> Side | None:
     """Which hand an image shows, by geometry: in this PA view the thumb tip (finger-1) of a right
     hand lies left of the little-finger tip (finger-16). ``None`` if either bone is absent.
 
@@ -330,7 +346,12 @@ def hand_side(polygons: Polygons | None = None, masks: np.ndarray | None = None,
         cents = _centroids_from_masks(masks)
     if "finger-1" not in cents or "finger-16" not in cents:
         return None
-    return "right" if cents["finger-1"][0] < cents["finger-16"][0] else "left"
+    return side_of(cents["finger-1"][0], cents["finger-16"][0])
+
+
+def side_of(thumb_x: float, little_x: float) -> Side:
+    """The rule of :func:`hand_side`, from the x centroids of finger-1 and finger-16."""
+    return "right" if thumb_x < little_x else "left"
 
 
 def _principal_axis(points: np.ndarray) -> np.ndarray:

@@ -202,14 +202,16 @@ def _is_left_hand(probs) -> bool:
     import torch
 
     from handseg.core.constants import CLASS_INDEX
+    from handseg.core.data import side_of
 
     masks = probs[[CLASS_INDEX["finger-1"], CLASS_INDEX["finger-16"]]] > 0.5
     cols = masks.sum(dim=1, dtype=torch.float64)  # (2, W) pixels per column
     counts = cols.sum(dim=1)
     if bool((counts == 0).any()):
         return False
-    x = (cols @ torch.arange(cols.shape[1], dtype=torch.float64, device=cols.device)) / counts
-    return bool(x[0] >= x[1])
+    xs = torch.arange(cols.shape[1], dtype=torch.float64, device=cols.device)
+    thumb_x, little_x = ((cols @ xs) / counts).tolist()
+    return side_of(thumb_x, little_x) == "left"
 
 
 def _ttach_flip(name: str):

@@ -18,7 +18,16 @@ import numpy as np
 
 from handseg.core.checkpoint import BEST, LAST, RESUME, ModelCard, save_checkpoint, unwrap
 from handseg.core.constants import CLASSES, NUM_CLASSES
-from handseg.core.data import Sample, discover, hand_side, load_labels, read_image
+from handseg.core.data import (
+    BoneCrops,
+    Sample,
+    discover,
+    hand_side,
+    place_crops,
+    polygon_crops,
+    read_image,
+    read_polygons,
+)
 from handseg.core.errors import HandsegError
 from handseg.core.files import atomic_open, write_manifest
 from handseg.core.models import DEFAULT_NORM
@@ -100,33 +109,14 @@ class Item:
     cache: Path | None
 
 
-def load_item(item: Item) -> tuple[np.ndarray, np.ndarray]:
-    """``(image (H, W) uint8, masks (29, H, W) bool)`` from the cache if there, else PNG + JSON."""
-    from handseg.core import cache as cache_mod
-
-    if item.cache is None or not cache_mod.mask_path(item.cache, item.sample).is_file():
-        return load_labels(item.sample)
-    masks = cache_mod.load_cached_masks(item.cache, item.sample)
-    if cache_mod.image_path(item.cache, item.sample).is_file():
-        return cache_mod.load_cached_image(item.cache, item.sample), masks
-    return read_image(item.sample.image_path), masks
-
-
-def load_item_crops(item: Item) -> tuple[np.ndarray, list]:
+def load_item_crops(item: Item) -> tuple[np.ndarray, BoneCrops]:
     """``(image (H, W) uint8, bone crops)`` from the cache if there, else PNG + JSON; no full-size
-    mask is made (see :data:`handseg.core.cache.BoneCrops`)."""
+    mask is made."""
     from handseg.core import cache as cache_mod
-    from handseg.core.constants import CLASS_INDEX
-    from handseg.core.data import polygon_crop, read_polygons
 
     if item.cache is None or not cache_mod.mask_path(item.cache, item.sample).is_file():
         image = read_image(item.sample.image_path)
-        crops = []
-        for name, points in read_polygons(item.sample.label_path).items():
-            placed = polygon_crop(points, image.shape)
-            if placed is not None:
-                crops.append((CLASS_INDEX[name], placed[0].view(np.bool_), placed[1], placed[2]))
-        return image, crops
+        return image, polygon_crops(read_polygons(item.sample.label_path), image.shape)
     shape, crops = cache_mod.load_cached_crops(item.cache, item.sample)
     if cache_mod.image_path(item.cache, item.sample).is_file():
         image = np.asarray(cache_mod.load_cached_image(item.cache, item.sample))
@@ -136,6 +126,12 @@ def load_item_crops(item: Item) -> tuple[np.ndarray, list]:
         raise HandsegError(f"cached masks are {shape[1]}x{shape[0]} but the image is "
                            f"{image.shape[1]}x{image.shape[0]}; re-run prep", item.sample.image_path)
     return image, crops
+
+
+def load_item(item: Item) -> tuple[np.ndarray, np.ndarray]:
+    """``(image (H, W) uint8, masks (29, H, W) bool)``, as :func:`load_item_crops` finds them."""
+    image, crops = load_item_crops(item)
+    return image, place_crops(crops, image.shape)
 
 
 def _aligned_span(a0: int, a1: int, src: int, dst: int) -> tuple[int, int, int, int]:
@@ -156,7 +152,7 @@ of ``np.packbits``), 4 bytes a pixel instead of 29, through augmentation, collat
 the device, where :func:`unpack_mask_bits` opens them."""
 
 
-def render_masks(crops: list, shape: tuple[int, int], size: int | None = None,
+def render_masks(crops: BoneCrops, shape: tuple[int, int], size: int | None = None,
                  window: tuple[int, int, int] | None = None) -> np.ndarray:
     """Bone crops to ``(S, S, 4)`` uint8 bit-packed training masks (see :data:`MASK_BYTES`),
     touching only the bones.
@@ -201,7 +197,7 @@ def unpack_mask_bits(packed):
     return bits.reshape(n, h, w, MASK_BYTES * 8)[..., :NUM_CLASSES].permute(0, 3, 1, 2).float()
 
 
-def _flip_crops(crops: list, width: int) -> list:
+def _flip_crops(crops: BoneCrops, width: int) -> BoneCrops:
     return [(c, crop[:, ::-1], r0, width - c0 - crop.shape[1]) for c, crop, r0, c0 in crops]
 
 
