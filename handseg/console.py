@@ -16,7 +16,9 @@ stdout = Console(highlight=False, soft_wrap=True)
 
 def is_main_process() -> bool:
     """False in torchrun processes other than rank 0, which neither print nor show progress."""
-    return os.environ.get("RANK", "0") == "0"
+    from handseg.core.distributed import dist_env
+
+    return dist_env().main
 
 
 def progress_enabled() -> bool:

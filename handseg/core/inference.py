@@ -9,12 +9,12 @@ predicted and mirrored back. Several checkpoints are averaged in probability spa
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from handseg.core.checkpoint import ModelCard, load_checkpoint
+from handseg.core.distributed import dist_env
 from handseg.core.errors import HandsegError
 
 
@@ -27,8 +27,9 @@ def pick_device(device: str = "auto") -> str:
         raise HandsegError(f"--device {device} asked for, but CUDA is not available here")
     if device != "cpu" and not device.startswith("cuda"):
         raise HandsegError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
-    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # under torchrun: one GPU per process
+    d = dist_env()
+    if device == "cuda" and d.world > 1:
+        device = f"cuda:{d.local_rank}"  # under torchrun: one GPU per process
     return device
 
 

@@ -7,7 +7,6 @@ each transform alone and merged.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 
 from handseg.core.constants import CLASSES, NUM_CLASSES
 from handseg.core.data import Sample, class_masks, discover, read_image, read_polygons
+from handseg.core.distributed import all_gather, dist_env, setup_distributed, shutdown
 from handseg.core.errors import HandsegError
 from handseg.core.files import atomic_write_json, read_json
 from handseg.core.inference import Predictor, masks_to_runs
@@ -106,12 +106,6 @@ class PredictResult:
     """False on torchrun ranks other than 0, which write nothing."""
 
 
-def _shard(samples: list[Sample]) -> tuple[list[Sample], int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    return samples[rank::world], rank, world
-
-
 def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_dir: Path | None = None,
                     transforms: list[Transform] | None = None, merge: str = "mean",
                     thresholds: list[float] | None = None, tune: bool = False, device: str = "auto",
@@ -139,9 +133,10 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
     thr = np.asarray(thresholds if thresholds is not None else predictor.thresholds, dtype=np.float64)
     if thr.shape != (NUM_CLASSES,):
         raise HandsegError(f"need {NUM_CLASSES} thresholds, got {thr.size}")
-    shard, rank, world = _shard(samples)
-    if tune and world > 1:
+    d = dist_env()
+    if tune and d.world > 1:
         raise HandsegError("--tune-thresholds runs on one process; run it without torchrun")
+    shard = samples[d.rank :: d.world]
 
     dice_sum = {t.name: np.zeros(NUM_CLASSES) for t in transforms}
     if len(transforms) > 1:
@@ -193,10 +188,14 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
         thr = TUNE_GRID[best].astype(np.float64)
         rows = {n: [per_class[c][best[c]] for c in range(NUM_CLASSES)] for n, per_class in rows.items()}
 
-    if world > 1:
-        rows, dice_sum = _gather(rows, dice_sum, rank, world)
-        if rank != 0:
+    if d.world > 1:  # every rank's rows and Dice sums to rank 0
+        setup_distributed(predictor.device)
+        gathered = all_gather((rows, dice_sum), d)
+        shutdown(d)
+        if not d.main:
             return PredictResult(len(shard), thr.tolist(), main=False)
+        rows = {name: r for part, _ in gathered for name, r in part.items()}
+        dice_sum = {k: sum(sums[k] for _, sums in gathered) for k in dice_sum}
     write_predictions(out_csv, ((n, rows[n]) for n in names))
     if probs_dir is not None:
         atomic_write_json(Path(probs_dir) / PROBS_INDEX, {"images": names, "classes": list(CLASSES),
@@ -225,27 +224,6 @@ def _prefetch_images(samples: list[Sample], ahead: int = 2):
                 pending.append(pool.submit(read_image, samples[i + ahead].image_path))
             pending[i] = None
             yield s, image
-
-
-def _gather(rows: dict, dice_sum: dict, rank: int, world: int):
-    """Collect every rank's rows and Dice sums on rank 0 (object all-gather over the process group)."""
-    import torch.distributed as dist
-
-    own = not dist.is_initialized()
-    if own:
-        import torch
-
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    gathered = [None] * world
-    dist.all_gather_object(gathered, (rows, {k: v.tolist() for k, v in dice_sum.items()}))
-    if own:
-        dist.destroy_process_group()
-    all_rows, sums = {}, {k: np.zeros(NUM_CLASSES) for k in dice_sum}
-    for r, d in gathered:
-        all_rows.update(r)
-        for k, v in d.items():
-            sums[k] += np.asarray(v)
-    return all_rows, sums
 
 
 def write_thresholds(path: Path, thresholds: list[float]) -> None:

@@ -28,6 +28,7 @@ from handseg.core.data import (
     read_image,
     read_polygons,
 )
+from handseg.core.distributed import Dist, all_reduce_sum, broadcast_buffers, setup_distributed, shutdown
 from handseg.core.errors import HandsegError
 from handseg.core.files import atomic_open, write_manifest
 from handseg.core.models import DEFAULT_NORM
@@ -285,56 +286,6 @@ def split_items(cfg: TrainConfig) -> tuple[list[Item], list[Item]]:
 
 
 # ----------------------------------------------------------------------------------------------
-# distributed helpers
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str) -> Dist:
-    import torch
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    if device.startswith("cuda"):
-        torch.cuda.set_device(local)
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
-    return Dist(rank, world, local)
-
-
-def broadcast_buffers(model, d: Dist) -> None:
-    """Give every rank rank 0's buffers (BatchNorm running statistics). DDP copies them from rank 0
-    at the start of each forward, so after the last step every other rank holds its own update:
-    without this, rank 1 would validate a model that differs from the checkpoint rank 0 saves."""
-    if d.world > 1:
-        import torch.distributed as dist
-
-        for buffer in model.buffers():
-            dist.broadcast(buffer.data, src=0)
-
-
-def all_reduce_sum(tensor, d: Dist):
-    if d.world > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
-# ----------------------------------------------------------------------------------------------
 # validation
 
 
@@ -538,8 +489,8 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
         if progress:
             progress(None)
         seconds = time.perf_counter() - t0
-        stats = all_reduce_sum(torch.stack([loss_sum, *torch.tensor([batches, seen, waited], dtype=torch.float64,
-                                                                     device=device)]), d)
+        counts = torch.tensor([batches, seen, waited], dtype=torch.float64, device=device)
+        stats = all_reduce_sum(torch.cat([loss_sum.view(1), counts]), d)
         train_loss = float(stats[0] / max(float(stats[1]), 1))
         images_per_s = float(stats[2]) / max(seconds, 1e-9)
         data_wait = float(stats[3]) / d.world / max(seconds, 1e-9)
@@ -575,11 +526,7 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
                     "or `handseg prep` caches would help")
         if cfg.max_steps and step >= cfg.max_steps:
             break
-    if d.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
+    shutdown(d)
     return {"best_dice": best if best >= 0 else None, "last_dice": last_dice, "epochs": card.epoch,
             "steps": step, "out": str(out)}
 
