@@ -32,9 +32,21 @@ def _row_bytes(width: int) -> int:
     return width
 
 
+def quantise_probs(probs):
+    """Probabilities to uint8 ``p * 255`` (rounded half to even, clipped): a numpy array or a torch
+    tensor, which stays on its device."""
+    q = (probs * 255.0).round().clip(0, 255)
+    if isinstance(q, np.ndarray):
+        return q.astype(np.uint8)
+    import torch
+
+    return q.to(torch.uint8)
+
+
 def pack_probs(probs: np.ndarray) -> np.ndarray:
-    """``(C, H, W)`` float probabilities (or already quantised uint8) -> the 1-D uint8 buffer described above."""
-    q = probs if probs.dtype == np.uint8 else np.clip(np.rint(probs * 255.0), 0, 255).astype(np.uint8)
+    """``(C, H, W)`` float probabilities (or uint8 from :func:`quantise_probs`) -> the 1-D uint8 buffer
+    described above."""
+    q = probs if probs.dtype == np.uint8 else quantise_probs(probs)
     blocks = []
     for c in range(q.shape[0]):
         box = cropfile.bbox(q[c])

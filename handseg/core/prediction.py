@@ -118,7 +118,7 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
     """
     import torch
 
-    from handseg.core.ensemble import PROBS_INDEX, pack_probs, probs_name
+    from handseg.core.ensemble import PROBS_INDEX, pack_probs, probs_name, quantise_probs
     from handseg.core.files import atomic_open
 
     transforms = transforms or [Transform("identity")]
@@ -142,15 +142,14 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
     if len(transforms) > 1:
         dice_sum["merged"] = np.zeros(NUM_CLASSES)
     tune_sum = np.zeros((NUM_CLASSES, TUNE_GRID.size)) if tune else None
+    merged_key = "merged" if len(transforms) > 1 else transforms[0].name
     rows: dict[str, list] = {}
     if progress:
         progress(total=len(shard))
-    thr_device = None
+    thr_device = torch.as_tensor(thr, dtype=torch.float32, device=predictor.device).view(-1, 1, 1)
     with torch.inference_mode():  # the maps are merged in place
         for s, image in _prefetch_images(shard):
             per_t = [predictor.probs(image, t.flip, t.scale).float() for t in transforms]
-            if thr_device is None:
-                thr_device = torch.as_tensor(thr, dtype=torch.float32, device=per_t[0].device).view(-1, 1, 1)
             if labelled:
                 truth = class_masks(read_polygons(s.label_path), image.shape)
                 if len(transforms) > 1:
@@ -161,8 +160,7 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
             # when asked for) cross to the host, not 29 float maps of the image's full size
             masks = merged > thr_device
             if labelled:
-                key = "merged" if len(transforms) > 1 else transforms[0].name
-                dice_sum[key] += dice_masks(truth, masks.cpu().numpy())
+                dice_sum[merged_key] += dice_masks(truth, masks.cpu().numpy())
             if tune:
                 probs = merged.cpu().numpy()
                 # the Dice and the RLE of every class at every candidate threshold: small, and exact once
@@ -177,9 +175,8 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
             else:
                 rows[s.name] = [runs_to_rle(r) for r in masks_to_runs(masks)]
             if probs_dir is not None:
-                quantised = torch.round(merged * 255.0).clamp_(0, 255).to(torch.uint8).cpu().numpy()
                 with atomic_open(Path(probs_dir) / probs_name(s.name), "wb") as f:
-                    np.save(f, pack_probs(quantised), allow_pickle=False)
+                    np.save(f, pack_probs(quantise_probs(merged).cpu().numpy()), allow_pickle=False)
             if progress:
                 progress()
 
@@ -204,11 +201,10 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
     if labelled:
         n = len(samples)
         result.dice = {k: float(v.mean() / n) for k, v in dice_sum.items()}
-        key = "merged" if len(transforms) > 1 else transforms[0].name
-        result.per_class = {c: float(v / n) for c, v in zip(CLASSES, dice_sum[key])}
+        result.per_class = {c: float(v / n) for c, v in zip(CLASSES, dice_sum[merged_key])}
         if tune:
             result.per_class = {c: float(tune_sum[i].max() / n) for i, c in enumerate(CLASSES)}
-            result.dice[key] = float(np.mean(list(result.per_class.values())))
+            result.dice[merged_key] = float(np.mean(list(result.per_class.values())))
     return result
 
 
