@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_loading import baseline_load  # noqa: E402
+from bench_loading import baseline_load, baseline_masks_resized  # noqa: E402
 
 
 def _baseline_model(num_classes: int):
@@ -58,8 +58,7 @@ def train_baseline(samples, size: int, budget_s: float, device: str, batch: int 
             for i in order[start : start + batch]:
                 image, masks = baseline_load(samples[i].image_path, samples[i].label_path)
                 xs.append(_baseline_input(image, size))
-                ys.append(torch.from_numpy(np.stack([cv2.resize(m.astype(np.uint8), (size, size),
-                                                                interpolation=cv2.INTER_NEAREST) for m in masks])))
+                ys.append(torch.from_numpy(baseline_masks_resized(masks, size)))
             x, y = torch.stack(xs).to(device), torch.stack(ys).float().to(device)
             loss = criterion(model(x)["out"], y)
             optimizer.zero_grad()

@@ -39,6 +39,11 @@ def baseline_load(image_path: Path, label_path: Path) -> tuple[np.ndarray, np.nd
     return image, label.transpose(2, 0, 1).astype(bool)
 
 
+def baseline_masks_resized(masks: np.ndarray, size: int) -> np.ndarray:
+    """The notebooks' training-time mask resize: each class to ``size`` with nearest-neighbour, uint8."""
+    return np.stack([cv2.resize(m.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) for m in masks])
+
+
 def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size", type=int, default=2048)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_loading import baseline_load  # noqa: E402
+from bench_loading import baseline_load, baseline_masks_resized  # noqa: E402
 
 CONFIGS = {"unetplusplus/hrnet_w48": ("unetplusplus", "hrnet_w48", 4), "unet/resnet34": ("unet", "resnet34", 8)}
 
@@ -95,8 +95,7 @@ def _baseline_batches(samples, size: int, batch: int):
         for i in rng.integers(len(samples), size=batch):
             img, masks = baseline_load(samples[i].image_path, samples[i].label_path)
             img = cv2.resize(img, (size, size)).astype(np.float32) / 255
-            ys.append(torch.from_numpy(np.stack([cv2.resize(m.astype(np.uint8), (size, size),
-                                                            interpolation=cv2.INTER_NEAREST) for m in masks])))
+            ys.append(torch.from_numpy(baseline_masks_resized(masks, size)))
             xs.append(torch.from_numpy(img)[None])
         yield torch.stack(xs), torch.stack(ys)
 

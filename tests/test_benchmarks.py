@@ -58,3 +58,14 @@ def test_predict_throughput_loops_predict_the_same_masks(tmp_path, capsys):
         assert r["images"] == 3 and r["baseline_img_s"] > 0 and r["handseg_img_s"] > 0
         assert r["agreement"] > 0.99
     assert "agreement" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_baseline_recipe_runs_tiny(capsys):
+    import baseline_recipe
+
+    r = baseline_recipe.main(["--budget", "1", "--image-size", "128", "--size", "64", "--ids", "3", "--test-ids", "1",
+                              "--device", "cpu"])
+    for recipe in ("baseline", "handseg"):
+        assert r[recipe]["steps"] >= 1 and 0.0 <= r[recipe]["dice"] <= 1.0
+    assert r["test_images"] == 2 and "official baseline" in capsys.readouterr().out
