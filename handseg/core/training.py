@@ -210,10 +210,11 @@ class SegmentationDataset:
     moves whole pixels, so packed bits stay exact) and the copy to the device.
     """
 
-    def __init__(self, items: list[Item], cfg: TrainConfig, train: bool = True, in_channels: int = 1):
+    def __init__(self, items: list[Item], cfg: TrainConfig, train: bool = True, in_channels: int = 1,
+                 seed: int | None = None):
         self.items, self.cfg, self.train, self.in_channels = items, cfg, train, in_channels
         self.augment = _augmenter(cfg.augment, cfg.unify_hands) if train else None
-        self.reseed(cfg.seed)
+        self.reseed(cfg.seed if seed is None else seed)
 
     def reseed(self, seed: int) -> None:
         """Seed the random crops and the augmentations. Each DataLoader worker calls this with its
@@ -398,8 +399,8 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
     dtype = _resolve_amp(cfg.amp, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    dataset = SegmentationDataset(train_items, cfg, train=True)
-    dataset.reseed(seed)  # each rank its own crops and augmentations (workers reseed from the generator)
+    # each rank its own crops and augmentations (workers reseed from the generator)
+    dataset = SegmentationDataset(train_items, cfg, train=True, seed=seed)
     sampler = DistributedSampler(dataset, d.world, d.rank, shuffle=True, seed=cfg.seed) if d.world > 1 else None
     generator = torch.Generator()
     generator.manual_seed(seed)
