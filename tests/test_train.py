@@ -195,3 +195,21 @@ def test_metrics_from_an_older_version_are_rewritten_with_todays_columns(tmp_pat
     rows = list(csv.DictReader(open(path)))
     assert list(rows[0]) == METRIC_FIELDS
     assert [(r["epoch"], r["val_dice"], r["data_wait"]) for r in rows] == [("1", "0.1", ""), ("2", "0.2", "0.05")]
+
+
+def test_a_corrupt_cache_file_is_named_and_leaves_no_run_folder(synth_data, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from handseg.core.cache import build_cache
+
+    shutil.copytree(synth_data / "train", tmp_path / "copy" / "train")
+    data = tmp_path / "copy" / "train"
+    build_cache("masks", data, data / "cache")
+    bad = sorted((data / "cache" / "masks").rglob("*.npy"))[0]
+    np.save(bad, np.arange(10, dtype=np.uint8))
+    with pytest.raises(HandsegError, match="corrupt cache file") as err:
+        train(_cfg(tmp_path / "copy", tmp_path / "run", epochs=1, fold=-1), log=lambda *a: None)
+    assert bad.name in str(err.value)
+    assert not (tmp_path / "run").exists()

@@ -6,10 +6,12 @@ JSON. Validation runs on the fold at each image's full size with the leaderboard
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -433,103 +435,117 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
     if cfg.compile:
         run_model = torch.compile(run_model)
 
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no folder
-    writer = _make_logger(cfg, out) if d.main else None
-    if d.main:
-        write_manifest(out, "train", cfg.to_json(), inputs={"data": str(cfg.data), "splits": str(cfg.splits)},
-                       train_images=len(train_items), val_images=len(val_items), world_size=d.world)
-    metrics_path = out / "metrics.csv"
-    last_dice = None
-    run_model.train()
-    for epoch in range(start_epoch, cfg.epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        t0, seen, batches, waited = time.perf_counter(), 0, 0, 0.0
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync a step
-        progress = None
-        if progress_factory and d.main:
-            progress = progress_factory(f"epoch {epoch + 1}/{cfg.epochs}", len(loader))
-        optimizer.zero_grad(set_to_none=True)
-        batches_iter = iter(loader)
-        for i in range(len(loader)):
-            t_wait = time.perf_counter()
-            x, y = next(batches_iter)
-            waited += time.perf_counter() - t_wait
-            x = x.to(device, non_blocking=True)
-            y = unpack_mask_bits(y.to(device, non_blocking=True))
-            if cuda and cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
-                logits = run_model(x)
-            loss = loss_fn(logits.float(), y)
-            scaler.scale(loss / cfg.accum).backward()
-            if (i + 1) % cfg.accum == 0 or i + 1 == len(loader):
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                step += 1
-            seen += x.shape[0]
-            loss_sum += loss.detach()
-            batches += 1
-            stop = bool(cfg.max_steps and step >= cfg.max_steps)
-            if batches % SYNC_EVERY == 0 or i + 1 == len(loader) or stop:
-                # the host waits for the device only here, so it can queue the next steps meanwhile
-                mean_loss = float(loss_sum) / batches
-                if not math.isfinite(mean_loss):
-                    raise HandsegError(f"loss became {mean_loss} at epoch {epoch + 1}, by step {step}: lower --lr, "
-                                       "try --amp off, or check the data")
-                if progress:
-                    rate = seen * d.world / max(time.perf_counter() - t0, 1e-9)
-                    progress(f"loss {mean_loss:.4f} lr {scheduler.get_last_lr()[0]:.2e} {rate:.1f} img/s")
-            elif progress:
-                progress("")
-            if stop:
-                break
-        if progress:
-            progress(None)
-        seconds = time.perf_counter() - t0
-        counts = torch.tensor([batches, seen, waited], dtype=torch.float64, device=device)
-        stats = all_reduce_sum(torch.cat([loss_sum.view(1), counts]), d)
-        train_loss = float(stats[0] / max(float(stats[1]), 1))
-        images_per_s = float(stats[2]) / max(seconds, 1e-9)
-        data_wait = float(stats[3]) / d.world / max(seconds, 1e-9)
-        card.epoch, card.step = epoch + 1, step
-        last_epoch = epoch + 1 == cfg.epochs or bool(cfg.max_steps and step >= cfg.max_steps)
-        per_class = None
-        if val_items and ((epoch + 1) % cfg.val_every == 0 or last_epoch):
-            broadcast_buffers(model, d)
-            per_class = validate(unwrap(run_model), card, val_items, device, dtype, d)
-            last_dice = float(per_class.mean())
+    # only now: a run that fails to start, or fails before its first checkpoint, leaves no folder
+    with _run_folder(out, d.main):
+        writer = _make_logger(cfg, out) if d.main else None
         if d.main:
-            card.score = last_dice
-            save_checkpoint(out / LAST, model, card)
-            if per_class is not None and last_dice > best:
-                best = last_dice
-                save_checkpoint(out / BEST, model, card)
-            elif not val_items:
-                save_checkpoint(out / BEST, model, card)
-            _save_resume(resume_path, optimizer, scheduler, scaler, epoch + 1, step, best)
-            row = {"epoch": epoch + 1, "step": step, "train_loss": round(train_loss, 6),
-                   "lr": scheduler.get_last_lr()[0], "images_per_s": round(images_per_s, 3),
-                   "seconds": round(seconds, 2), "data_wait": round(data_wait, 4),
-                   "val_dice": "" if per_class is None else round(last_dice, 6)}
-            if per_class is not None:
-                row.update({c: round(float(v), 6) for c, v in zip(CLASSES, per_class)})
-            _append_metrics(metrics_path, row)
-            if writer:
-                writer(row, step)
-            dice_text = f" val dice {last_dice:.4f}" if per_class is not None else ""
-            log(f"epoch {epoch + 1}: loss {train_loss:.4f}{dice_text} ({images_per_s:.1f} img/s, {seconds:.1f}s)")
-            if data_wait > DATA_WAIT_HINT and cfg.workers < (os.cpu_count() or 1):
-                log(f"  the loop waited for data {data_wait:.0%} of this epoch: more --workers (now {cfg.workers}) "
-                    "or `handseg prep` caches would help")
-        if cfg.max_steps and step >= cfg.max_steps:
-            break
+            write_manifest(out, "train", cfg.to_json(), inputs={"data": str(cfg.data), "splits": str(cfg.splits)},
+                           train_images=len(train_items), val_images=len(val_items), world_size=d.world)
+        metrics_path = out / "metrics.csv"
+        last_dice = None
+        run_model.train()
+        for epoch in range(start_epoch, cfg.epochs):
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            t0, seen, batches, waited = time.perf_counter(), 0, 0, 0.0
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync a step
+            progress = None
+            if progress_factory and d.main:
+                progress = progress_factory(f"epoch {epoch + 1}/{cfg.epochs}", len(loader))
+            optimizer.zero_grad(set_to_none=True)
+            batches_iter = iter(loader)
+            for i in range(len(loader)):
+                t_wait = time.perf_counter()
+                x, y = next(batches_iter)
+                waited += time.perf_counter() - t_wait
+                x = x.to(device, non_blocking=True)
+                y = unpack_mask_bits(y.to(device, non_blocking=True))
+                if cuda and cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
+                    logits = run_model(x)
+                loss = loss_fn(logits.float(), y)
+                scaler.scale(loss / cfg.accum).backward()
+                if (i + 1) % cfg.accum == 0 or i + 1 == len(loader):
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+                    step += 1
+                seen += x.shape[0]
+                loss_sum += loss.detach()
+                batches += 1
+                stop = bool(cfg.max_steps and step >= cfg.max_steps)
+                if batches % SYNC_EVERY == 0 or i + 1 == len(loader) or stop:
+                    # the host waits for the device only here, so it can queue the next steps meanwhile
+                    mean_loss = float(loss_sum) / batches
+                    if not math.isfinite(mean_loss):
+                        raise HandsegError(f"loss became {mean_loss} at epoch {epoch + 1}, by step {step}: lower --lr, "
+                                           "try --amp off, or check the data")
+                    if progress:
+                        rate = seen * d.world / max(time.perf_counter() - t0, 1e-9)
+                        progress(f"loss {mean_loss:.4f} lr {scheduler.get_last_lr()[0]:.2e} {rate:.1f} img/s")
+                elif progress:
+                    progress("")
+                if stop:
+                    break
+            if progress:
+                progress(None)
+            seconds = time.perf_counter() - t0
+            counts = torch.tensor([batches, seen, waited], dtype=torch.float64, device=device)
+            stats = all_reduce_sum(torch.cat([loss_sum.view(1), counts]), d)
+            train_loss = float(stats[0] / max(float(stats[1]), 1))
+            images_per_s = float(stats[2]) / max(seconds, 1e-9)
+            data_wait = float(stats[3]) / d.world / max(seconds, 1e-9)
+            card.epoch, card.step = epoch + 1, step
+            last_epoch = epoch + 1 == cfg.epochs or bool(cfg.max_steps and step >= cfg.max_steps)
+            per_class = None
+            if val_items and ((epoch + 1) % cfg.val_every == 0 or last_epoch):
+                broadcast_buffers(model, d)
+                per_class = validate(unwrap(run_model), card, val_items, device, dtype, d)
+                last_dice = float(per_class.mean())
+            if d.main:
+                card.score = last_dice
+                save_checkpoint(out / LAST, model, card)
+                if per_class is not None and last_dice > best:
+                    best = last_dice
+                    save_checkpoint(out / BEST, model, card)
+                elif not val_items:
+                    save_checkpoint(out / BEST, model, card)
+                _save_resume(resume_path, optimizer, scheduler, scaler, epoch + 1, step, best)
+                row = {"epoch": epoch + 1, "step": step, "train_loss": round(train_loss, 6),
+                       "lr": scheduler.get_last_lr()[0], "images_per_s": round(images_per_s, 3),
+                       "seconds": round(seconds, 2), "data_wait": round(data_wait, 4),
+                       "val_dice": "" if per_class is None else round(last_dice, 6)}
+                if per_class is not None:
+                    row.update({c: round(float(v), 6) for c, v in zip(CLASSES, per_class)})
+                _append_metrics(metrics_path, row)
+                if writer:
+                    writer(row, step)
+                dice_text = f" val dice {last_dice:.4f}" if per_class is not None else ""
+                log(f"epoch {epoch + 1}: loss {train_loss:.4f}{dice_text} ({images_per_s:.1f} img/s, {seconds:.1f}s)")
+                if data_wait > DATA_WAIT_HINT and cfg.workers < (os.cpu_count() or 1):
+                    log(f"  the loop waited for data {data_wait:.0%} of this epoch: more --workers (now {cfg.workers}) "
+                        "or `handseg prep` caches would help")
+            if cfg.max_steps and step >= cfg.max_steps:
+                break
     shutdown(d)
     return {"best_dice": best if best >= 0 else None, "last_dice": last_dice, "epochs": card.epoch,
             "steps": step, "out": str(out)}
+
+
+@contextlib.contextmanager
+def _run_folder(out: Path, main: bool):
+    """Create the run folder (rank 0); if the run fails before its first checkpoint, remove it again."""
+    created = main and not out.exists()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if created and not (out / LAST).exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def _seed_worker(worker_id: int) -> None:
