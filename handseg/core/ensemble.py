@@ -7,7 +7,6 @@ uint8 (p * 255). They are memory-mappable, and a soft vote reads one class's cro
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -95,7 +94,10 @@ def read_probs_index(folder: Path) -> list[str]:
     index = Path(folder) / PROBS_INDEX
     if not index.is_file():
         raise HandsegError(f"not a probability folder (no {PROBS_INDEX}; made by `predict --probs`)", folder)
-    images = json.loads(index.read_text())["images"]
+    doc = read_json(index, "probability index")
+    images = doc.get("images") if isinstance(doc, dict) else None
+    if not isinstance(images, list):
+        raise HandsegError('no "images" list (made by `predict --probs`?)', index)
     for name in images:
         if not (Path(folder) / probs_name(name)).is_file():
             raise HandsegError(f"probability map for {name} is missing", folder)
