@@ -12,7 +12,7 @@ import typer
 
 from handseg import __version__
 from handseg.commands import compare, demo, eda, kfold, predict, prep, pseudo, synth, train, vote
-from handseg.core.errors import HandsegError
+from handseg.core.errors import HandsegError, one_line
 
 app = typer.Typer(
     name="handseg",
@@ -54,17 +54,31 @@ app.command("demo")(demo.demo)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; a HandsegError becomes one line on stderr and exit code 2."""
+    """Run the CLI: a HandsegError becomes one line on stderr and exit code 2; Ctrl-C says so and
+    exits with 130 (outputs are written atomically, so an interrupted command leaves none)."""
     try:
         app(args=argv, prog_name="handseg", standalone_mode=True)
     except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if code == 130 and _interrupted(e):  # Typer turns KeyboardInterrupt into a silent exit 130
+            print("handseg: interrupted", file=sys.stderr)
+        return code
     except HandsegError as e:
         if os.environ.get("HANDSEG_DEBUG") == "1":
             raise
-        print(f"handseg: error: {e}", file=sys.stderr)
+        print(f"handseg: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("handseg: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _interrupted(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False

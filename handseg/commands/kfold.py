@@ -28,10 +28,10 @@ def kfold(
     from collections import Counter
 
     from handseg.console import progress_task, stdout
-    from handseg.core.files import atomic_write_json, check_can_write, manifest
+    from handseg.core.files import atomic_write_json, check_output, manifest
     from handseg.core.kfold import make_splits
 
-    check_can_write(out, overwrite)
+    check_output(out, overwrite)
     if meta is None and stratify in ("age", "sex", "nail"):
         meta = data.parent / "meta_data.xlsx"
     with progress_task("kfold", transient=True) as tick:

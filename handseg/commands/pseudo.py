@@ -24,17 +24,19 @@ def pseudo(
     Example: handseg pseudo probs/ --data data/test --out pseudo --min-confidence 0.9
     """
     from handseg.console import progress_task, stdout
-    from handseg.core.files import check_can_write_dir, write_manifest
+    from handseg.core.files import atomic_dir, write_manifest
     from handseg.core.pseudo import make_pseudo
 
-    check_can_write_dir(out, overwrite)
-    with progress_task("pseudo") as tick:
-        result = make_pseudo(source, data, out, min_confidence, progress=tick)
-    write_manifest(out / "cache" / "masks", "pseudo", {"min_confidence": min_confidence},
-                   inputs={"source": str(source), "data": str(data)}, format="packed-bbox-v1",
-                   samples=[{"path": p} for p in result.kept])
-    write_manifest(out, "pseudo", {"min_confidence": min_confidence}, inputs={"source": str(source),
-                   "data": str(data)}, kept=result.kept, dropped=result.dropped)
+    # built beside --out and moved into place complete: a crash leaves no half data set, and
+    # --overwrite replaces the previous run as a whole
+    with atomic_dir(out, overwrite) as tmp:
+        with progress_task("pseudo") as tick:
+            result = make_pseudo(source, data, tmp, min_confidence, progress=tick)
+        write_manifest(tmp / "cache" / "masks", "pseudo", {"min_confidence": min_confidence},
+                       inputs={"source": str(source), "data": str(data)}, format="packed-bbox-v1",
+                       samples=[{"path": p} for p in result.kept])
+        write_manifest(tmp, "pseudo", {"min_confidence": min_confidence}, inputs={"source": str(source),
+                       "data": str(data)}, kept=result.kept, dropped=result.dropped, complete=True)
     stdout.print(f"{len(result.kept)} images labelled, {len(result.dropped)} dropped -> {out}")
     for name, why in list(result.dropped.items())[:5]:
         stdout.print(f"  dropped {name}: {why}")

@@ -26,13 +26,12 @@ def synth(
     Example: handseg synth data --ids 20 --test-ids 6 --size 512 --seed 0
     """
     from handseg.console import progress_task, stdout
-    from handseg.core.files import check_can_write_dir, write_manifest
+    from handseg.core.files import atomic_dir, write_manifest
     from handseg.core.synth import make_dataset
 
-    check_can_write_dir(out, overwrite)
-    with progress_task("synth") as tick:
-        result = make_dataset(out, ids=ids, test_ids=test_ids, size=size, seed=seed, progress=tick)
-    write_manifest(out, "synth", {"ids": ids, "test_ids": test_ids, "size": size, "seed": seed},
-                   train_ids=result.train_ids, test_ids=result.test_ids, images=result.images)
+    with atomic_dir(out, overwrite) as tmp, progress_task("synth") as tick:
+        result = make_dataset(tmp, ids=ids, test_ids=test_ids, size=size, seed=seed, progress=tick)
+        write_manifest(tmp, "synth", {"ids": ids, "test_ids": test_ids, "size": size, "seed": seed},
+                       train_ids=result.train_ids, test_ids=result.test_ids, images=result.images)
     stdout.print(f"wrote {result.images} images ({len(result.train_ids)} train IDs, {len(result.test_ids)} test IDs, "
                  f"{size} px) to {out}")

@@ -11,9 +11,10 @@ import datetime as _dt
 import json
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 from handseg import __version__
 from handseg.core.constants import CLASSES
@@ -78,20 +79,98 @@ def read_json(path: str | Path, what: str) -> Any:
         raise HandsegError(f"not valid JSON ({e})", path) from None
 
 
-def check_can_write(path: str | Path, overwrite: bool) -> Path:
-    """Refuse to replace an existing output unless the user said ``--overwrite``."""
+OutputKind = Literal["file", "dir"]
+
+
+def check_output(path: str | Path, overwrite: bool = False, kind: OutputKind = "file") -> Path:
+    """The one rule for every output a command writes, checked before any work starts.
+
+    An existing output is replaced only with ``--overwrite``; a file path must not be a folder (nor a
+    folder path a file); the path must not lie under a file; and its folder must be writable (tried
+    by creating and removing a probe file, which also works for root and read-only mounts).
+
+    Raises:
+        HandsegError: naming the path and what is wrong with it.
+    """
     path = Path(path)
+    if path.is_dir() and kind == "file":
+        raise HandsegError("is a folder; give a file name", path)
+    if path.exists() and not path.is_dir() and kind == "dir":
+        raise HandsegError("is a file; give a folder name", path)
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise HandsegError(f"cannot write here: {parent} is a file, not a folder", path)
+            _check_writable(parent, path)
+            break
     if path.exists() and not overwrite:
+        if kind == "dir" and not any(path.iterdir()):
+            return path  # an empty folder holds nothing to lose
         raise HandsegError("already exists; pass --overwrite to replace it", path)
     return path
 
 
-def check_can_write_dir(folder: str | Path, overwrite: bool) -> Path:
-    """Refuse to write into a non-empty folder unless the user said ``--overwrite``."""
-    folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise HandsegError("folder exists and is not empty; pass --overwrite to write into it", folder)
-    return folder
+def _check_writable(folder: Path, target: Path) -> None:
+    probe = folder / f".handseg-probe-{secrets.token_hex(4)}"
+    try:
+        probe.touch(exist_ok=False)
+    except OSError as e:
+        raise HandsegError(f"cannot write in {folder} ({e.strerror or e})", target) from None
+    probe.unlink()
+
+
+def _run_token() -> str:
+    """A name part shared by the processes of one torchrun launch (random for a single process), so
+    every rank writes into the same partial folder."""
+    return os.environ.get("TORCHELASTIC_RUN_ID") or secrets.token_hex(4)
+
+
+def partial_dir(dest: str | Path) -> Path:
+    """Where a folder output is built before it is moved into place (a hidden sibling of ``dest``)."""
+    dest = Path(dest)
+    return dest.with_name(f".{dest.name}.tmp-{_run_token()}")
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | Path, overwrite: bool = False, main: bool = True) -> Iterator[Path]:
+    """Build a folder output beside ``dest`` and move it into place only when the block succeeds.
+
+    A failed or interrupted command leaves neither a partial folder nor a half-replaced old one:
+    ``dest`` is either what it was before or the complete new output. With ``overwrite`` an existing
+    ``dest`` is replaced as a whole (nothing of the previous run survives in it).
+
+    ``main=False`` (torchrun ranks other than 0) writes into the same partial folder but leaves the
+    move, and the clean-up, to rank 0.
+
+    Example:
+        >>> with atomic_dir("pseudo", overwrite=True) as tmp:
+        ...     (tmp / "a.txt").write_text("done")
+    """
+    dest = Path(dest)
+    if main:
+        check_output(dest, overwrite, "dir")
+    tmp = partial_dir(dest)
+    tmp.mkdir(parents=True, exist_ok=not main or "TORCHELASTIC_RUN_ID" in os.environ)
+    try:
+        yield tmp
+        if main:
+            replace_dir(tmp, dest)
+    except BaseException:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def replace_dir(src: Path, dest: Path) -> None:
+    """Move folder ``src`` onto ``dest``, replacing any folder there (near-atomically: the old one is
+    renamed aside first, then removed)."""
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{secrets.token_hex(4)}")
+        os.replace(dest, old)
+    os.replace(src, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def manifest(stage: str, options: dict[str, Any], inputs: dict[str, Any] | None = None, **extra: Any) -> dict:
