@@ -113,10 +113,10 @@ def _loader_rate(cfg, items, batches: int) -> float:
     """Images/s the DataLoader alone delivers (after its first batch)."""
     from torch.utils.data import DataLoader
 
-    from handseg.core.training import SegmentationDataset, _seed_worker
+    from handseg.core.training import SegmentationDataset, seed_worker
 
     loader = DataLoader(SegmentationDataset(items, cfg), batch_size=cfg.batch_size, shuffle=True,
-                        num_workers=cfg.workers, worker_init_fn=_seed_worker if cfg.workers else None)
+                        num_workers=cfg.workers, worker_init_fn=seed_worker if cfg.workers else None)
     seen, t0 = 0, 0.0
     for i, (x, _) in enumerate(loader):
         if i == 1:

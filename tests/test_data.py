@@ -77,7 +77,7 @@ def test_strict_json_errors_name_the_file(tmp_path):
         read_polygons(points)
 
 
-def test_discover_order_and_layout(synth_data):
+def test_discover_order_and_layout(synth_data, tmp_path):
     samples = discover(synth_data / "train", labels="required")
     rels = [s.rel for s in samples]
     assert rels == sorted(rels)
@@ -87,8 +87,12 @@ def test_discover_order_and_layout(synth_data):
     assert all(s.label_path is None for s in test)
     with pytest.raises(HandsegError, match="has no labels|no outputs_json"):
         discover(synth_data / "test", labels="required")
-    with pytest.raises(HandsegError, match="did you mean"):
-        discover(synth_data)
+    # a data set's root: training stages read ROOT/train, prediction ROOT/test
+    assert [s.rel for s in discover(synth_data)] == rels
+    assert [s.rel for s in discover(synth_data, role="test")] == [s.rel for s in test]
+    (tmp_path / "root" / "test_gt" / "DCM").mkdir(parents=True)
+    with pytest.raises(HandsegError, match="no DCM/ folder here .it holds .*test_gt"):
+        discover(tmp_path / "root")
 
 
 def test_label_without_image_is_an_error(tmp_path, synth_data):
@@ -108,7 +112,7 @@ def test_images_corrupt_png_and_size_from_header(tmp_path, synth_data):
     assert img.dtype == np.uint8 and img.shape == (128, 128) == image_size(s.image_path)
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 3)
-    with pytest.raises(HandsegError, match="bad.png: cannot decode"):
+    with pytest.raises(HandsegError, match="bad.png: (corrupt|truncated) PNG"):
         read_image(bad)
 
 

@@ -13,7 +13,7 @@ from handseg.core.training import (
     Item,
     SegmentationDataset,
     TrainConfig,
-    _augmenter,
+    augmenter,
     load_item_crops,
     render_masks,
     unpack_mask_bits,
@@ -85,7 +85,7 @@ def test_packed_augmentation_equals_augmenting_29_masks(cached, preset):
     packed = render_masks(crops, image.shape, size=128)
     full = np.ascontiguousarray(masks.transpose(1, 2, 0)).view(np.uint8)
     for seed in range(6):
-        aug: A.Compose = _augmenter(preset, unify_hands=False)
+        aug: A.Compose = augmenter(preset, unify_hands=False)
         aug.set_random_seed(seed)
         a = aug(image=image, mask=packed)
         aug.set_random_seed(seed)

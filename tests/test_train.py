@@ -133,7 +133,7 @@ def test_workers_draw_different_crops_and_augmentations(synth_data):
     from torch.utils.data import DataLoader
 
     from handseg.core.data import discover
-    from handseg.core.training import Item, SegmentationDataset, _seed_worker
+    from handseg.core.training import Item, SegmentationDataset, seed_worker
 
     sample = discover(synth_data / "train", labels="required")[0]
     for augment, crop in (("none", 32), ("default", None)):
@@ -141,7 +141,7 @@ def test_workers_draw_different_crops_and_augmentations(synth_data):
         dataset = SegmentationDataset([Item(sample, None)] * 4, cfg)
         generator = torch.Generator()
         generator.manual_seed(0)
-        loader = DataLoader(dataset, batch_size=1, num_workers=2, worker_init_fn=_seed_worker, generator=generator)
+        loader = DataLoader(dataset, batch_size=1, num_workers=2, worker_init_fn=seed_worker, generator=generator)
         first, second = [x for x, _ in loader][:2]  # batch 0 from worker 0, batch 1 from worker 1
         assert not torch.equal(first, second), augment
 
@@ -166,15 +166,15 @@ def test_a_run_that_cannot_start_leaves_no_folder(synth_data, tmp_path):
 def test_a_slow_loader_is_reported(synth_data, tmp_path, monkeypatch):
     import time
 
-    import handseg.core.training as training
+    import handseg.core.training.dataset as dataset
 
-    real = training.load_item_crops
+    real = dataset.load_item_crops
 
     def slow(item):
         time.sleep(0.15)
         return real(item)
 
-    monkeypatch.setattr(training, "load_item_crops", slow)
+    monkeypatch.setattr(dataset, "load_item_crops", slow)
     said = []
     train(_cfg(synth_data, tmp_path / "slow", epochs=1), log=said.append)
     row = list(csv.DictReader(open(tmp_path / "slow" / "metrics.csv")))[0]
@@ -183,7 +183,7 @@ def test_a_slow_loader_is_reported(synth_data, tmp_path, monkeypatch):
 
 
 def test_metrics_from_an_older_version_are_rewritten_with_todays_columns(tmp_path):
-    from handseg.core.training import METRIC_FIELDS, _append_metrics
+    from handseg.core.training import METRIC_FIELDS, append_metrics
 
     old_fields = [f for f in METRIC_FIELDS if f != "data_wait"]
     path = tmp_path / "metrics.csv"
@@ -191,7 +191,7 @@ def test_metrics_from_an_older_version_are_rewritten_with_todays_columns(tmp_pat
         w = csv.DictWriter(f, fieldnames=old_fields)
         w.writeheader()
         w.writerow({"epoch": 1, "step": 2, "train_loss": 0.5, "val_dice": 0.1})
-    _append_metrics(path, {"epoch": 2, "step": 4, "train_loss": 0.4, "data_wait": 0.05, "val_dice": 0.2})
+    append_metrics(path, {"epoch": 2, "step": 4, "train_loss": 0.4, "data_wait": 0.05, "val_dice": 0.2})
     rows = list(csv.DictReader(open(path)))
     assert list(rows[0]) == METRIC_FIELDS
     assert [(r["epoch"], r["val_dice"], r["data_wait"]) for r in rows] == [("1", "0.1", ""), ("2", "0.2", "0.05")]
@@ -209,7 +209,7 @@ def test_a_corrupt_cache_file_is_named_and_leaves_no_run_folder(synth_data, tmp_
     build_cache("masks", data, data / "cache")
     bad = sorted((data / "cache" / "masks").rglob("*.npy"))[0]
     np.save(bad, np.arange(10, dtype=np.uint8))
-    with pytest.raises(HandsegError, match="corrupt cache file") as err:
+    with pytest.raises(HandsegError, match="changed or truncated since prep") as err:
         train(_cfg(tmp_path / "copy", tmp_path / "run", epochs=1, fold=-1), log=lambda *a: None)
     assert bad.name in str(err.value)
     assert not (tmp_path / "run").exists()

@@ -18,14 +18,11 @@ CacheOut = Annotated[Path | None, typer.Option("--out", "-o", help="Cache folder
 def _run(kind: str, data: Path, out: Path | None, workers: int | None) -> None:
     from handseg.console import progress_task, stdout
     from handseg.core.cache import build_cache, default_cache_dir, default_workers
-    from handseg.core.files import write_manifest
 
     out = out or default_cache_dir(data)
     workers = workers or default_workers()
     with progress_task(f"prep {kind}") as tick:
         result = build_cache(kind, data, out, workers=workers, progress=tick)
-    write_manifest(result.folder, f"prep-{kind}", {"workers": workers}, inputs={"data": str(data)},
-                   format="packed-bbox-v1" if kind == "masks" else "npy-uint8", samples=result.samples)
     stdout.print(f"{kind}: {result.written} written, {result.skipped} up to date -> {result.folder}")
 
 

@@ -34,7 +34,7 @@ def pseudo(
             result = make_pseudo(source, data, tmp, min_confidence, progress=tick)
         write_manifest(tmp / "cache" / "masks", "pseudo", {"min_confidence": min_confidence},
                        inputs={"source": str(source), "data": str(data)}, format="packed-bbox-v1",
-                       samples=[{"path": p} for p in result.kept])
+                       samples=result.cache_entries)
         write_manifest(tmp, "pseudo", {"min_confidence": min_confidence}, inputs={"source": str(source),
                        "data": str(data)}, kept=result.kept, dropped=result.dropped, complete=True)
     stdout.print(f"{len(result.kept)} images labelled, {len(result.dropped)} dropped -> {out}")

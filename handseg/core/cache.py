@@ -14,6 +14,8 @@ box packed 8 pixels a byte along rows (``np.packbits(axis=1)``). A 2048 px sampl
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -36,7 +38,7 @@ from handseg.core.data import (
     read_polygons,
 )
 from handseg.core.errors import HandsegError
-from handseg.core.files import atomic_open
+from handseg.core.files import MANIFEST_NAME, atomic_open, write_manifest
 
 MAGIC = 0x48534D4B  # "HSMK"
 IMAGES = "images"
@@ -47,22 +49,28 @@ def _row_bytes(width: int) -> int:
     return (width + 7) // 8
 
 
-def pack_polygons(polygons: Polygons, shape: tuple[int, int]) -> np.ndarray:
+def pack_polygons(polygons: Polygons, shape: tuple[int, int], source: str | Path | None = None) -> np.ndarray:
     """Rasterise polygons (as :func:`handseg.core.data.class_masks` does) straight into the packed form."""
     blocks = [(c, np.packbits(crop, axis=1), r0, c0, crop.shape[1])
-              for c, crop, r0, c0 in polygon_crops(polygons, shape)]
+              for c, crop, r0, c0 in polygon_crops(polygons, shape, source)]
     return cropfile.pack(blocks, shape, NUM_CLASSES, MAGIC)
+
+
+def pack_crops(crops: BoneCrops, shape: tuple[int, int], channels: int = NUM_CLASSES) -> np.ndarray:
+    """Pack bone crops ``(class, (h, w) bool, row0, col0)`` (one per class) into the cache's 1-D form."""
+    blocks = [(c, np.packbits(crop, axis=1), r0, c0, crop.shape[1]) for c, crop, r0, c0 in crops]
+    return cropfile.pack(blocks, shape, channels, MAGIC)
 
 
 def pack_masks(masks: np.ndarray) -> np.ndarray:
     """Pack a ``(C, H, W)`` bool stack into the cache's 1-D uint8 form."""
-    blocks = []
+    crops = []
     for c, m in enumerate(masks):
         box = cropfile.bbox(m)
         if box is not None:
             r0, r1, c0, c1 = box
-            blocks.append((c, np.packbits(m[r0:r1, c0:c1], axis=1), r0, c0, c1 - c0))
-    return cropfile.pack(blocks, masks.shape[1:], masks.shape[0], MAGIC)
+            crops.append((c, m[r0:r1, c0:c1], r0, c0))
+    return pack_crops(crops, masks.shape[1:], masks.shape[0])
 
 
 def unpack_crops(buf: np.ndarray) -> tuple[tuple[int, int], int, BoneCrops]:
@@ -95,7 +103,7 @@ def unpack_masks(buf: np.ndarray) -> np.ndarray:
 
 
 def _npy_bytes_path(folder: Path, sample: Sample) -> Path:
-    return folder / sample.patient / f"{sample.stem}.npy"
+    return folder / sample.folder / f"{sample.stem}.npy"
 
 
 def mask_path(cache_dir: str | Path, sample: Sample) -> Path:
@@ -111,29 +119,79 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(f, array, allow_pickle=False)
 
 
-def _up_to_date(target: Path, *sources: Path) -> bool:
-    if not target.is_file():
-        return False
-    t = target.stat().st_mtime_ns
-    return all(t >= s.stat().st_mtime_ns for s in sources)
+# ----------------------------------------------------------------------------------------------
+# what a cache file was made from
 
 
-def _cache_one_mask(args: tuple[Sample, Path]) -> tuple[str, list[int], bool]:
-    sample, target = args
-    shape = image_size(sample.image_path)
-    if _up_to_date(target, sample.image_path, sample.label_path):
-        return sample.rel, list(shape), False
-    _save_npy(target, pack_polygons(read_polygons(sample.label_path), shape))
-    return sample.rel, list(shape), True
+def fingerprint(path: Path, previous: dict | None = None, always_hash: bool = False) -> dict:
+    """``{"size", "mtime_ns", "sha256"}`` of a source file. With ``previous`` (its record in the cache
+    manifest) and the same size and modification time, the recorded hash is reused without reading
+    the file, unless ``always_hash`` (labels: small, and what people edit)."""
+    st = path.stat()
+    if (not always_hash and previous and previous.get("size") == st.st_size
+            and previous.get("mtime_ns") == st.st_mtime_ns and previous.get("sha256")):
+        return dict(previous)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest.hexdigest()}
 
 
-def _cache_one_image(args: tuple[Sample, Path]) -> tuple[str, list[int], bool]:
-    sample, target = args
-    if _up_to_date(target, sample.image_path):
-        return sample.rel, list(np.load(target, mmap_mode="r").shape), False
-    image = read_image(sample.image_path)
-    _save_npy(target, image)
-    return sample.rel, list(image.shape), True
+def _sources(kind: str, sample: Sample, previous: dict | None) -> dict:
+    prev = (previous or {}).get("sources", {})
+    out = {"image": fingerprint(sample.image_path, prev.get("image"))}
+    if kind == MASKS:
+        out["label"] = fingerprint(sample.label_path, prev.get("label"), always_hash=True)
+    return out
+
+
+def _same_sources(a: dict, b: dict) -> bool:
+    return {k: v.get("sha256") for k, v in a.items()} == {k: v.get("sha256") for k, v in b.items()}
+
+
+def _fresh(target: Path, entry: dict | None, sources: dict) -> bool:
+    """A cache file is up to date when it exists with the size recorded for it and was made from
+    sources with the same content as today's."""
+    return (entry is not None and target.is_file() and target.stat().st_size == entry.get("bytes")
+            and _same_sources(entry.get("sources", {}), sources))
+
+
+def cache_entry(kind: str, sample: Sample, target: Path, shape: tuple[int, int], previous: dict | None = None) -> dict:
+    """The manifest record of one cache file: its image, size, the file's bytes and its sources."""
+    return {"path": sample.rel, "shape": list(shape), "bytes": target.stat().st_size,
+            "sources": _sources(kind, sample, previous)}
+
+
+def read_cache_index(folder: Path) -> dict[str, dict]:
+    """``{rel path: entry}`` from a cache folder's manifest (empty if there is none or it is unreadable)."""
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        return {}
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    samples = doc.get("samples") if isinstance(doc, dict) else None
+    return {e["path"]: e for e in samples or [] if isinstance(e, dict) and isinstance(e.get("path"), str)}
+
+
+def _cache_one(args: tuple[str, Sample, Path, dict | None]) -> tuple[dict, bool, list]:
+    from handseg.core.notices import drain
+
+    kind, sample, target, previous = args
+    sources = _sources(kind, sample, previous)
+    if _fresh(target, previous, sources):
+        return previous, False, drain()
+    if kind == MASKS:
+        shape = image_size(sample.image_path)
+        _save_npy(target, pack_polygons(read_polygons(sample.label_path), shape, sample.label_path))
+    else:
+        image = read_image(sample.image_path)
+        shape = image.shape
+        _save_npy(target, image)
+    entry = {"path": sample.rel, "shape": list(shape), "bytes": target.stat().st_size, "sources": sources}
+    return entry, True, drain()
 
 
 @dataclass
@@ -148,33 +206,77 @@ def build_cache(kind: str, data_dir: str | Path, cache_dir: str | Path, workers:
                 progress: Callable[[], None] | None = None) -> CacheResult:
     """Fill ``cache_dir/{images|masks}`` for every sample of ``data_dir``; skip up-to-date files.
 
+    A file is up to date when the manifest records it with the same bytes on disk, made from a
+    label with the same content (SHA-256, always re-read) and an image with the same content (its
+    hash is re-read when its size or modification time changed). The folder's manifest records
+    each file's sources; it is written last.
+
     Args:
         kind: ``"masks"`` (needs labels) or ``"images"``.
         workers: processes to use (1 = in this process).
     """
+    from handseg.core.notices import collect_only, notice
+
     if kind not in (MASKS, IMAGES):
         raise ValueError(f"unknown cache kind {kind!r}")
     samples = discover(data_dir, labels="required" if kind == MASKS else "ignore")
     folder = Path(cache_dir) / kind
-    jobs = [(s, _npy_bytes_path(folder, s)) for s in samples]
-    fn = _cache_one_mask if kind == MASKS else _cache_one_image
+    index = read_cache_index(folder)
+    jobs = [(kind, s, _npy_bytes_path(folder, s), index.get(s.rel)) for s in samples]
     if progress:
         progress(total=len(jobs))
     results = []
     if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for r in pool.map(fn, jobs, chunksize=max(1, len(jobs) // (workers * 8))):
+        with ProcessPoolExecutor(max_workers=workers, initializer=collect_only) as pool:
+            for r in pool.map(_cache_one, jobs, chunksize=max(1, len(jobs) // (workers * 8))):
                 results.append(r)
                 if progress:
                     progress()
     else:
         for job in jobs:
-            results.append(fn(job))
+            results.append(_cache_one(job))
             if progress:
                 progress()
-    written = sum(r[2] for r in results)
-    entries = [{"path": rel, "shape": shape} for rel, shape, _ in results]
+    for _, _, notes in results:
+        for key, text in notes:
+            notice(key, text)
+    written = sum(r[1] for r in results)
+    entries = [r[0] for r in results]
+    write_manifest(folder, f"prep-{kind}", {"workers": workers}, inputs={"data": str(data_dir)},
+                   format="packed-bbox-v1" if kind == MASKS else "npy-uint8", samples=entries)
     return CacheResult(folder, entries, written, len(results) - written)
+
+
+def check_cache_fresh(cache_dir: str | Path, samples: list[Sample]) -> None:
+    """Refuse to train from cache files that were made from other sources than today's.
+
+    Raises:
+        HandsegError: naming the label or image that changed since ``handseg prep`` (or a cache file
+            with no record of its sources, or with another size than recorded).
+    """
+    for kind, command in ((MASKS, "json2npy"), (IMAGES, "png2npy")):
+        folder = Path(cache_dir) / kind
+        if not folder.is_dir():
+            continue
+        index = read_cache_index(folder)
+        for s in samples:
+            target = _npy_bytes_path(folder, s)
+            if not target.is_file():
+                continue  # not cached: read from the PNG and JSON themselves
+            entry = index.get(s.rel)
+            if entry is None or "sources" not in entry:
+                raise HandsegError(f"cache file has no record of its sources (made by an older handseg, or "
+                                   f"not by prep?); run `handseg prep {command}` again", target)
+            if target.stat().st_size != entry.get("bytes"):
+                raise HandsegError(f"cache file was changed or truncated since prep; run `handseg prep {command}` "
+                                   "again", target)
+            recorded = entry["sources"]
+            for role, path in (("label", s.label_path), ("image", s.image_path)):
+                if role in recorded and path is not None:
+                    now = fingerprint(path, recorded[role], always_hash=role == "label")
+                    if now.get("sha256") != recorded[role].get("sha256"):
+                        raise HandsegError(f"changed since the cache was made; run `handseg prep {command}` "
+                                           "again", path)
 
 
 def load_cached_image(cache_dir: str | Path, sample: Sample, mmap: bool = True) -> np.ndarray:
@@ -182,7 +284,14 @@ def load_cached_image(cache_dir: str | Path, sample: Sample, mmap: bool = True) 
     path = image_path(cache_dir, sample)
     if not path.is_file():
         raise HandsegError("not in the image cache (run `handseg prep png2npy`)", path)
-    return np.load(path, mmap_mode="r" if mmap else None)
+    try:
+        image = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise HandsegError(f"corrupt cache file ({str(e).splitlines()[0][:100]}); run `handseg prep png2npy` "
+                           "again", path) from None
+    if image.dtype != np.uint8 or image.ndim != 2:
+        raise HandsegError(f"cache file holds {image.dtype} {image.shape}, not an (H, W) uint8 image", path)
+    return image
 
 
 def load_cached_masks(cache_dir: str | Path, sample: Sample) -> np.ndarray:
@@ -197,8 +306,8 @@ def load_cached_crops(cache_dir: str | Path, sample: Sample) -> tuple[tuple[int,
     if not path.is_file():
         raise HandsegError("not in the mask cache (run `handseg prep json2npy`)", path)
     try:
-        shape, _, bones = unpack_crops(np.load(path))
-    except ValueError as e:
+        shape, _, bones = unpack_crops(np.load(path, allow_pickle=False))
+    except (ValueError, OSError, EOFError) as e:
         raise HandsegError(f"corrupt cache file ({e})", path) from None
     return shape, bones
 

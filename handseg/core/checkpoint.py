@@ -1,7 +1,9 @@
 """Self-describing checkpoints: safetensors weights with everything ``predict`` needs in the header.
 
-A run folder holds ``best.safetensors`` and ``last.safetensors`` (weights + metadata), ``resume.pt``
-(optimizer, scheduler, scaler, step counters, RNG states), ``metrics.csv`` and ``manifest.json``.
+A run folder holds ``best.safetensors`` and ``last.safetensors`` (weights + metadata),
+``resume-<epoch>.safetensors`` (optimizer, scheduler, scaler, counters, random states; see
+:mod:`handseg.core.training.state`), ``metrics.csv`` and ``manifest.json``. Nothing here is pickled:
+a checkpoint from someone else cannot run code when it is loaded.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from handseg.core.errors import HandsegError
 from handseg.core.files import atomic_open
 
 META_KEY = "handseg"
-BEST, LAST, RESUME = "best.safetensors", "last.safetensors", "resume.pt"
+BEST, LAST = "best.safetensors", "last.safetensors"
 
 
 @dataclass
@@ -39,16 +41,56 @@ class ModelCard:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelCard:
+        """A card from its JSON, every field checked (a malformed card raises ValueError)."""
+        if not isinstance(d, dict):
+            raise ValueError("the card is not an object")
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        for key in ("arch", "encoder", "size"):
+            if key not in known:
+                raise ValueError(f"the card has no {key!r}")
+        card = cls(**known)
+        _check_card(card)
+        return card
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_card(card: ModelCard) -> None:
+    import math
+
+    if not (isinstance(card.arch, str) and isinstance(card.encoder, str)):
+        raise ValueError("arch and encoder must be names")
+    if not (_is_int(card.size) and card.size > 0) or not (card.crop is None or (_is_int(card.crop) and card.crop > 0)):
+        raise ValueError("size and crop must be positive integers")
+    if not (_is_int(card.in_channels) and card.in_channels > 0):
+        raise ValueError("in_channels must be a positive integer")
+    if not (isinstance(card.classes, list) and card.classes and all(isinstance(c, str) for c in card.classes)):
+        raise ValueError("classes must be a list of names")
+    t = card.thresholds
+    if not (isinstance(t, list) and len(t) == len(card.classes)
+            and all(isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < 1 for v in t)):
+        raise ValueError(f"thresholds must be {len(card.classes)} numbers between 0 and 1")
+    norm = card.norm
+    if not (isinstance(norm, dict) and all(isinstance(norm.get(k), int | float) and math.isfinite(norm[k])
+                                           for k in ("mean", "std")) and norm["std"] > 0):
+        raise ValueError("norm must have a finite mean and a positive std")
+    if not isinstance(card.unify_hands, bool):
+        raise ValueError("unify_hands must be true or false")
+
+
+def checkpoint_bytes(weights: dict, card: ModelCard) -> bytes:
+    """A safetensors file's bytes: ``weights`` (name -> CPU tensor) with the card in its header."""
+    from safetensors.torch import save
+
+    return save(weights, metadata={META_KEY: json.dumps(asdict(card))})
 
 
 def save_checkpoint(path: str | Path, model, card: ModelCard) -> None:
     """Write weights and card atomically as one safetensors file."""
-    from safetensors.torch import save
-
     state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
-    data = save(state, metadata={META_KEY: json.dumps(asdict(card))})
+    data = checkpoint_bytes(state, card)
     with atomic_open(path, "wb") as f:
         f.write(data)
 
@@ -77,22 +119,31 @@ def read_card(path: str | Path) -> ModelCard:
         raise HandsegError(f"not a safetensors checkpoint ({str(e)[:120]})", path) from None
     if META_KEY not in meta:
         raise HandsegError("checkpoint has no handseg model card (not written by handseg train?)", path)
-    return ModelCard.from_dict(json.loads(meta[META_KEY]))
+    try:
+        return ModelCard.from_dict(json.loads(meta[META_KEY]))
+    except (ValueError, TypeError) as e:
+        raise HandsegError(f"malformed model card ({e})", path) from None
+
+
+def load_weights(model, path: str | Path) -> None:
+    """Load a checkpoint's weights into ``model``; a corrupt file or other model is one line naming it."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        model.load_state_dict(load_file(str(path), device="cpu"))
+    except Exception as e:  # mismatched keys or shapes, or a truncated file
+        raise HandsegError(f"weights do not match the card's model ({str(e).splitlines()[0][:160]})", path) from None
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu"):
     """Rebuild the model from a checkpoint's card and load its weights: ``(model in eval mode, card)``."""
-    from safetensors.torch import load_file
-
     from handseg.core.models import build_model
 
     path = resolve_checkpoint(path)
     card = read_card(path)
     model = build_model(card.arch, card.encoder, "none", classes=len(card.classes), in_channels=card.in_channels)
-    try:
-        model.load_state_dict(load_file(str(path), device="cpu"))
-    except RuntimeError as e:
-        raise HandsegError(f"weights do not match the card's model ({str(e).splitlines()[0][:160]})", path) from None
+    load_weights(model, path)
     return model.to(device).eval(), card
 
 

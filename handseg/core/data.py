@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -24,13 +26,17 @@ from handseg.core.constants import (
     ANNOTATION_SUFFIX,
     CLASS_INDEX,
     CLASSES,
-    IMAGE_SUFFIX,
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
     IMAGES_DIR,
     LABELS_DIR,
     NUM_CLASSES,
 )
 from handseg.core.errors import HandsegError
 from handseg.core.rle import EMPTY_RUNS, Runs, crop_to_runs
+
+MAX_COORDINATE = 1_000_000
+"""Polygon coordinates beyond this many pixels are refused (they would overflow the rasteriser)."""
 
 Polygons = dict[str, np.ndarray]
 """Class name -> ``(N, 2)`` int32 polygon vertices, x = column, y = row."""
@@ -41,9 +47,13 @@ class Sample:
     """One image of the data set (and its label file, where it has one)."""
 
     patient: str
-    """The folder name, e.g. ``ID001``."""
+    """The person the image belongs to: the first folder under ``DCM/`` (e.g. ``ID001``); folds keep
+    a person's images together. An image with no folder is its own person (its stem)."""
     image_path: Path
     label_path: Path | None = None
+    rel_dir: str | None = None
+    """The image's folder relative to the image root, e.g. ``ID001`` (``""``: the root itself);
+    ``None`` means the patient folder."""
 
     @property
     def stem(self) -> str:
@@ -55,61 +65,140 @@ class Sample:
         return self.image_path.name
 
     @property
+    def folder(self) -> str:
+        """The image's folder relative to the image root (``ID040``, ``""`` for a flat folder)."""
+        return self.patient if self.rel_dir is None else self.rel_dir
+
+    @property
     def rel(self) -> str:
-        """Path relative to ``DCM/``, e.g. ``ID040/image1661319116107.png``; submissions sort by it."""
-        return f"{self.patient}/{self.image_path.name}"
+        """Path relative to ``DCM/`` (or to a plain folder), e.g. ``ID040/image1661319116107.png``;
+        submissions sort by it."""
+        return f"{self.folder}/{self.image_path.name}" if self.folder else self.image_path.name
 
 
 LabelPolicy = Literal["required", "optional", "ignore"]
+Role = Literal["train", "test"]
 
 
-def discover(data_dir: str | Path, labels: LabelPolicy = "optional") -> list[Sample]:
+@dataclass(frozen=True)
+class DataSource:
+    """What a ``--data`` argument turned out to be."""
+
+    root: Path
+    """The folder the images are read from (holding ``DCM/`` in the competition layout)."""
+    layout: Literal["competition", "folder"]
+    note: str | None = None
+    """Said to the user when ``--data`` was resolved to something other than itself."""
+
+
+def is_image_file(path: Path) -> bool:
+    """An X-ray file by its extension (any case): PNG or JPEG."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def resolve_data(data_dir: str | Path, role: Role = "train") -> DataSource:
+    """Turn what a user points ``--data`` at into the folder to read: a split holding ``DCM/``, the data
+    set's root (``ROOT/train`` for training stages, ``ROOT/test`` for prediction), or, for prediction
+    only, any folder of X-rays (PNG or JPEG, flat or nested).
+
+    Raises:
+        HandsegError: the folder is missing, or holds nothing this role can read.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.exists():
+        raise HandsegError("data folder not found", data_dir)
+    if not data_dir.is_dir():
+        raise HandsegError("is a file; --data takes a folder", data_dir)
+    if (data_dir / IMAGES_DIR).is_dir():
+        return DataSource(data_dir, "competition")
+    split = data_dir / role
+    if (split / IMAGES_DIR).is_dir():
+        return DataSource(split, "competition", f"--data {data_dir}: using {split} (the {role} split)")
+    if role == "test" and any(is_image_file(p) for p in _walk_files(data_dir)):
+        return DataSource(data_dir, "folder")
+    others = [p for p in ("train", "test", "test_gt") if (data_dir / p / IMAGES_DIR).is_dir()]
+    hint = f" (it holds {', '.join(str(data_dir / p) for p in others)})" if others else ""
+    what = f"no {IMAGES_DIR}/ folder" + (" and no PNG or JPEG images" if role == "test" else "")
+    raise HandsegError(f"{what} here{hint}", data_dir)
+
+
+def _walk_files(root: Path):
+    """Files under ``root`` (symlinks included, dangling ones too), skipping hidden entries and caches."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "cache")
+        for name in sorted(filenames):
+            if not name.startswith("."):
+                yield Path(dirpath) / name
+
+
+def _image_files(root: Path) -> list[Path]:
+    """Every image file under ``root``; a broken link with an image name is an error naming it."""
+    images = []
+    for path in _walk_files(root):
+        if not is_image_file(path):
+            continue
+        if not path.exists():
+            raise HandsegError("broken link: the image it points to does not exist", path)
+        if not path.is_file():
+            raise HandsegError("not a regular file", path)
+        images.append(path)
+    return images
+
+
+def discover(data_dir: str | Path, labels: LabelPolicy = "optional", role: Role = "train") -> list[Sample]:
     """List the images of a data folder in submission order (sorted by path relative to ``DCM/``).
 
     Args:
-        data_dir: a folder holding ``DCM/`` and, for labelled data, ``outputs_json/``.
+        data_dir: what ``--data`` points at (see :func:`resolve_data`): a folder holding ``DCM/`` and,
+            for labelled data, ``outputs_json/``; a data set's root; or, for ``role="test"``, any
+            folder of PNG/JPEG X-rays.
         labels: ``required``: every image must have a JSON (and every JSON an image);
             ``optional``: use JSONs where present; ``ignore``: do not look for them.
+        role: which split of a data set's root to read (``train`` or ``test``).
 
     Raises:
-        HandsegError: the folder or its ``DCM/`` is missing, holds no PNG, or images and labels do
-            not match.
+        HandsegError: the folder holds no images, an image file is a broken link, or images and
+            labels do not match.
     """
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise HandsegError("data folder not found", data_dir)
-    image_root = data_dir / IMAGES_DIR
-    if not image_root.is_dir():
-        hint = ""
-        if (data_dir / "train" / IMAGES_DIR).is_dir():
-            hint = f" (did you mean {data_dir / 'train'}?)"
-        raise HandsegError(f"no {IMAGES_DIR}/ folder here{hint}", data_dir)
-    images = sorted(p for p in image_root.glob(f"*/*{IMAGE_SUFFIX}") if p.is_file())
+    source = resolve_data(data_dir, role)
+    data_dir = source.root
+    image_root = data_dir / IMAGES_DIR if source.layout == "competition" else data_dir
+    images = _image_files(image_root)
     if not images:
-        raise HandsegError(f"no PNG images under {IMAGES_DIR}/<ID>/", data_dir)
-    images.sort(key=lambda p: f"{p.parent.name}/{p.name}")
+        raise HandsegError(f"no PNG or JPEG images under {image_root.name}/", data_dir)
+    rels = [p.relative_to(image_root) for p in images]
 
     label_root = data_dir / LABELS_DIR
-    use_labels = labels != "ignore" and (labels == "required" or label_root.is_dir())
+    use_labels = source.layout == "competition" and labels != "ignore" and (labels == "required"
+                                                                            or label_root.is_dir())
     if labels == "required" and not label_root.is_dir():
         raise HandsegError(f"no {LABELS_DIR}/ folder: these images have no labels", data_dir)
-
-    samples = []
-    for image in images:
-        label = None
-        if use_labels:
-            candidate = label_root / image.parent.name / (image.stem + ANNOTATION_SUFFIX)
-            if candidate.is_file():
-                label = candidate
-            elif labels == "required":
-                raise HandsegError(f"image has no label file (expected {candidate})", image)
-        samples.append(Sample(image.parent.name, image, label))
-
+    label_files = {}
     if use_labels:
-        known = {(s.patient, s.stem) for s in samples}
-        for label in sorted(label_root.glob(f"*/*{ANNOTATION_SUFFIX}")):
-            if (label.parent.name, label.stem) not in known:
-                raise HandsegError(f"label file has no matching image under {IMAGES_DIR}/", label)
+        for label in _walk_files(label_root):
+            if label.suffix.lower() == ANNOTATION_SUFFIX:
+                key = (label.parent.relative_to(label_root).as_posix(), label.stem)
+                label_files[key] = label
+
+    samples, seen = [], {}
+    for image, rel in zip(images, rels):
+        folder = rel.parent.as_posix()
+        folder = "" if folder == "." else folder
+        if (folder, image.stem) in seen:
+            raise HandsegError(f"two images share the name {image.stem} ({seen[folder, image.stem].name} and "
+                               f"{image.name}); labels and caches could not tell them apart", image.parent)
+        seen[folder, image.stem] = image
+        patient = rel.parts[0] if len(rel.parts) > 1 else image.stem
+        label = label_files.pop((folder, image.stem), None) if use_labels else None
+        if label is None and labels == "required":
+            expected = label_root / folder / (image.stem + ANNOTATION_SUFFIX)
+            raise HandsegError(f"image has no label file (expected {expected})", image)
+        samples.append(Sample(patient, image, label, folder))
+    if label_files:
+        orphan = sorted(label_files.values())[0]
+        raise HandsegError(f"label file has no matching image under {IMAGES_DIR}/ "
+                           f"({len(label_files)} such file(s))", orphan)
+    samples.sort(key=lambda s: s.rel)
     return samples
 
 
@@ -117,48 +206,189 @@ def discover(data_dir: str | Path, labels: LabelPolicy = "optional") -> list[Sam
 # images
 
 
+def max_pixels() -> int:
+    """The largest image handseg reads, in pixels: ``HANDSEG_MAX_PIXELS`` (default 8192 x 8192).
+
+    A small file can declare a huge image (a 429 KB PNG of 20000 x 20000); prediction allocates 29
+    float maps of the image's size, so such files are refused before anything is decoded."""
+    value = os.environ.get("HANDSEG_MAX_PIXELS", "")
+    try:
+        return int(value) if value else DEFAULT_MAX_PIXELS
+    except ValueError:
+        raise HandsegError(f"HANDSEG_MAX_PIXELS={value!r} is not a whole number") from None
+
+
+def check_image_size(height: int, width: int, path: str | Path) -> None:
+    if height <= 0 or width <= 0:
+        raise HandsegError(f"image header gives a size of {width} x {height}", path)
+    if height * width > max_pixels():
+        raise HandsegError(f"image is {width} x {height} pixels, more than the limit of {max_pixels():,} "
+                           "(set HANDSEG_MAX_PIXELS to raise it)", path)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_JPEG_SOI = b"\xff\xd8"
+
+
+@dataclass(frozen=True)
+class PngHeader:
+    height: int
+    width: int
+    bit_depth: int
+    significant_bits: int | None
+    """From the ``sBIT`` chunk, when the file declares it (e.g. 12 for a 12-bit X-ray in 16 bits)."""
+
+
+def read_png_header(data: bytes, path: str | Path, verify: bool = True) -> PngHeader:
+    """Parse a PNG's chunks: size, bit depth, declared significant bits; with ``verify`` every chunk's
+    CRC is checked and the file must end with ``IEND``, so a corrupt or truncated file is reported
+    here in one line (instead of by the decoder's own messages on stderr)."""
+    if data[:8] != _PNG_SIGNATURE:
+        raise HandsegError("not a PNG file", path)
+    pos, header, sbit, ended = 8, None, None, False
+    while pos + 8 <= len(data):
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        kind = data[pos + 4 : pos + 8]
+        end = pos + 12 + length
+        if end > len(data):
+            break
+        body = data[pos + 8 : pos + 8 + length]
+        if verify and zlib.crc32(kind + body) != int.from_bytes(data[end - 4 : end], "big"):
+            raise HandsegError(f"corrupt PNG: the {kind.decode('latin-1')} chunk fails its checksum", path)
+        if kind == b"IHDR":
+            if length < 13:
+                break
+            width, height = struct.unpack(">II", body[:8])
+            header = (height, width, body[8])
+            if not verify:
+                break
+        elif kind == b"sBIT" and length >= 1:
+            sbit = body[0]
+        elif kind == b"IEND":
+            ended = True
+            break
+        pos = end
+    if header is None:
+        raise HandsegError("corrupt PNG: no image header", path)
+    if verify and not ended:
+        raise HandsegError("truncated PNG: the file ends before its last chunk", path)
+    check_image_size(header[0], header[1], path)
+    return PngHeader(header[0], header[1], header[2], sbit)
+
+
+def _jpeg_size(data: bytes, path: str | Path) -> tuple[int, int]:
+    """``(H, W)`` from a JPEG's start-of-frame marker; the file must end with its end-of-image marker."""
+    if b"\xff\xd9" not in data[-64:]:
+        raise HandsegError("truncated JPEG: no end-of-image marker", path)
+    pos = 2
+    while pos + 9 < len(data):
+        if data[pos] != 0xFF:
+            pos += 1
+            continue
+        marker = data[pos + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
+            pos += 1 if marker == 0xFF else 2
+            continue
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
+            check_image_size(height, width, path)
+            return height, width
+        pos += 2 + length
+    raise HandsegError("corrupt JPEG: no frame header", path)
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise HandsegError("broken link: the image it points to does not exist", path) from None
+        raise HandsegError("image not found", path) from None
+    except IsADirectoryError:
+        raise HandsegError("is a folder, not an image", path) from None
+    except OSError as e:
+        raise HandsegError(f"cannot read image ({e.strerror or e})", path) from None
+
+
 def read_image(path: str | Path) -> np.ndarray:
-    """Read an X-ray as an ``(H, W)`` uint8 array (colour PNGs are converted, 16-bit scaled).
+    """Read an X-ray as an ``(H, W)`` uint8 array.
+
+    PNG (8 or 16 bits, grey or colour) and JPEG. Colour is converted to grey. A 16-bit image is
+    scaled by its depth: the ``sBIT`` bits it declares, else the smallest of 8, 10, 12, 14 or 16 bits
+    that holds its largest value (a 12-bit X-ray, 0..4095, becomes 0..255; ``>> 8`` would make it
+    black); this is said once per run.
 
     Raises:
-        HandsegError: the file is missing or is not a decodable image.
+        HandsegError: the file is missing, a broken link, larger than :func:`max_pixels`, corrupt
+            or truncated, or not a PNG/JPEG.
     """
     import cv2
 
     path = Path(path)
-    if not path.is_file():
-        raise HandsegError("image not found", path)
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    data = _read_bytes(path)
+    png = None
+    if data[:8] == _PNG_SIGNATURE:
+        png = read_png_header(data, path)
+    elif data[:2] == _JPEG_SOI:
+        _jpeg_size(data, path)
+    else:
+        raise HandsegError("not a PNG or JPEG image", path)
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None:
-        raise HandsegError("cannot decode image (corrupt or not a PNG)", path)
+        raise HandsegError("cannot decode image (corrupt file)", path)
     if image.ndim == 3:
         code = cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY
         image = cv2.cvtColor(image, code)
     if image.dtype == np.uint16:
-        image = (image >> 8).astype(np.uint8)
+        image = _from_16_bit(image, png.significant_bits if png is not None else None, path)
     elif image.dtype != np.uint8:
         raise HandsegError(f"unsupported pixel type {image.dtype}", path)
     return image
 
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+def _from_16_bit(image: np.ndarray, significant_bits: int | None, path: Path) -> np.ndarray:
+    from handseg.core.notices import notice
+
+    top = int(image.max())
+    if significant_bits and 8 <= significant_bits <= 16 and top < 2**significant_bits:
+        bits, why = significant_bits, "declared"
+    else:
+        bits = next(b for b in (8, 10, 12, 14, 16) if top < 2**b)
+        why = f"largest value {top}"
+    scale = 255.0 / (2**bits - 1)
+    notice(("16-bit", bits), f"16-bit images are scaled to 8 bits by their depth: {path.name} read as {bits}-bit "
+                             f"({why}), values x {scale:.5g}")
+    return np.rint(image.astype(np.float32) * scale).astype(np.uint8)
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
-    """``(H, W)`` of a PNG read from its header, without decoding the pixels."""
+    """``(H, W)`` of an image read from its header, without decoding the pixels (or checking the
+    rest of the file: :func:`read_image` does that)."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            head = f.read(24)
+            head = f.read(64 * 1024)
     except FileNotFoundError:
+        if path.is_symlink():
+            raise HandsegError("broken link: the image it points to does not exist", path) from None
         raise HandsegError("image not found", path) from None
-    if len(head) < 24 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
-        # not a PNG header we can read: decode it to find out (and to fail clearly if corrupt)
-        return read_image(path).shape  # type: ignore[return-value]
-    width, height = struct.unpack(">II", head[16:24])
-    if width == 0 or height == 0:
-        raise HandsegError("PNG header gives a zero size", path)
-    return height, width
+    if head[:8] == _PNG_SIGNATURE:
+        header = read_png_header(head, path, verify=False)
+        return header.height, header.width
+    return read_image(path).shape  # type: ignore[return-value]
+
+
+def resize_image(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """The one resize of an X-ray to a model's input size, in training and in prediction alike:
+    ``(H, W)`` uint8 -> ``(h, w)`` uint8 with area averaging (OpenCV ``INTER_AREA``, which interpolates
+    bilinearly when enlarging)."""
+    import cv2
+
+    h, w = hw
+    if image.shape == (h, w):
+        return image
+    return cv2.resize(np.ascontiguousarray(image), (w, h), interpolation=cv2.INTER_AREA)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,8 +427,12 @@ def read_polygons(path: str | Path, require_all: bool = True) -> Polygons:
             points = np.asarray(ann.get("points"), dtype=np.float64)
         except (TypeError, ValueError):
             raise HandsegError(f"annotation {i} ({label}) has malformed points", path) from None
-        if points.ndim != 2 or points.shape[1] != 2 or points.shape[0] < 3 or not np.isfinite(points).all():
+        if points.ndim != 2 or points.shape[1] != 2 or points.shape[0] < 3:
             raise HandsegError(f"annotation {i} ({label}) needs at least 3 [x, y] points", path)
+        if not np.isfinite(points).all() or np.abs(points).max() > MAX_COORDINATE:
+            bad = points[~(np.isfinite(points) & (np.abs(points) <= MAX_COORDINATE))][0]
+            raise HandsegError(f"annotation {i} ({label}) has a coordinate out of range ({bad!r}; the limit is "
+                               f"{MAX_COORDINATE:,} pixels)", path)
         polygons[label] = np.rint(points).astype(np.int32)
     if require_all:
         missing = [c for c in CLASSES if c not in polygons]
@@ -249,14 +483,21 @@ BoneCrops = list[tuple[int, np.ndarray, int, int]]
 the prep cache stores, and what masks, runs and training samples are made from."""
 
 
-def polygon_crops(polygons: Polygons, shape: tuple[int, int]) -> BoneCrops:
-    """Each class's polygon rasterised into its clipped bounding box (see :func:`polygon_crop`)."""
+def polygon_crops(polygons: Polygons, shape: tuple[int, int], source: str | Path | None = None) -> BoneCrops:
+    """Each class's polygon rasterised into its clipped bounding box (see :func:`polygon_crop`).
+
+    Raises:
+        HandsegError: a polygon has no pixel inside the ``(H, W)`` image (it lies outside it, or
+            is degenerate); the message names ``source`` (the label file) and the class.
+    """
     crops = []
     for name, points in polygons.items():
         placed = polygon_crop(points, shape)
-        if placed is not None:
-            crop, r0, c0 = placed
-            crops.append((CLASS_INDEX[name], crop.view(np.bool_), r0, c0))
+        if placed is None or not placed[0].any():
+            where = "lies outside" if placed is None else "covers no pixel of"
+            raise HandsegError(f"class {name}: the polygon {where} the {shape[1]} x {shape[0]} image", source)
+        crop, r0, c0 = placed
+        crops.append((CLASS_INDEX[name], crop.view(np.bool_), r0, c0))
     return crops
 
 
@@ -270,7 +511,8 @@ def place_crops(crops: BoneCrops, shape: tuple[int, int], out: np.ndarray | None
     return out
 
 
-def class_masks(polygons: Polygons, shape: tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
+def class_masks(polygons: Polygons, shape: tuple[int, int], out: np.ndarray | None = None,
+                source: str | Path | None = None) -> np.ndarray:
     """Multi-label masks, each class filled exactly as ``cv2.fillPoly`` fills it in its own channel.
 
     Args:
@@ -281,13 +523,13 @@ def class_masks(polygons: Polygons, shape: tuple[int, int], out: np.ndarray | No
     Returns:
         ``(29, H, W)`` bool; overlapping bones are set in both channels (never argmax).
     """
-    return place_crops(polygon_crops(polygons, shape), shape, out)
+    return place_crops(polygon_crops(polygons, shape, source), shape, out)
 
 
-def class_runs(polygons: Polygons, shape: tuple[int, int]) -> list[Runs]:
+def class_runs(polygons: Polygons, shape: tuple[int, int], source: str | Path | None = None) -> list[Runs]:
     """Per-class runs of the masks of :func:`class_masks`, without building full-size masks."""
     runs = [EMPTY_RUNS] * NUM_CLASSES
-    for c, crop, r0, c0 in polygon_crops(polygons, shape):
+    for c, crop, r0, c0 in polygon_crops(polygons, shape, source):
         runs[c] = crop_to_runs(crop, r0, c0, shape[1])
     return runs
 
@@ -297,7 +539,7 @@ def load_labels(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
     if sample.label_path is None:
         raise HandsegError("image has no label file", sample.image_path)
     image = read_image(sample.image_path)
-    return image, class_masks(read_polygons(sample.label_path), image.shape)
+    return image, class_masks(read_polygons(sample.label_path), image.shape, source=sample.label_path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ Every loss takes logits and targets of shape ``(N, C, H, W)`` and optional per-c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from handseg.core.errors import HandsegError
@@ -93,6 +94,8 @@ def parse_loss_spec(spec: str) -> list[tuple[str, float]]:
             w = float(weight) if weight else 1.0
         except ValueError:
             raise HandsegError(f"loss weight {weight!r} in {spec!r} is not a number") from None
+        if not (math.isfinite(w) and w > 0):
+            raise HandsegError(f"loss weight {weight!r} in {spec!r} must be a positive number")
         terms.append((name, w))
     if not terms:
         raise HandsegError(f"empty loss spec {spec!r}")

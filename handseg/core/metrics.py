@@ -97,7 +97,7 @@ def ground_truth(data_dir: str | Path, progress: Callable[[], None] | None = Non
     for s in samples:
         shape = gt.shapes[s.name] = image_size(s.image_path)
         gt.images.append(s.name)
-        gt.runs[s.name] = class_runs(read_polygons(s.label_path), shape)
+        gt.runs[s.name] = class_runs(read_polygons(s.label_path), shape, s.label_path)
         if progress is not None:
             progress()
     return gt

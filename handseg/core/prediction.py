@@ -151,7 +151,7 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
         for s, image in _prefetch_images(shard):
             per_t = [predictor.probs(image, t.flip, t.scale).float() for t in transforms]
             if labelled:
-                truth = class_masks(read_polygons(s.label_path), image.shape)
+                truth = class_masks(read_polygons(s.label_path), image.shape, source=s.label_path)
                 if len(transforms) > 1:
                     for t, p in zip(transforms, per_t):
                         dice_sum[t.name] += dice_masks(truth, (p > thr_device).cpu().numpy())

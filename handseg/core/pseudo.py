@@ -15,29 +15,33 @@ from pathlib import Path
 
 import numpy as np
 
-from handseg.core.cache import mask_path, pack_masks
+from handseg.core.cache import mask_path, pack_crops
 from handseg.core.constants import CLASSES, IMAGES_DIR, LABELS_DIR, NUM_CLASSES
-from handseg.core.data import discover, image_size, polygon_document
+from handseg.core.data import Sample, discover, image_size, polygon_document
 from handseg.core.errors import HandsegError
 from handseg.core.files import atomic_open, atomic_write_json
-from handseg.core.rle import runs_to_mask
 
 
 @dataclass
 class PseudoResult:
     kept: list[str]
     dropped: dict[str, str]
+    cache_entries: list[dict]
+    """The mask cache's manifest records (what each cache file was made from)."""
 
 
-def mask_polygon(mask: np.ndarray) -> np.ndarray | None:
-    """The largest outer contour of a mask as dense ``(N, 2)`` int32 points, or None if empty."""
+def mask_polygon(mask: np.ndarray, offset: tuple[int, int] = (0, 0)) -> np.ndarray | None:
+    """The largest outer contour of a mask as dense ``(N, 2)`` int32 points (x, y; shifted by the
+    crop's ``offset`` = (row0, col0)), or None if empty."""
     import cv2
 
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     if not contours:
         return None
     biggest = max(contours, key=cv2.contourArea)
-    return biggest.reshape(-1, 2).astype(np.int32) if len(biggest) >= 3 else None
+    if len(biggest) < 3:
+        return None
+    return (biggest.reshape(-1, 2) + np.array([offset[1], offset[0]])).astype(np.int32)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -52,66 +56,90 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def make_pseudo(source: Path, data: Path, out: Path, min_confidence: float | None = None,
                 progress: Callable[[], None] | None = None) -> PseudoResult:
-    """Write pseudo labels for the images of ``data`` from a CSV or a probability folder.
+    """Write pseudo labels for the images of ``data`` from a CSV or a probability folder into ``out``.
 
     Images are dropped when a class is empty (a training image has all 29 bones) or, with
     probabilities, when the mean confidence over predicted bone pixels is below ``min_confidence``.
+    Each class is handled inside its bounding box (never 29 full-size float maps).
+
+    Raises:
+        HandsegError: a prediction names an image that is not in ``data``, does not fit its image's
+            size (an RLE past the end, a map of another size), or the source is unreadable.
     """
+    from handseg.core.cache import MASKS, cache_entry
     from handseg.core.ensemble import ProbMap, probs_name, read_probs_index
+    from handseg.core.rle import check_runs_fit, runs_to_crop
     from handseg.core.submission import read_predictions
 
-    samples = discover(data, labels="ignore")
+    samples = discover(data, labels="ignore", role="test")
     by_name = {s.name: s for s in samples}
     from_probs = Path(source).is_dir()
     if from_probs:
         names = read_probs_index(source)
     else:
-        preds = read_predictions(source)
-        names = preds.images
         if min_confidence is not None:
             raise HandsegError("--min-confidence needs probability maps (predict --probs DIR), not a CSV", source)
+        preds = read_predictions(source)
+        names = preds.images
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise HandsegError(f"{len(unknown)} predicted images are not in {data} (e.g. {unknown[0]})", source)
-    kept, dropped = [], {}
+    shapes = {name: image_size(by_name[name].image_path) for name in names}
+    if not from_probs:  # every RLE is checked before anything is written
+        for name in names:
+            for c, runs in enumerate(preds.runs[name]):
+                check_runs_fit(runs, shapes[name], f"{source} ({name} / {CLASSES[c]})")
+    kept, dropped, entries = [], {}, []
     if progress:
         progress(total=len(names))
     for name in names:
-        s = by_name[name]
-        shape = image_size(s.image_path)
+        s, shape = by_name[name], shapes[name]
+        crops: list[tuple[int, np.ndarray, int, int]] = []  # (class, bool crop, row0, col0)
         if from_probs:
-            probs = ProbMap(Path(source) / probs_name(name)).dense()
-            if probs.shape[1:] != shape:
-                raise HandsegError(f"{name}: probability map is {probs.shape[1:]}, image is {shape}", source)
-            masks = probs > 0.5
-            fg = probs[masks]
-            confidence = float(fg.mean()) if fg.size else 0.0
+            pm = ProbMap(Path(source) / probs_name(name))
+            if pm.shape != shape:
+                raise HandsegError(f"{name}: probability map is {pm.shape[1]} x {pm.shape[0]}, the image "
+                                   f"{shape[1]} x {shape[0]}", pm.path)
+            fg_sum, fg_count = 0.0, 0
+            for c in range(NUM_CLASSES):
+                got = pm.crop(c)
+                if got is not None:
+                    q, r0, c0 = got
+                    m = q > 127  # p > 0.5 on the uint8 scale p * 255
+                    fg_sum += float(q[m].sum(dtype=np.int64)) / 255.0
+                    fg_count += int(m.sum())
+                    crops.append((c, m, r0, c0))
+            confidence = fg_sum / fg_count if fg_count else 0.0
             if min_confidence is not None and confidence < min_confidence:
                 dropped[name] = f"confidence {confidence:.3f} < {min_confidence}"
                 _progress(progress)
                 continue
         else:
-            masks = np.zeros((NUM_CLASSES, *shape), dtype=bool)
             for c in range(NUM_CLASSES):
-                runs_to_mask(preds.runs[name][c], shape, masks[c])
+                got = runs_to_crop(preds.runs[name][c], shape)
+                if got is not None:
+                    crops.append((c, *got))
         polygons = {}
-        for c, cname in enumerate(CLASSES):
-            poly = mask_polygon(masks[c])
+        for c, crop, r0, c0 in crops:
+            poly = mask_polygon(crop, (r0, c0))
             if poly is not None:
-                polygons[cname] = poly
+                polygons[CLASSES[c]] = poly
         missing = [c for c in CLASSES if c not in polygons]
         if missing:
             dropped[name] = f"no prediction for {', '.join(missing[:3])}"
             _progress(progress)
             continue
-        _link_or_copy(s.image_path, out / IMAGES_DIR / s.patient / s.name)
-        atomic_write_json(out / LABELS_DIR / s.patient / f"{s.stem}.json",
-                          polygon_document(polygons, f"{s.stem}.png", f"pseudo/{s.patient}"))
-        with atomic_open(mask_path(out / "cache", s), "wb") as f:
-            np.save(f, pack_masks(masks), allow_pickle=False)
+        image = out / IMAGES_DIR / s.folder / s.name
+        label = out / LABELS_DIR / s.folder / f"{s.stem}.json"
+        _link_or_copy(s.image_path, image)
+        atomic_write_json(label, polygon_document(polygons, f"{s.stem}.png", f"pseudo/{s.folder or s.patient}"))
+        target = mask_path(out / "cache", s)
+        with atomic_open(target, "wb") as f:
+            np.save(f, pack_crops(crops, shape), allow_pickle=False)
+        entries.append(cache_entry(MASKS, Sample(s.patient, image, label, s.folder), target, shape))
         kept.append(s.rel)
         _progress(progress)
-    return PseudoResult(kept, dropped)
+    return PseudoResult(kept, dropped, entries)
 
 
 def _progress(progress):

@@ -201,6 +201,25 @@ def runs_to_mask(runs: Runs, shape: tuple[int, int], out: np.ndarray | None = No
     return out
 
 
+def runs_to_crop(runs: Runs, shape: tuple[int, int]) -> tuple[np.ndarray, int, int] | None:
+    """Runs painted into their bounding box only: ``((h, w) bool crop, row0, col0)``, or None if empty.
+
+    Raises:
+        ValueError: a run lies past the end of an ``H x W`` image.
+    """
+    starts, lengths = runs
+    if starts.size == 0:
+        return None
+    height, width = shape
+    r0, r1 = int(starts[0]) // width, int(starts[-1] + lengths[-1] - 1) // width + 1
+    band = runs_to_mask((starts - r0 * width, lengths), (r1 - r0, width)) if r1 <= height else None
+    if band is None:
+        raise ValueError(f"RLE runs past the end of a {height} x {width} image")
+    cols = np.flatnonzero(band.any(axis=0))
+    c0, c1 = int(cols[0]), int(cols[-1]) + 1
+    return band[:, c0:c1], r0, c0
+
+
 def rle_encode(mask: np.ndarray) -> str:
     """Encode a 2-D mask as the baseline's RLE string.
 

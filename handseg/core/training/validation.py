@@ -1,0 +1,58 @@
+"""Validation during training: the leaderboard Dice of the fold, exactly as ``predict`` would score it."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from handseg.core.checkpoint import ModelCard
+from handseg.core.constants import NUM_CLASSES
+from handseg.core.data import BoneCrops
+from handseg.core.distributed import Dist, all_reduce_sum
+from handseg.core.training.dataset import Item, load_item_crops
+
+
+def dice_sums_from_crops(pred, crops: BoneCrops):
+    """Leaderboard Dice per class of ``pred`` ``(K, H, W)`` bool (a tensor, on any device) against
+    ground truth given as bone crops: ``(K,)`` float64 on ``pred``'s device. The truth is never made
+    at full size: each class is compared inside its bounding box only."""
+    import torch
+
+    from handseg.core.constants import DICE_EPS
+
+    device = pred.device
+    pred_area = pred.sum(dim=(1, 2), dtype=torch.float64)
+    inter = torch.zeros(pred.shape[0], dtype=torch.float64, device=device)
+    truth_area = torch.zeros(pred.shape[0], dtype=torch.float64, device=device)
+    for c, crop, r0, c0 in crops:
+        t = torch.from_numpy(np.ascontiguousarray(crop)).to(device, non_blocking=True)
+        h, w = t.shape
+        inter[c] += (pred[c, r0 : r0 + h, c0 : c0 + w] & t).sum(dtype=torch.float64)
+        truth_area[c] += t.sum(dtype=torch.float64)
+    return (2.0 * inter + DICE_EPS) / (truth_area + pred_area + DICE_EPS)
+
+
+def validate(model, card: ModelCard, items: list[Item], device: str, dtype, d: Dist) -> np.ndarray:
+    """Leaderboard Dice per class over the validation items, at each image's full size: ``(29,)``.
+
+    Predictions go through :class:`~handseg.core.inference.Predictor`, exactly as ``predict`` makes
+    them (with ``unify_hands``, the hand's side comes from the prediction, never from the labels);
+    images and labels come from the prep cache; the Dice is summed on the device, and under torchrun
+    each rank validates its share and the sums are reduced.
+    """
+    import torch
+
+    from handseg.core.inference import Predictor
+
+    model.eval()
+    predictor = Predictor([model], [card], device, dtype)
+    thresholds = torch.as_tensor(card.thresholds, dtype=torch.float32, device=device).view(-1, 1, 1)
+    sums = torch.zeros(NUM_CLASSES + 1, dtype=torch.float64, device=device)
+    for item in items[d.rank :: d.world]:
+        image, crops = load_item_crops(item)
+        pred = predictor.probs(image) > thresholds
+        sums[:NUM_CLASSES] += dice_sums_from_crops(pred, crops)
+        sums[NUM_CLASSES] += 1
+    all_reduce_sum(sums, d)
+    model.train()
+    count = max(float(sums[NUM_CLASSES]), 1.0)
+    return (sums[:NUM_CLASSES] / count).cpu().numpy()
