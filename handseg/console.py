@@ -52,4 +52,15 @@ def progress_task(description: str, transient: bool = False) -> Iterator[Callabl
             else:
                 progress.update(task, total=total)
 
-        yield tick
+        with clear_on_error(progress):
+            yield tick
+
+
+@contextlib.contextmanager
+def clear_on_error(progress: Progress) -> Iterator[None]:
+    """A command that fails says one line: the bar it showed is wiped, not left above the error."""
+    try:
+        yield
+    except BaseException:
+        progress.live.transient = True
+        raise

@@ -38,18 +38,20 @@ def test_predict_rows_order_and_fold_average(runs, synth_data, tmp_path, capsys)
     samples = discover(synth_data / "test")
     assert len(lines) == 1 + 29 * len(samples)
     assert [ln.split(",")[0] for ln in lines[1::29]] == [s.name for s in samples]  # basenames, sorted by ID/path
-    # direct computation: mean of the two models' sigmoid(resize_back(model(resize(x)))) > 0.5
+    # direct computation: mean of the two models' sigmoid(resize_back(model(resize(x)))) > 0.5, where the
+    # input resize is training's (cv2 INTER_AREA on the uint8 image) and the way back is bilinear
+    import cv2
     import torch.nn.functional as F
 
     s = samples[0]
     image = read_image(s.image_path)
-    x = (torch.from_numpy(image).float() / 255 - 0.449) / 0.226
-    x = x[None, None]
+    small = cv2.resize(image, (64, 64), interpolation=cv2.INTER_AREA)
+    x = ((torch.from_numpy(small).float() / 255 - 0.449) / 0.226)[None, None]
     probs = 0
     for r in runs:
         model, card = load_checkpoint(r)
         with torch.no_grad():
-            logits = model(F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False))
+            logits = model(x)
             probs = probs + F.interpolate(logits, size=image.shape, mode="bilinear", align_corners=False).sigmoid()
     expected = (probs / 2)[0].numpy() > 0.5
     preds = read_predictions(out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -10,12 +11,20 @@ import typer
 from handseg.commands.options import DataDir, OutFile, Overwrite, Seed
 
 
+class Stratify(str, Enum):
+    none = "none"
+    bend = "bend"
+    age = "age"
+    sex = "sex"
+    nail = "nail"
+
+
 def kfold(
     data: DataDir = Path("data/train"),
     folds: Annotated[int, typer.Option("--folds", min=2, help="Number of folds.")] = 5,
     seed: Seed = 0,
-    stratify: Annotated[str, typer.Option("--stratify", help="none | bend (from labels) | age | sex | nail "
-                                          "(from meta data).")] = "none",
+    stratify: Annotated[Stratify, typer.Option("--stratify", help="Balance folds by wrist bend (from the labels), "
+                                               "or by age, sex or nail art (from meta data).")] = Stratify.none,
     meta: Annotated[Path | None, typer.Option("--meta", help="meta_data.xlsx (default: DATA/../meta_data.xlsx)."
                                               )] = None,
     out: OutFile = Path("splits.json"),
@@ -27,11 +36,17 @@ def kfold(
     """
     from collections import Counter
 
+    from handseg.commands.options import say_data
     from handseg.console import progress_task, stdout
+    from handseg.core.data import resolve_data
     from handseg.core.files import atomic_write_json, check_output, manifest
     from handseg.core.kfold import make_splits
 
+    stratify = Stratify(stratify).value
     check_output(out, overwrite)
+    source = resolve_data(data, "train")
+    say_data(source)
+    data = source.root
     if meta is None and stratify in ("age", "sex", "nail"):
         meta = data.parent / "meta_data.xlsx"
     with progress_task("kfold", transient=True) as tick:

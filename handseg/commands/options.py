@@ -1,19 +1,43 @@
-"""Options shared by every command, so ``--data``, ``--out``, ``--device``, ``--json`` mean one thing."""
+"""Options shared by every command, so ``--data``, ``--out``, ``--device``, ``--json``, ``--overwrite``
+mean one thing everywhere; choices are Enums, listed in ``--help`` and checked before torch loads."""
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-DataDir = Annotated[Path, typer.Option("--data", help="Data folder holding DCM/ (and outputs_json/ for labels).")]
+DataDir = Annotated[Path, typer.Option("--data", help="Data folder holding DCM/ (and outputs_json/ for labels), "
+                                                      "or the data set's root (its train/ split is used).")]
+TestData = Annotated[Path | None, typer.Option("--data", help="X-rays to predict: a folder holding DCM/, the data "
+                                                              "set's root (its test/ split is used), or any folder "
+                                                              "of PNG/JPEG files, flat or nested [default: data/test].",
+                                                              show_default=False)]
 OutDir = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
 OutFile = Annotated[Path, typer.Option("--out", "-o", help="Output file.")]
 JsonOut = Annotated[
-    Path | None, typer.Option("--json", help="Also write the result as JSON to this path.", dir_okay=False)
+    Path | None, typer.Option("--json", help="Also write the result as JSON to this path ('-': standard output).")
 ]
 Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")]
 Workers = Annotated[int, typer.Option("--workers", "-j", min=1, help="Worker processes.")]
-Seed = Annotated[int, typer.Option("--seed", help="Random seed (results are deterministic per seed).")]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
+Seed = Annotated[int, typer.Option("--seed", min=0, help="Random seed (results are deterministic per seed).")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs (a folder is replaced "
+                                                             "as a whole).")]
+
+
+class Merge(str, Enum):
+    """How test-time transforms are merged."""
+
+    mean = "mean"
+    gmean = "gmean"
+    max = "max"
+
+
+def say_data(source) -> None:
+    """Tell the user which folder ``--data`` resolved to, when it was not the folder itself."""
+    if source.note:
+        from handseg.console import console
+
+        console.print(source.note)

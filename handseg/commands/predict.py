@@ -7,91 +7,128 @@ from typing import Annotated
 
 import typer
 
-from handseg.commands.options import DataDir, Device, OutFile
+from handseg.commands.options import Device, Merge, OutFile, Overwrite, TestData
 
 Checkpoints = Annotated[list[Path], typer.Argument(help="Run folders or .safetensors checkpoints "
                                                    "(several are averaged, e.g. five folds).")]
-Probs = Annotated[Path | None, typer.Option("--probs", help="Also save per-image probability maps here "
-                                            "(uint8, memory-mappable) for `vote soft`.")]
-Thresholds = Annotated[Path | None, typer.Option("--thresholds", help="JSON {class: threshold} "
-                                                 "(default: the checkpoints' own).")]
+Probs = Annotated[Path | None, typer.Option("--probs", help="Also save per-image probability maps in this folder "
+                                            "(uint8, memory-mappable) for `vote soft`, `pseudo` and `select`.")]
+Thresholds = Annotated[Path | None, typer.Option("--thresholds", help="JSON {class: threshold} or a list of 29, each "
+                                                 "in (0, 1) (default: the checkpoints' own).")]
+TuneThresholds = Annotated[bool, typer.Option("--tune-thresholds", help="Search per-class thresholds on labelled "
+                                              "--data; writes OUT.thresholds.json.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Network inputs per forward pass, as in train: "
+                                        "whole resized images, or windows of --crop models.")]
 NoAmp = Annotated[bool, typer.Option("--no-amp", help="Run in fp32 on GPU.")]
+Splits = Annotated[Path | None, typer.Option("--splits", help="splits.json: predict the held-out images of "
+                                             "--fold (out-of-fold maps for `handseg select`).")]
+Fold = Annotated[int | None, typer.Option("--fold", min=0, help="With --splits: the fold whose images to predict.")]
 
 
 def predict(
     checkpoints: Checkpoints,
-    data: DataDir = Path("data/test"),
+    data: TestData = None,
     out: OutFile = Path("pred.csv"),
     probs: Probs = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sliding-window crops per "
-                                            "forward pass.")] = 4,
+    batch_size: BatchSize = 4,
     thresholds: Thresholds = None,
-    tune_thresholds: Annotated[bool, typer.Option("--tune-thresholds", help="Search per-class thresholds on "
-                                                  "labelled --data; writes OUT.thresholds.json.")] = False,
+    tune_thresholds: TuneThresholds = False,
+    splits: Splits = None,
+    fold: Fold = None,
     device: Device = "auto",
     no_amp: NoAmp = False,
+    overwrite: Overwrite = False,
 ) -> None:
-    """Predict every image of --data and write the competition CSV.
+    """Predict every image of --data and write the competition CSV (default --data: data/test).
 
     Examples:
       handseg predict runs/fold0 runs/fold1 runs/fold2 --data data/test -o pred.csv --probs probs/
-      handseg predict runs/fold0 --data data/train_fold0 --tune-thresholds -o val.csv
+      handseg predict runs/fold0 --splits splits.json --fold 0 --probs oof/fold0 -o oof0.csv
+      handseg predict model_dir --data my_xrays/ -o pred.csv        (any folder of PNG/JPEG files)
     """
-    _run(checkpoints, data, out, probs, "", "mean", thresholds, tune_thresholds, device, not no_amp, "predict",
-         batch_size)
+    _run(checkpoints, data, out, probs, "", Merge.mean, thresholds, tune_thresholds, device, not no_amp, "predict",
+         batch_size, overwrite, splits, fold)
 
 
 def tta(
     checkpoints: Checkpoints,
-    data: DataDir = Path("data/test"),
+    data: TestData = None,
     out: OutFile = Path("pred_tta.csv"),
     transforms: Annotated[str, typer.Option("--transforms", help="hflip, vflip, scale:S1,S2,... (the "
-                                            "identity is always included).")] = "hflip",
-    merge: Annotated[str, typer.Option("--merge", help="mean | gmean | max.")] = "mean",
+                                            "identity is always included; scales apply to sliding-window "
+                                            "models too).")] = "hflip",
+    merge: Annotated[Merge, typer.Option("--merge", help="How the transforms' maps are merged.")] = Merge.mean,
     probs: Probs = None,
+    batch_size: BatchSize = 4,
     thresholds: Thresholds = None,
+    tune_thresholds: TuneThresholds = False,
+    splits: Splits = None,
+    fold: Fold = None,
     device: Device = "auto",
     no_amp: NoAmp = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Predict with test-time augmentation (ttach); on labelled data, report each transform's Dice.
 
     Example: handseg tta runs/fold0 --data data/test -o pred_tta.csv --transforms hflip,scale:0.8,1.2 --merge mean
     """
-    _run(checkpoints, data, out, probs, transforms, merge, thresholds, False, device, not no_amp, "tta", 4)
+    _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune_thresholds, device, not no_amp, "tta",
+         batch_size, overwrite, splits, fold)
 
 
-def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, device, amp, stage, batch_size):
+def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, device, amp, stage, batch_size,
+         overwrite, splits=None, fold=None):
+    import contextlib
+
     from rich.table import Table
 
+    from handseg.commands.options import say_data
     from handseg.console import progress_task, stdout
     from handseg.core.checkpoint import resolve_checkpoint
+    from handseg.core.data import resolve_data
+    from handseg.core.distributed import dist_env
     from handseg.core.errors import HandsegError
-    from handseg.core.files import sidecar_manifest_path, write_manifest
-    from handseg.core.prediction import (
-        MERGES,
-        parse_transforms,
-        read_thresholds,
-        run_predictions,
-        write_thresholds,
-    )
+    from handseg.core.files import atomic_dir, check_output, sidecar_manifest_path, write_manifest
+    from handseg.core.prediction import parse_transforms, read_thresholds, run_predictions, write_thresholds
 
-    if merge not in MERGES:
-        raise HandsegError(f"unknown --merge {merge!r}; valid: {', '.join(MERGES)}")
+    main = dist_env().main
+    merge = Merge(merge).value
+    # every output is checked before any work: a bad path fails now, not after predicting everything
+    if main:
+        check_output(out, overwrite)
+        if tune:
+            check_output(out.with_name(f"{out.stem}.thresholds.json"), overwrite)
+        if probs is not None:
+            check_output(probs, overwrite, "dir")
     resolved = [resolve_checkpoint(c) for c in checkpoints]
     transform_list = parse_transforms(transforms)
     thr = read_thresholds(thresholds) if thresholds else None
-    with progress_task(stage) as tick:
-        result = run_predictions(resolved, data, out, probs, transform_list, merge, thr, tune, device, amp,
-                                 progress=tick, batch=batch_size)
+    samples = None
+    if (splits is None) != (fold is None):
+        raise HandsegError("--splits and --fold go together")
+    if splits is not None:
+        from handseg.core.kfold import fold_samples
+
+        data, samples = fold_samples(splits, fold, data, checkpoints[0])
+    else:
+        source = resolve_data(data if data is not None else Path("data/test"), "test")
+        if main:
+            say_data(source)
+        data = source.root
+    probs_folder = atomic_dir(probs, overwrite, main=main) if probs is not None else contextlib.nullcontext(None)
+    with probs_folder as probs_tmp:
+        with progress_task(stage) as tick:
+            result = run_predictions(resolved, data, out, probs_tmp, transform_list, merge, thr, tune, device, amp,
+                                     progress=tick, batch=batch_size, samples=samples)
+        options = {"checkpoints": [str(c) for c in resolved], "transforms": [t.name for t in transform_list],
+                   "merge": merge, "thresholds": result.thresholds, "tuned": result.tuned, "device": device,
+                   "amp": amp, "batch_size": batch_size, "splits": str(splits) if splits else None, "fold": fold}
+        if probs_tmp is not None and result.main:
+            write_manifest(probs_tmp, stage, options, inputs={"data": str(data)}, images=result.images)
     if not result.main:
         return  # under torchrun, rank 0 writes the manifest and prints
-    options = {"checkpoints": [str(c) for c in resolved], "transforms": [t.name for t in transform_list],
-               "merge": merge, "thresholds": result.thresholds, "tuned": result.tuned, "device": device,
-               "amp": amp, "batch_size": batch_size}
     write_manifest(out.parent, stage, options, inputs={"data": str(data)},
                    name=sidecar_manifest_path(out).name, output=str(out), images=result.images, dice=result.dice)
-    if probs is not None:
-        write_manifest(probs, stage, options, inputs={"data": str(data)})
     if tune:
         path = out.with_name(f"{out.stem}.thresholds.json")
         write_thresholds(path, result.thresholds)

@@ -16,10 +16,18 @@ CacheOut = Annotated[Path | None, typer.Option("--out", "-o", help="Cache folder
 
 
 def _run(kind: str, data: Path, out: Path | None, workers: int | None) -> None:
+    from handseg.commands.options import say_data
     from handseg.console import progress_task, stdout
     from handseg.core.cache import build_cache, default_cache_dir, default_workers
+    from handseg.core.data import resolve_data
+    from handseg.core.files import check_output
 
+    source = resolve_data(data, "train")
+    say_data(source)
+    data = source.root
     out = out or default_cache_dir(data)
+    if out.exists() and not out.is_dir():
+        check_output(out, kind="dir")
     workers = workers or default_workers()
     with progress_task(f"prep {kind}") as tick:
         result = build_cache(kind, data, out, workers=workers, progress=tick)

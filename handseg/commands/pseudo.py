@@ -7,14 +7,15 @@ from typing import Annotated
 
 import typer
 
-from handseg.commands.options import DataDir, OutDir, Overwrite
+from handseg.commands.options import OutDir, Overwrite, TestData
 
 
 def pseudo(
     source: Annotated[Path, typer.Argument(help="PRED.csv, or a probability folder from `predict --probs`.")],
-    data: DataDir = Path("data/test"),
+    data: TestData = None,
     out: OutDir = Path("pseudo"),
-    min_confidence: Annotated[float | None, typer.Option("--min-confidence", help="Keep images whose mean "
+    min_confidence: Annotated[float | None, typer.Option("--min-confidence", min=0.0, max=1.0, help="Keep images "
+                                                         "whose mean "
                                                          "probability over predicted bone pixels is at least P "
                                                          "(probability folders only).")] = None,
     overwrite: Overwrite = False,
@@ -23,9 +24,15 @@ def pseudo(
 
     Example: handseg pseudo probs/ --data data/test --out pseudo --min-confidence 0.9
     """
+    from handseg.commands.options import say_data
     from handseg.console import progress_task, stdout
+    from handseg.core.data import resolve_data
     from handseg.core.files import atomic_dir, write_manifest
     from handseg.core.pseudo import make_pseudo
+
+    source_data = resolve_data(data if data is not None else Path("data/test"), "test")
+    say_data(source_data)
+    data = source_data.root
 
     # built beside --out and moved into place complete: a crash leaves no half data set, and
     # --overwrite replaces the previous run as a whole

@@ -7,7 +7,12 @@ from typing import Annotated
 
 import typer
 
-from handseg.commands.options import OutFile
+from handseg.commands.options import OutFile, Overwrite
+
+VoteData = Annotated[Path | None, typer.Option("--data", help="The X-rays the inputs predict: the output follows "
+                                               "their submission order and every run is checked against its "
+                                               "image's size (default: the data folder the inputs' manifests "
+                                               "name).")]
 
 app = typer.Typer(help="Ensemble predictions: hard (CSV runs), soft (probability maps), classwise.",
                   no_args_is_help=True)
@@ -28,6 +33,8 @@ def hard(
     out: OutFile = Path("vote_hard.csv"),
     min_votes: Annotated[int | None, typer.Option("--min-votes", help="Votes a pixel needs (default: majority)."
                                                   )] = None,
+    data: VoteData = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Pixel-wise majority vote of CSVs, computed on RLE runs (no full-size masks).
 
@@ -35,9 +42,11 @@ def hard(
     """
     from handseg.console import progress_task
     from handseg.core.ensemble import hard_vote
+    from handseg.core.files import check_output
 
+    check_output(out, overwrite)
     with progress_task("vote hard", transient=True) as tick:
-        n = hard_vote(csvs, out, min_votes, progress=tick)
+        n = hard_vote(csvs, out, min_votes, progress=tick, data=data)
     _finish("vote-hard", out, {"min_votes": min_votes or len(csvs) // 2 + 1}, {"csvs": [str(c) for c in csvs]}, n)
 
 
@@ -46,22 +55,28 @@ def soft(
     folders: Annotated[list[Path], typer.Argument(help="Probability folders from `predict --probs`.")],
     out: OutFile = Path("vote_soft.csv"),
     weights: Annotated[str | None, typer.Option("--weights", help="Comma-separated weight per folder.")] = None,
-    threshold: Annotated[float, typer.Option("--threshold", help="Threshold on the weighted mean.")] = 0.5,
+    threshold: Annotated[float, typer.Option("--threshold", help="Threshold on the weighted mean, in (0, 1).")] = 0.5,
+    data: VoteData = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Weighted mean of probability maps, thresholded.
 
     Example: handseg vote soft probs_a/ probs_b/ -o vote.csv --weights 2,1 --threshold 0.45
     """
     from handseg.console import progress_task
-    from handseg.core.ensemble import soft_vote
+    from handseg.core.ensemble import check_threshold, check_weights, soft_vote
     from handseg.core.errors import HandsegError
+    from handseg.core.files import check_output
 
     try:
         w = [float(v) for v in weights.split(",")] if weights else None
     except ValueError:
         raise HandsegError(f"--weights {weights!r} is not a comma-separated list of numbers") from None
+    w = check_weights(w, len(folders)) if len(folders) > 1 else w
+    check_threshold(threshold)
+    check_output(out, overwrite)
     with progress_task("vote soft", transient=True) as tick:
-        n = soft_vote(folders, out, w, threshold, progress=tick)
+        n = soft_vote(folders, out, w, threshold, progress=tick, data=data)
     _finish("vote-soft", out, {"weights": w, "threshold": threshold}, {"probs": [str(f) for f in folders]}, n)
 
 
@@ -69,13 +84,17 @@ def soft(
 def classwise(
     class_map: Annotated[Path, typer.Option("--map", help='JSON {"default": "a.csv", "Lunate": "wrist.csv"}.')],
     out: OutFile = Path("vote_classwise.csv"),
+    data: VoteData = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Take each class from the CSV a map names (e.g. wrist bones from a specialist model).
 
     Example: handseg vote classwise --map map.json -o vote.csv
     """
     from handseg.core.ensemble import classwise_vote, read_class_map
+    from handseg.core.files import check_output
 
     mapping = read_class_map(class_map)
-    n = classwise_vote(mapping, out)
+    check_output(out, overwrite)
+    n = classwise_vote(mapping, out, data)
     _finish("vote-classwise", out, {"map": {k: str(v) for k, v in mapping.items()}}, {"map": str(class_map)}, n)

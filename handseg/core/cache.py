@@ -81,6 +81,7 @@ def unpack_crops(buf: np.ndarray) -> tuple[tuple[int, int], int, BoneCrops]:
     """
     try:
         crops = cropfile.CropFile.parse(buf, MAGIC)
+        crops.validate(_row_bytes)
     except ValueError as e:
         raise ValueError(f"not a handseg packed mask file ({e})") from None
     bones = []

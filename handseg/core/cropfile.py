@@ -55,9 +55,25 @@ class CropFile:
         if head[0] != magic or head[1] != 1:
             raise ValueError("wrong magic number or version")
         channels, height, width = (int(v) for v in head[2:5])
+        if not (0 < channels <= 1024 and height > 0 and width > 0):
+            raise ValueError(f"bad header ({channels} channels, {width} x {height})")
         end = (HEADER + RECORD * channels) * 8
+        if buf.size < end:
+            raise ValueError("file too short for its header")
         records = np.asarray(buf[HEADER * 8 : end]).view(np.int64).reshape(channels, RECORD)
         return cls(channels, height, width, records, buf[end:])
+
+    def validate(self, row_bytes) -> None:
+        """Check every record against the image and the data (a crafted file must not make a reader
+        index outside either). Raises ValueError."""
+        r0, c0, h, w, offset = (self.records[:, i] for i in range(RECORD))
+        stride = np.array([row_bytes(int(v)) for v in w], dtype=np.int64)
+        used = h > 0
+        bad = (h < 0) | (used & ((r0 < 0) | (c0 < 0) | (w <= 0) | (r0 + h > self.height) | (c0 + w > self.width)
+                                 | (offset < 0) | (offset + h * stride > self.data.size)))
+        if bad.any():
+            c = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"record of channel {c} lies outside the image or the file")
 
     @property
     def shape(self) -> tuple[int, int]:

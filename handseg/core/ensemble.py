@@ -17,7 +17,13 @@ from handseg.core.constants import CLASS_INDEX, CLASSES, DEFAULT_THRESHOLD, NUM_
 from handseg.core.errors import HandsegError
 from handseg.core.files import read_json
 from handseg.core.rle import crop_to_runs, runs_to_rle, vote_runs
-from handseg.core.submission import PredictionSet, check_same_images, read_predictions, write_predictions
+from handseg.core.submission import (
+    PredictionSet,
+    check_same_images,
+    read_predictions,
+    submission_order,
+    write_predictions,
+)
 
 PROBS_MAGIC = 0x48535042  # "HSPB"
 PROBS_INDEX = "index.json"
@@ -60,10 +66,16 @@ class ProbMap:
 
     def __init__(self, path: Path):
         self.path = path
+        from handseg.core.data import check_image_size
+
         try:
-            self.crops = cropfile.CropFile.parse(np.load(path, mmap_mode="r"), PROBS_MAGIC)
-        except (ValueError, OSError) as e:
-            raise HandsegError(f"not a handseg probability map ({e})", path) from None
+            self.crops = cropfile.CropFile.parse(np.load(path, mmap_mode="r", allow_pickle=False), PROBS_MAGIC)
+            self.crops.validate(_row_bytes)
+        except (ValueError, OSError, EOFError) as e:
+            raise HandsegError(f"not a handseg probability map ({str(e).splitlines()[0][:120]})", path) from None
+        if self.crops.channels != NUM_CLASSES:
+            raise HandsegError(f"probability map has {self.crops.channels} classes, not {NUM_CLASSES}", path)
+        check_image_size(self.crops.height, self.crops.width, path)
         self.channels = self.crops.channels
 
     @property
@@ -108,12 +120,23 @@ def read_probs_index(folder: Path) -> list[str]:
 # votes
 
 
+def _check_fits(sets: list[PredictionSet], shapes: dict[str, tuple[int, int]]) -> None:
+    from handseg.core.metrics import check_fits
+
+    for s in sets:
+        check_fits(s, shapes)
+
+
 def hard_vote(csvs: list[Path], out: Path, min_votes: int | None = None,
-              progress: Callable[[], None] | None = None) -> int:
+              progress: Callable[[], None] | None = None, data: Path | None = None) -> int:
     """Pixel-wise majority (or ``min_votes``) of several CSVs, computed on runs; returns images written.
 
+    Rows follow the submission order (see :func:`~handseg.core.submission.submission_order`),
+    whatever the inputs' order; with the images' sizes known, every run is checked against its image.
+
     Raises:
-        HandsegError: fewer than two inputs, a bad CSV, different image sets, or a bad ``min_votes``.
+        HandsegError: fewer than two inputs, a bad CSV, different image sets, a bad ``min_votes``,
+            runs past an image's end, or an order that cannot be known.
     """
     if len(csvs) < 2:
         raise HandsegError("a vote needs at least two CSVs")
@@ -123,12 +146,13 @@ def hard_vote(csvs: list[Path], out: Path, min_votes: int | None = None,
     sets = [read_predictions(p) for p in csvs]
     for s in sets[1:]:
         check_same_images(sets[0], s)
-
+    order, shapes = submission_order([s.images for s in sets], csvs, data)
+    _check_fits(sets, shapes)
     if progress:
-        progress(total=len(sets[0].images))
+        progress(total=len(order))
 
     def rows():
-        for image in sets[0].images:
+        for image in order:
             yield image, [runs_to_rle(vote_runs([s.runs[image][c] for s in sets], k)) for c in range(NUM_CLASSES)]
             if progress:
                 progress()
@@ -136,34 +160,63 @@ def hard_vote(csvs: list[Path], out: Path, min_votes: int | None = None,
     return write_predictions(out, rows())
 
 
+def check_weights(weights: list[float] | None, n: int) -> list[float]:
+    """One finite, non-negative weight per input, not all zero (default: equal weights)."""
+    if weights is None:
+        return [1.0] * n
+    if len(weights) != n:
+        raise HandsegError(f"--weights has {len(weights)} values for {n} inputs")
+    if not all(np.isfinite(w) and w >= 0 for w in weights):
+        raise HandsegError(f"--weights must be finite and not negative, got {','.join(f'{w:g}' for w in weights)}")
+    if sum(weights) <= 0:
+        raise HandsegError("--weights are all zero")
+    return [float(w) for w in weights]
+
+
+def check_threshold(threshold: float | list[float]) -> np.ndarray:
+    """A threshold (or one per class) strictly between 0 and 1, as ``(29,)`` float64."""
+    t = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (NUM_CLASSES,))
+    if not ((t > 0) & (t < 1)).all():
+        raise HandsegError(f"--threshold must lie strictly between 0 and 1, got {np.unique(t)[0]:g}")
+    return t
+
+
 def soft_vote(folders: list[Path], out: Path, weights: list[float] | None = None,
-              threshold: float | list[float] = DEFAULT_THRESHOLD, progress: Callable[[], None] | None = None) -> int:
-    """Weighted mean of probability maps, thresholded per class; one class crop in memory at a time."""
+              threshold: float | list[float] = DEFAULT_THRESHOLD, progress: Callable[[], None] | None = None,
+              data: Path | None = None) -> int:
+    """Weighted mean of probability maps, thresholded per class; one class crop in memory at a time.
+
+    Raises:
+        HandsegError: fewer than two folders, bad weights or threshold, different image sets or
+            sizes, a corrupt map, or an order that cannot be known.
+    """
     if len(folders) < 2:
         raise HandsegError("a vote needs at least two probability folders")
-    weights = weights or [1.0] * len(folders)
-    if len(weights) != len(folders):
-        raise HandsegError(f"--weights has {len(weights)} values for {len(folders)} inputs")
+    weights = check_weights(weights, len(folders))
+    thresholds = check_threshold(threshold)
     indices = [read_probs_index(f) for f in folders]
     for f, idx in zip(folders[1:], indices[1:]):
         if set(idx) != set(indices[0]):
             raise HandsegError(f"different image sets from {folders[0]}", f)
-    thresholds = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (NUM_CLASSES,))
+    order, shapes = submission_order(indices, folders, data)
     total = float(sum(weights))
     if progress:
-        progress(total=len(indices[0]))
+        progress(total=len(order))
 
     def rows():
-        for image in indices[0]:
+        for image in order:
             maps = [ProbMap(Path(f) / probs_name(image)) for f in folders]
             shape = maps[0].shape
             for m in maps[1:]:
                 if m.shape != shape:
                     raise HandsegError(f"{image}: size {m.shape} differs from {shape}", m.path)
+            if image in shapes and shapes[image] != shape:
+                raise HandsegError(f"{image}: the map is {shape[1]} x {shape[0]}, the image "
+                                   f"{shapes[image][1]} x {shapes[image][0]}", maps[0].path)
             rles = []
             for c in range(NUM_CLASSES):
                 crops = [(m.crop(c), w) for m, w in zip(maps, weights)]
-                crops = [(g, w) for g, w in crops if g is not None]
+                crops = [(g, w) for g, w in crops if g is not None and w > 0]
                 if not crops:
                     rles.append("")
                     continue
@@ -202,17 +255,19 @@ def read_class_map(path: Path) -> dict[str, Path]:
     return {c: p if p.is_absolute() else base / p for c, p in chosen.items()}
 
 
-def classwise_vote(class_map: dict[str, Path], out: Path) -> int:
-    """Take each class from the CSV the map names for it."""
+def classwise_vote(class_map: dict[str, Path], out: Path, data: Path | None = None) -> int:
+    """Take each class from the CSV the map names for it (rows in the submission order)."""
     sets: dict[Path, PredictionSet] = {}
     for p in dict.fromkeys(class_map.values()):
         sets[p] = read_predictions(p)
     first = next(iter(sets.values()))
     for s in sets.values():
         check_same_images(first, s)
+    order, shapes = submission_order([s.images for s in sets.values()], list(sets), data)
+    _check_fits(list(sets.values()), shapes)
 
     def rows():
-        for image in first.images:
+        for image in order:
             yield image, [runs_to_rle(sets[class_map[c]].runs[image][i]) for i, c in enumerate(CLASSES)]
 
     return write_predictions(out, rows())

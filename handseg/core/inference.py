@@ -1,10 +1,14 @@
-"""Inference: from an X-ray to per-class probabilities at the image's own size.
+"""Inference: from X-rays to per-class probabilities at each image's own size.
 
-A model trained on resized images sees the image resized to its size, and its logits are resized
-back bilinearly (the leaderboard's convention) before the sigmoid. A model trained on crops runs as
-a sliding window over the full image with Gaussian blending. With ``unify_hands`` the model knows
-right hands only: a left hand (thumb right of the little finger in the first pass) is mirrored,
-predicted and mirrored back. Several checkpoints are averaged in probability space.
+A model trained on resized images sees each image resized to its size by
+:func:`~handseg.core.data.resize_image` (the resize training used), several images per forward
+pass, and its logits are resized back bilinearly (the leaderboard's convention) before the sigmoid.
+A model trained on crops runs as a sliding window over the full image with Gaussian blending.
+
+Test-time transforms (ttach flips and input-size scales) are merged in place, one map at a time.
+With ``unify_hands`` a model knows right hands only: the side is decided once, from the identity
+pass on the unflipped image; a left hand is mirrored, every transform runs on the mirrored image,
+and the result is mirrored back. Several checkpoints are averaged in probability space.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import numpy as np
 from handseg.core.checkpoint import ModelCard, load_checkpoint
 from handseg.core.distributed import dist_env
 from handseg.core.errors import HandsegError
+
+MERGES = ("mean", "gmean", "max")
 
 
 def pick_device(device: str = "auto") -> str:
@@ -42,37 +48,38 @@ def amp_dtype(device: str):
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def to_input(image: np.ndarray, card: ModelCard, device: str):
-    """``(H, W)`` uint8 -> normalised ``(1, C, H, W)`` float tensor on ``device``."""
+@dataclass(frozen=True)
+class Transform:
+    """A test-time transform: ``flip`` is a ttach flip (``hflip``/``vflip``) or None; ``scale`` a
+    factor on the model's input size (resize models) or on the image (sliding-window models)."""
+
+    name: str
+    flip: str | None = None
+    scale: float = 1.0
+
+    @property
+    def is_identity(self) -> bool:
+        return self.flip is None and self.scale == 1.0
+
+
+IDENTITY = Transform("identity")
+
+
+def to_input(images, card: ModelCard, device: str):
+    """``(H, W)`` or ``(B, H, W)`` uint8 (numpy or tensor) -> normalised ``(B, C, H, W)`` float on ``device``."""
     import torch
 
-    x = torch.from_numpy(np.array(image, copy=True)).to(device, non_blocking=True).float().div_(255.0)
-    x = (x - card.norm["mean"]) / card.norm["std"]
-    return x.expand(card.in_channels, *x.shape).unsqueeze(0)
+    x = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+    x = x.to(device, non_blocking=True)
+    if x.ndim == 2:
+        x = x.unsqueeze(0)
+    x = x.float().div_(255.0).sub_(card.norm["mean"]).div_(card.norm["std"])
+    return x.unsqueeze(1).expand(-1, card.in_channels, -1, -1)
 
 
-def _round32(v: float) -> int:
-    return max(32, int(round(v / 32.0)) * 32)
-
-
-def resize_logits(model, x, size: int | tuple[int, int], out_hw: tuple[int, int], dtype=None, post=None):
-    """Run ``model`` on ``x`` resized to ``size`` and resize the logits back to ``out_hw`` bilinearly.
-
-    ``post`` (e.g. undoing a test-time flip) is applied to the logits at the model's resolution,
-    before the resize, where it is cheapest."""
-    import torch
-    import torch.nn.functional as F
-
-    hw = (size, size) if isinstance(size, int) else size
-    xin = F.interpolate(x, size=hw, mode="bilinear", align_corners=False) if tuple(x.shape[-2:]) != hw else x
-    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-        logits = model(xin)
-    logits = logits.float()
-    if post is not None:
-        logits = post(logits)
-    if tuple(logits.shape[-2:]) != tuple(out_hw):
-        logits = F.interpolate(logits, size=out_hw, mode="bilinear", align_corners=False)
-    return logits
+def input_size(card: ModelCard, scale: float = 1.0) -> int:
+    """The side a resize model is run at: its training size times ``scale``, on a multiple of 32."""
+    return max(32, int(round(card.size * scale / 32.0)) * 32)
 
 
 def gaussian_window(size: int, sigma_scale: float = 0.125):
@@ -96,6 +103,7 @@ def sliding_window_logits(model, x, window: int, stride: int | None = None, batc
 
     Args:
         x: ``(1, C, H, W)`` input; images smaller than the window are padded.
+        batch: windows per forward pass.
     Returns:
         ``(1, K, H, W)`` float32 logits.
     """
@@ -125,26 +133,31 @@ def sliding_window_logits(model, x, window: int, stride: int | None = None, batc
     return (acc / norm)[..., :h, :w]
 
 
-def model_logits(model, card: ModelCard, x, out_hw: tuple[int, int], dtype=None, scale: float = 1.0,
-                 batch: int = 4, post=None):
-    """Logits at ``out_hw`` of one model for input ``x`` (resize or sliding window per the card),
-    with ``post`` applied to the model's output (see :func:`resize_logits`)."""
-    if card.crop:
-        out = sliding_window_logits(model, x, card.crop, batch=batch, dtype=dtype)
-        return out if post is None else post(out)
-    return resize_logits(model, x, _round32(card.size * scale), out_hw, dtype, post)
+def _ttach_flip(name: str):
+    import ttach
+
+    flips = {"hflip": ttach.HorizontalFlip, "vflip": ttach.VerticalFlip}
+    if name not in flips:
+        raise HandsegError(f"unknown flip {name!r}; valid: {', '.join(flips)}")
+    return flips[name]()
 
 
 @dataclass
 class Predictor:
-    """One or more checkpoints ready to predict; probabilities are averaged over them."""
+    """One or more checkpoints ready to predict; probabilities are averaged over them.
+
+    Example:
+        >>> predictor = Predictor.load(["runs/fold0", "runs/fold1"], device="cuda")
+        >>> merged = predictor.predict([image_a, image_b], [IDENTITY, Transform("hflip", flip="hflip")])
+        >>> merged[0].shape          # (29, H_a, W_a) probabilities on the device
+    """
 
     models: list
     cards: list[ModelCard]
     device: str
     dtype: object = None
     batch: int = 4
-    """Sliding-window crops per forward pass (crop-trained models)."""
+    """Network inputs per forward pass: whole resized images, or windows of crop-trained models."""
 
     @classmethod
     def load(cls, paths, device: str = "auto", amp: bool = True, batch: int = 4) -> Predictor:
@@ -168,33 +181,127 @@ class Predictor:
         """Per-class thresholds: the mean of the checkpoints' own."""
         return np.mean([c.thresholds for c in self.cards], axis=0)
 
-    def probs(self, image: np.ndarray, flip: str | None = None, scale: float = 1.0):
-        """``(H, W)`` uint8 image -> ``(K, H, W)`` probabilities (a tensor on the device) at the
-        image's size, averaged over the checkpoints.
+    def probs(self, image: np.ndarray, transform: Transform = IDENTITY):
+        """One image, one transform: ``(K, H, W)`` probabilities on the device."""
+        return self.predict([image], [transform])[0]
+
+    def predict(self, images: list[np.ndarray], transforms: list[Transform] | None = None, merge: str = "mean",
+                on_transform=None) -> list:
+        """``(H, W)`` uint8 images -> ``(K, H, W)`` float probabilities per image (tensors on the
+        device, each at its image's size), averaged over the checkpoints and merged over the transforms.
 
         Args:
-            flip: a test-time flip applied through ttach (``"hflip"`` or ``"vflip"``) and undone on
-                the output.
-            scale: factor on each model's input size (resize models only).
+            transforms: test-time transforms (default: the identity alone).
+            merge: ``mean``, ``gmean`` (geometric mean) or ``max`` over the transforms.
+            on_transform: called as ``on_transform(transform, probs)`` with each transform's maps
+                (a list, one per image) before they are merged, e.g. to score each transform alone.
         """
         import torch
 
-        total = None
+        if merge not in MERGES:
+            raise HandsegError(f"unknown --merge {merge!r}; valid: {', '.join(MERGES)}")
+        transforms = list(transforms or [IDENTITY])
+        n, k = len(images), len(transforms)
+        mirror: dict[int, list[bool]] = {}
+        merged: list = [None] * n
         with torch.inference_mode():
-            for model, card in zip(self.models, self.cards):
-                p = self._logits(model, card, image, flip, scale).sigmoid_()
-                if card.unify_hands and _is_left_hand(p[0]):
-                    p = torch.flip(self._logits(model, card, image[:, ::-1], flip, scale).sigmoid_(), dims=[-1])
-                total = p if total is None else total.add_(p)
-        return total[0] if len(self.models) == 1 else total[0].div_(len(self.models))
+            for t in transforms:
+                per_model = None
+                for m in range(len(self.models)):
+                    probs = self._model_probs(m, images, t, mirror)
+                    if per_model is None:
+                        per_model = probs
+                    else:
+                        for i in range(n):
+                            per_model[i].add_(probs[i])
+                if len(self.models) > 1:
+                    for p in per_model:
+                        p.div_(len(self.models))
+                if on_transform is not None:
+                    on_transform(t, per_model)
+                for i, p in enumerate(per_model):
+                    if merge == "gmean":
+                        p = p.clamp_min_(1e-6).log_()
+                    if merged[i] is None:
+                        merged[i] = p
+                    elif merge == "max":
+                        torch.maximum(merged[i], p, out=merged[i])
+                    else:
+                        merged[i].add_(p)
+            if merge != "max" and k > 1:
+                for p in merged:
+                    p.div_(k)
+            if merge == "gmean":
+                for p in merged:
+                    p.exp_()
+        return merged
 
-    def _logits(self, model, card: ModelCard, image: np.ndarray, flip: str | None, scale: float):
-        x = to_input(image, card, self.device)
-        if flip is None:
-            return model_logits(model, card, x, image.shape, self.dtype, scale, self.batch)
-        transform = _ttach_flip(flip)
-        return model_logits(model, card, transform.apply_aug_image(x, apply=True), image.shape, self.dtype, scale,
-                            self.batch, post=lambda out: transform.apply_deaug_mask(out, apply=True))
+    def _model_probs(self, m: int, images: list[np.ndarray], t: Transform, mirror: dict[int, list[bool]]) -> list:
+        """One model's probabilities for one transform. With ``unify_hands`` the side of each image is
+        decided once per model, from the identity pass on the unflipped image (kept in ``mirror``)."""
+        import torch
+
+        model, card = self.models[m], self.cards[m]
+        if not card.unify_hands:
+            return self._run(model, card, images, t)
+        out: list = [None] * len(images)
+        if m not in mirror:
+            first = self._run(model, card, images, IDENTITY)
+            mirror[m] = [_is_left_hand(p) for p in first]
+            if t.is_identity:
+                out = [None if left else p for p, left in zip(first, mirror[m])]
+            del first
+        todo = [i for i in range(len(images)) if out[i] is None]
+        if todo:
+            inputs = [np.ascontiguousarray(images[i][:, ::-1]) if mirror[m][i] else images[i] for i in todo]
+            for i, p in zip(todo, self._run(model, card, inputs, t)):
+                out[i] = torch.flip(p, dims=[-1]) if mirror[m][i] else p
+        return out
+
+    def _run(self, model, card: ModelCard, images: list[np.ndarray], t: Transform) -> list:
+        """Probabilities of one model for one transform, per image: batched resizes, or sliding windows."""
+        import torch
+        import torch.nn.functional as F
+
+        from handseg.core.data import resize_image
+
+        flip = _ttach_flip(t.flip) if t.flip else None
+        out = []
+        if card.crop:
+            for image in images:
+                h, w = image.shape
+                scaled = image if t.scale == 1.0 else resize_image(image, (max(1, round(h * t.scale)),
+                                                                            max(1, round(w * t.scale))))
+                x = to_input(scaled, card, self.device)
+                if flip is not None:
+                    x = flip.apply_aug_image(x, apply=True)
+                logits = sliding_window_logits(model, x, card.crop, batch=self.batch, dtype=self.dtype)
+                if flip is not None:
+                    logits = flip.apply_deaug_mask(logits, apply=True)
+                if logits.shape[-2:] != (h, w):
+                    logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+                out.append(logits[0].sigmoid_())
+            return out
+        side = input_size(card, t.scale)
+        for start in range(0, len(images), self.batch):
+            chunk = images[start : start + self.batch]
+            batch = np.stack([resize_image(im, (side, side)) for im in chunk])
+            x = to_input(batch, card, self.device)
+            if self.device.startswith("cuda"):
+                x = x.contiguous(memory_format=torch.channels_last)
+            if flip is not None:
+                x = flip.apply_aug_image(x, apply=True)
+            with torch.autocast(x.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+                logits = model(x)
+            logits = logits.float()
+            if flip is not None:
+                logits = flip.apply_deaug_mask(logits, apply=True)
+            for j, image in enumerate(chunk):
+                one = logits[j : j + 1]
+                if one.shape[-2:] != image.shape:
+                    one = F.interpolate(one, size=image.shape, mode="bilinear", align_corners=False)
+                out.append(one[0].sigmoid_())
+        return out
 
 
 def _is_left_hand(probs) -> bool:
@@ -213,15 +320,6 @@ def _is_left_hand(probs) -> bool:
     xs = torch.arange(cols.shape[1], dtype=torch.float64, device=cols.device)
     thumb_x, little_x = ((cols @ xs) / counts).tolist()
     return side_of(thumb_x, little_x) == "left"
-
-
-def _ttach_flip(name: str):
-    import ttach
-
-    flips = {"hflip": ttach.HorizontalFlip, "vflip": ttach.VerticalFlip}
-    if name not in flips:
-        raise HandsegError(f"unknown flip {name!r}; valid: {', '.join(flips)}")
-    return flips[name]()
 
 
 def binarize(probs: np.ndarray, thresholds) -> np.ndarray:

@@ -103,3 +103,37 @@ def read_splits(path: str | Path) -> dict:
     if not isinstance(doc, dict) or "images" not in doc or "n_folds" not in doc:
         raise HandsegError("not a handseg splits file (no 'images' / 'n_folds')", path)
     return doc
+
+
+def fold_samples(splits_path: str | Path, fold: int, data: str | Path | None = None,
+                 run: str | Path | None = None) -> tuple[Path, list[Sample]]:
+    """The held-out images of ``fold``: ``(data folder, samples)`` in submission order.
+
+    ``data`` defaults to the folder the run was trained on (its manifest), else the one the splits
+    were made from.
+
+    Raises:
+        HandsegError: the splits do not name that fold, or its images are not in the data folder.
+    """
+    from handseg.core.files import MANIFEST_NAME, read_json
+
+    splits = read_splits(splits_path)
+    if not 0 <= fold < splits["n_folds"]:
+        raise HandsegError(f"--fold {fold} but the splits have {splits['n_folds']} folds", splits_path)
+    if data is None and run is not None:
+        folder = Path(run) if Path(run).is_dir() else Path(run).parent
+        if (folder / MANIFEST_NAME).is_file():
+            data = (read_json(folder / MANIFEST_NAME, "manifest").get("inputs") or {}).get("data")
+    if data is None:
+        data = ((splits.get("manifest") or {}).get("inputs") or {}).get("data")
+    if data is None:
+        raise HandsegError("cannot tell which data folder the splits belong to; pass --data", splits_path)
+    wanted = {im["path"] for im in splits["images"] if im.get("fold") == fold}
+    samples = [s for s in discover(data, labels="optional") if s.rel in wanted]
+    missing = wanted - {s.rel for s in samples}
+    if missing:
+        raise HandsegError(f"{len(missing)} images of fold {fold} are not in {data} (e.g. {sorted(missing)[0]})",
+                           splits_path)
+    if not samples:
+        raise HandsegError(f"fold {fold} has no images", splits_path)
+    return Path(data), samples

@@ -107,5 +107,5 @@ def check_fits(pred: PredictionSet, shapes: dict[str, tuple[int, int]]) -> None:
     """Check that every prediction's runs fit the size of its image (``shapes`` from :func:`ground_truth`)."""
     for image in pred.images:
         if image in shapes:
-            for runs in pred.runs[image]:
-                check_runs_fit(runs, shapes[image], f"{pred.path} ({image})")
+            for c, runs in enumerate(pred.runs[image]):
+                check_runs_fit(runs, shapes[image], f"{pred.path} ({image} / {CLASSES[c]})")

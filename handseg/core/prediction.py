@@ -7,7 +7,9 @@ each transform alone and merged.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,30 +20,22 @@ from handseg.core.data import Sample, class_masks, discover, read_image, read_po
 from handseg.core.distributed import all_gather, dist_env, setup_distributed, shutdown
 from handseg.core.errors import HandsegError
 from handseg.core.files import atomic_write_json, read_json
-from handseg.core.inference import Predictor, masks_to_runs
+from handseg.core.inference import IDENTITY, Predictor, Transform, masks_to_runs
 from handseg.core.metrics import dice_masks
 from handseg.core.rle import mask_to_runs, runs_to_rle
 from handseg.core.submission import write_predictions
 
 TUNE_GRID = np.round(np.arange(0.20, 0.81, 0.05), 2)
-MERGES = ("mean", "gmean", "max")
-
-
-@dataclass(frozen=True)
-class Transform:
-    """A test-time transform: ``flip`` is a ttach transform name (or None); ``scale`` the input size factor."""
-
-    name: str
-    flip: str | None = None
-    scale: float = 1.0
 
 
 def parse_transforms(spec: str) -> list[Transform]:
     """``"hflip,vflip,scale:0.8,1.2"`` -> identity, hflip, vflip, scale 0.8, scale 1.2.
 
-    The identity is always first. Numbers after ``scale:`` continue the scale list.
+    The identity is always first. Numbers after ``scale:`` continue the scale list. Scales apply to
+    every model: a resize model runs at its size times the scale, a sliding-window model on the image
+    scaled by it.
     """
-    out = [Transform("identity")]
+    out = [IDENTITY]
     in_scale = False
     for token in (t.strip() for t in spec.split(",")):
         if not token:
@@ -52,12 +46,13 @@ def parse_transforms(spec: str) -> list[Transform]:
             s = float(token)
             if not 0.25 <= s <= 4:
                 raise HandsegError(f"scale {s} out of range 0.25..4")
-            if s != 1.0:
+            if s != 1.0 and all(t.scale != s for t in out):
                 out.append(Transform(f"scale{s:g}", scale=s))
             continue
         in_scale = False
         if token in ("hflip", "vflip"):
-            out.append(Transform(token, flip=token))
+            if all(t.flip != token for t in out):
+                out.append(Transform(token, flip=token))
         else:
             raise HandsegError(f"unknown TTA transform {token!r}; valid: hflip, vflip, scale:S1,S2,...")
     return out
@@ -65,33 +60,9 @@ def parse_transforms(spec: str) -> list[Transform]:
 
 def _is_number(text: str) -> bool:
     try:
-        float(text)
-        return True
+        return math.isfinite(float(text))
     except ValueError:
         return False
-
-
-def merge_probs(probs: list, how: str):
-    """Merge per-transform probability maps in place (the inputs are consumed), one map at a time."""
-    import torch
-
-    if how not in MERGES:
-        raise HandsegError(f"unknown --merge {how!r}; valid: {', '.join(MERGES)}")
-    if len(probs) == 1:
-        return probs[0]
-    if how == "max":
-        out = probs[0]
-        for p in probs[1:]:
-            torch.maximum(out, p, out=out)
-        return out
-    def prep(p):
-        return p.clamp_min_(1e-6).log_() if how == "gmean" else p
-
-    out = prep(probs[0])
-    for p in probs[1:]:
-        out.add_(prep(p))
-    out.div_(len(probs))
-    return out.exp_() if how == "gmean" else out
 
 
 @dataclass
@@ -106,33 +77,58 @@ class PredictResult:
     """False on torchrun ranks other than 0, which write nothing."""
 
 
+def check_thresholds(values, where: str | Path | None = None) -> np.ndarray:
+    """29 per-class thresholds, each a number strictly between 0 and 1.
+
+    Raises:
+        HandsegError: wrong count, a non-number, or a value outside (0, 1).
+    """
+    try:
+        thr = np.asarray(values, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise HandsegError(f"thresholds must be numbers between 0 and 1, got {values!r}"[:200], where) from None
+    if thr.shape != (NUM_CLASSES,):
+        raise HandsegError(f"need {NUM_CLASSES} thresholds, got {thr.size}", where)
+    bad = [(c, v) for c, v in zip(CLASSES, thr) if not (0.0 < v < 1.0)]
+    if bad:
+        raise HandsegError(f"threshold for {bad[0][0]} is {bad[0][1]}; thresholds lie strictly between 0 and 1", where)
+    return thr
+
+
 def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_dir: Path | None = None,
                     transforms: list[Transform] | None = None, merge: str = "mean",
                     thresholds: list[float] | None = None, tune: bool = False, device: str = "auto",
-                    amp: bool = True, progress: Callable[..., None] | None = None, batch: int = 4) -> PredictResult:
+                    amp: bool = True, progress: Callable[..., None] | None = None, batch: int = 4,
+                    samples: list[Sample] | None = None) -> PredictResult:
     """Predict every image of ``data`` and write the CSV (and probability maps) in submission order.
+
+    ``batch`` network inputs go through the model per forward pass (images for resize models,
+    windows for sliding-window models). PNGs are decoded in threads ahead of the model, and the RLE
+    text is made in a thread behind it; thresholds and runs are computed on the device, so only run
+    boundaries (and uint8 maps, with ``probs_dir``) cross to the host.
 
     With labels in ``data`` the Dice of each transform and of the merge is measured; ``tune``
     searches a threshold per class on those labels (the CSV then uses the tuned thresholds).
-    Under torchrun each rank predicts a shard; rank 0 writes the CSV in order.
+    Under torchrun each rank predicts a shard; rank 0 writes the CSV in order. ``samples`` replaces
+    the images of ``data`` (e.g. a fold's held-out images).
     """
     import torch
 
     from handseg.core.ensemble import PROBS_INDEX, pack_probs, probs_name, quantise_probs
     from handseg.core.files import atomic_open
 
-    transforms = transforms or [Transform("identity")]
-    samples = discover(data, labels="optional")
+    transforms = transforms or [IDENTITY]
+    if samples is None:
+        samples = discover(data, labels="optional", role="test")
     labelled = all(s.label_path is not None for s in samples)
     if tune and not labelled:
         raise HandsegError("--tune-thresholds needs labels (outputs_json/) for every image", data)
     names = [s.name for s in samples]
     if len(set(names)) != len(names):
-        raise HandsegError("two images share a basename; submission rows could not tell them apart", data)
+        dup = next(n for n in names if names.count(n) > 1)
+        raise HandsegError(f"two images share the basename {dup}; submission rows could not tell them apart", data)
     predictor = Predictor.load(checkpoints, device, amp, batch)
-    thr = np.asarray(thresholds if thresholds is not None else predictor.thresholds, dtype=np.float64)
-    if thr.shape != (NUM_CLASSES,):
-        raise HandsegError(f"need {NUM_CLASSES} thresholds, got {thr.size}")
+    thr = check_thresholds(thresholds if thresholds is not None else predictor.thresholds)
     d = dist_env()
     if tune and d.world > 1:
         raise HandsegError("--tune-thresholds runs on one process; run it without torchrun")
@@ -143,42 +139,43 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
         dice_sum["merged"] = np.zeros(NUM_CLASSES)
     tune_sum = np.zeros((NUM_CLASSES, TUNE_GRID.size)) if tune else None
     merged_key = "merged" if len(transforms) > 1 else transforms[0].name
-    rows: dict[str, list] = {}
+    rows: dict[str, object] = {}
     if progress:
         progress(total=len(shard))
     thr_device = torch.as_tensor(thr, dtype=torch.float32, device=predictor.device).view(-1, 1, 1)
-    with torch.inference_mode():  # the maps are merged in place
-        for s, image in _prefetch_images(shard):
-            per_t = [predictor.probs(image, t.flip, t.scale).float() for t in transforms]
-            if labelled:
-                truth = class_masks(read_polygons(s.label_path), image.shape, source=s.label_path)
-                if len(transforms) > 1:
-                    for t, p in zip(transforms, per_t):
-                        dice_sum[t.name] += dice_masks(truth, (p > thr_device).cpu().numpy())
-            merged = merge_probs(per_t, merge)
-            # thresholds, runs and quantisation on the device: only run boundaries (and uint8 maps
-            # when asked for) cross to the host, not 29 float maps of the image's full size
-            masks = merged > thr_device
-            if labelled:
-                dice_sum[merged_key] += dice_masks(truth, masks.cpu().numpy())
-            if tune:
-                probs = merged.cpu().numpy()
-                # the Dice and the RLE of every class at every candidate threshold: small, and exact once
-                # a threshold is chosen, so no probability map is held until the end
-                grid = [[""] * TUNE_GRID.size for _ in range(NUM_CLASSES)]
-                for j, t in enumerate(TUNE_GRID):
-                    masks = probs > t
-                    tune_sum[:, j] += dice_masks(truth, masks)
-                    for c in range(NUM_CLASSES):
-                        grid[c][j] = runs_to_rle(mask_to_runs(masks[c]))
-                rows[s.name] = grid
-            else:
-                rows[s.name] = [runs_to_rle(r) for r in masks_to_runs(masks)]
-            if probs_dir is not None:
-                with atomic_open(Path(probs_dir) / probs_name(s.name), "wb") as f:
-                    np.save(f, pack_probs(quantise_probs(merged).cpu().numpy()), allow_pickle=False)
-            if progress:
-                progress()
+    per_forward = 1 if any(c.crop for c in predictor.cards) else max(1, batch)
+    saves = []
+    # one thread behind the model: RLE text, tuning statistics and map files, in order
+    with ThreadPoolExecutor(max_workers=1) as encoder, torch.inference_mode():
+        for group in _prefetch_groups(shard, per_forward):
+            images = [image for _, image in group]
+            truths = [class_masks(read_polygons(s.label_path), image.shape, source=s.label_path) if labelled
+                      else None for s, image in group]
+
+            def score(t, probs, truths=truths):
+                for truth, p in zip(truths, probs):
+                    dice_sum[t.name] += dice_masks(truth, (p > thr_device).cpu().numpy())
+
+            merged = predictor.predict(images, transforms, merge, score if labelled and len(transforms) > 1 else None)
+            for (s, _), truth, p in zip(group, truths, merged):
+                # thresholds, runs and quantisation on the device: only run boundaries (and uint8 maps
+                # when asked for) cross to the host, not 29 float maps of the image's full size
+                masks = p > thr_device
+                if labelled:
+                    dice_sum[merged_key] += dice_masks(truth, masks.cpu().numpy())
+                if tune:
+                    rows[s.name] = encoder.submit(_tune_rows, p.cpu().numpy(), truth, tune_sum)
+                else:
+                    rows[s.name] = encoder.submit(_rles, masks_to_runs(masks))
+                if probs_dir is not None:
+                    saves.append(encoder.submit(_save_probs, Path(probs_dir) / probs_name(s.name),
+                                                quantise_probs(p).cpu().numpy(), pack_probs, atomic_open))
+                if progress:
+                    progress()
+            del merged
+        rows = {name: future.result() for name, future in rows.items()}
+        for future in saves:
+            future.result()  # a failed write is an error, not a missing map
 
     if tune:
         best = np.argmax(tune_sum, axis=1)
@@ -208,18 +205,41 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
     return result
 
 
-def _prefetch_images(samples: list[Sample], ahead: int = 2):
-    """``(sample, image)`` in order, decoding the next PNGs in threads while the model runs."""
-    from concurrent.futures import ThreadPoolExecutor
+def _rles(runs: list) -> list[str]:
+    return [runs_to_rle(r) for r in runs]
 
-    with ThreadPoolExecutor(max_workers=ahead) as pool:
-        pending = [pool.submit(read_image, s.image_path) for s in samples[:ahead]]
-        for i, s in enumerate(samples):
-            image = pending[i].result()
-            if i + ahead < len(samples):
-                pending.append(pool.submit(read_image, samples[i + ahead].image_path))
-            pending[i] = None
-            yield s, image
+
+def _save_probs(path: Path, quantised: np.ndarray, pack, opener) -> None:
+    with opener(path, "wb") as f:
+        np.save(f, pack(quantised), allow_pickle=False)
+
+
+def _tune_rows(probs: np.ndarray, truth: np.ndarray, tune_sum: np.ndarray) -> list[list[str]]:
+    """The Dice and the RLE of every class at every candidate threshold: small, and exact once a
+    threshold is chosen, so no probability map is held until the end."""
+    grid = [[""] * TUNE_GRID.size for _ in range(NUM_CLASSES)]
+    for j, t in enumerate(TUNE_GRID):
+        masks = probs > t
+        tune_sum[:, j] += dice_masks(truth, masks)
+        for c in range(NUM_CLASSES):
+            grid[c][j] = runs_to_rle(mask_to_runs(masks[c]))
+    return grid
+
+
+def _prefetch_groups(samples: list[Sample], size: int, ahead: int = 2):
+    """Lists of ``(sample, image)`` of ``size`` images, in order, decoded in threads ahead of the model."""
+    workers = max(2, min(8, size * ahead))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(read_image, s.image_path) for s in samples[: size * (ahead + 1)]]
+        submitted = len(futures)
+        for start in range(0, len(samples), size):
+            group = [(samples[i], futures[i].result()) for i in range(start, min(start + size, len(samples)))]
+            for i in range(start, min(start + size, len(samples))):
+                futures[i] = None
+            while submitted < min(len(samples), start + size * (ahead + 2)):
+                futures.append(pool.submit(read_image, samples[submitted].image_path))
+                submitted += 1
+            yield group
 
 
 def write_thresholds(path: Path, thresholds: list[float]) -> None:
@@ -227,15 +247,18 @@ def write_thresholds(path: Path, thresholds: list[float]) -> None:
 
 
 def read_thresholds(path: Path) -> list[float]:
-    """``{"finger-1": 0.45, ...}`` (missing classes: 0.5) or a list of 29 numbers."""
+    """``{"finger-1": 0.45, ...}`` (missing classes: 0.5) or a list of 29 numbers, each in (0, 1)."""
     doc = read_json(path, "thresholds file")
     if isinstance(doc, list):
-        if len(doc) != NUM_CLASSES:
-            raise HandsegError(f"need {NUM_CLASSES} thresholds, got {len(doc)}", path)
-        return [float(v) for v in doc]
-    if isinstance(doc, dict):
+        values = doc
+    elif isinstance(doc, dict):
         unknown = [k for k in doc if k not in CLASSES]
         if unknown:
             raise HandsegError(f"unknown class {unknown[0]!r}", path)
-        return [float(doc.get(c, 0.5)) for c in CLASSES]
-    raise HandsegError("thresholds must be an object {class: value} or a list", path)
+        values = [doc.get(c, 0.5) for c in CLASSES]
+    else:
+        raise HandsegError("thresholds must be an object {class: value} or a list", path)
+    bad = next((v for v in values if isinstance(v, bool) or not isinstance(v, int | float)), None)
+    if bad is not None:
+        raise HandsegError(f"threshold {bad!r} is not a number", path)
+    return [float(v) for v in check_thresholds(values, path)]

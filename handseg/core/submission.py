@@ -8,6 +8,7 @@ missing row is an error that names the file and the line.
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,3 +122,55 @@ def check_same_images(reference: PredictionSet, other: PredictionSet, what: str 
         if only_b:
             detail.append(f"{len(only_b)} only in {other.path} (e.g. {only_b[0]})")
         raise HandsegError(f"different {what}: " + "; ".join(detail), other.path)
+
+
+def _recorded_data(source: Path) -> Path | None:
+    """The data folder an input's manifest names (``pred.manifest.json`` beside a CSV, or a
+    probability folder's ``manifest.json``), if it still exists."""
+    from handseg.core.files import MANIFEST_NAME, sidecar_manifest_path
+
+    manifest = source / MANIFEST_NAME if source.is_dir() else sidecar_manifest_path(source)
+    if not manifest.is_file():
+        return None
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8")).get("inputs", {}).get("data")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(data) if data and Path(data).is_dir() else None
+
+
+def submission_order(image_lists: list[list[str]], sources: list[Path], data: Path | None = None
+                     ) -> tuple[list[str], dict[str, tuple[int, int]]]:
+    """The order an ensemble writes its images in, and their sizes where known.
+
+    The submission order (FORMAT) sorts images by their path under ``DCM/``, which a CSV does not
+    carry: it comes from ``data`` (the X-rays), else from the data folder an input's manifest names,
+    else from the inputs themselves when they all agree. Sizes come from the images' headers, so
+    every run can be checked against its image.
+
+    Raises:
+        HandsegError: the inputs disagree on the order and no data folder is known, or the data
+            folder does not hold the same images.
+    """
+    from handseg.core.data import discover, image_size
+
+    names = set(image_lists[0])
+    candidates = [(data, "--data")] if data is not None else []
+    candidates += [(d, f"the manifest of {src}") for src in sources if (d := _recorded_data(src)) is not None]
+    for folder, why in candidates:
+        try:
+            samples = discover(folder, labels="ignore", role="test")
+        except HandsegError:
+            if why == "--data":
+                raise
+            continue
+        order = [s.name for s in samples]
+        if set(order) == names and len(order) == len(names):
+            return order, {s.name: image_size(s.image_path) for s in samples}
+        if why == "--data":
+            only = sorted(names - set(order)) or sorted(set(order) - names)
+            raise HandsegError(f"holds other images than the inputs (e.g. {only[0]})", folder)
+    if all(lst == image_lists[0] for lst in image_lists[1:]):
+        return list(image_lists[0]), {}
+    raise HandsegError("the inputs list their images in different orders; pass --data DIR (the X-rays they "
+                       "predict) so the output follows the submission order")

@@ -239,10 +239,12 @@ def split_items(cfg: TrainConfig) -> tuple[list[Item], list[Item]]:
         HandsegError: the splits do not match the data, a cache is stale, or an extra folder is incomplete.
     """
     from handseg.core.cache import check_cache_fresh, find_cache
+    from handseg.core.data import resolve_data
     from handseg.core.kfold import make_splits, read_splits
 
-    samples = discover(cfg.data, labels="required")
-    cache = find_cache(cfg.data, cfg.cache)
+    data = resolve_data(cfg.data, "train").root
+    samples = discover(data, labels="required")
+    cache = find_cache(data, cfg.cache)
     if cache is not None:
         check_cache_fresh(cache, samples)
     if cfg.splits is not None:
@@ -250,7 +252,7 @@ def split_items(cfg: TrainConfig) -> tuple[list[Item], list[Item]]:
     elif cfg.fold < 0:  # everything is train: no folds needed (nor enough patients for them)
         splits = {"n_folds": 0, "images": [{"path": s.rel, "fold": -2} for s in samples]}
     else:
-        splits = make_splits(cfg.data, n_folds=5, seed=cfg.seed)
+        splits = make_splits(data, n_folds=5, seed=cfg.seed)
     fold_of = {im["path"]: im["fold"] for im in splits["images"]}
     if cfg.fold >= splits["n_folds"]:
         n = splits["n_folds"]
