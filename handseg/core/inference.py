@@ -8,7 +8,8 @@ A model trained on crops runs as a sliding window over the full image with Gauss
 Test-time transforms (ttach flips and input-size scales) are merged in place, one map at a time.
 With ``unify_hands`` a model knows right hands only: the side is decided once, from the identity
 pass on the unflipped image; a left hand is mirrored, every transform runs on the mirrored image,
-and the result is mirrored back. Several checkpoints are averaged in probability space.
+and the result is mirrored back. A horizontal flip would show such a model a left hand, so hflip
+passes run unflipped for it. Several checkpoints are averaged in probability space.
 """
 
 from __future__ import annotations
@@ -244,6 +245,14 @@ class Predictor:
         model, card = self.models[m], self.cards[m]
         if not card.unify_hands:
             return self._run(model, card, images, t)
+        if t.flip == "hflip":
+            # the model sees every hand mirrored to a right hand; a horizontal flip would show it a
+            # left one, which it never learned: the pass runs unflipped (scales still apply)
+            from handseg.core.notices import notice
+
+            notice("unify-hflip", "hflip TTA is not applied to --unify-hands models: they see every hand as a "
+                                  "right hand, and a flip would show them a left one")
+            t = Transform(t.name, None, t.scale)
         out: list = [None] * len(images)
         if m not in mirror:
             first = self._run(model, card, images, IDENTITY)
