@@ -54,15 +54,11 @@ app.command("demo")(demo.demo)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI: a HandsegError becomes one line on stderr and exit code 2; Ctrl-C says so and
-    exits with 130 (outputs are written atomically, so an interrupted command leaves none)."""
+    """Run the CLI. Every error is one line on stderr: a HandsegError (bad input) or a usage error
+    (an unknown option, a value out of range) exits with code 2; Ctrl-C says so and exits with 130
+    (outputs are written atomically, so an interrupted command leaves none)."""
     try:
-        app(args=argv, prog_name="handseg", standalone_mode=True)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        if code == 130 and _interrupted(e):  # Typer turns KeyboardInterrupt into a silent exit 130
-            print("handseg: interrupted", file=sys.stderr)
-        return code
+        code = app(args=argv, prog_name="handseg", standalone_mode=False)
     except HandsegError as e:
         if os.environ.get("HANDSEG_DEBUG") == "1":
             raise
@@ -71,14 +67,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("handseg: interrupted", file=sys.stderr)
         return 130
-    return 0
-
-
-def _interrupted(exc: BaseException) -> bool:
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, KeyboardInterrupt):
-            return True
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return False
+    except Exception as e:
+        if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):  # not a click usage error: a bug
+            raise
+        if type(e).__name__ == "NoArgsIsHelpError":
+            e.show()  # a bare `handseg train`-style call prints the help
+            return 0
+        if type(e).__name__ == "Abort":
+            print("handseg: aborted", file=sys.stderr)
+            return 1
+        message = " ".join(e.format_message().split())
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        print(f"handseg: error: {message}{hint}", file=sys.stderr)
+        return e.exit_code
+    if code == 130:
+        print("handseg: interrupted", file=sys.stderr)
+    return code if isinstance(code, int) else 0

@@ -100,7 +100,6 @@ def train(
         params = _apply_config(ctx, params, config)
     cfg = TrainConfig(**params).validated()  # one check for flags and config alike
     say = stdout.print if is_main_process() else (lambda *args, **kwargs: None)  # torchrun: rank 0 speaks
-    say("[bold]handseg train[/bold] " + " ".join(f"{k}={v}" for k, v in cfg.to_json().items()))
 
     progress_cm = make_progress()
 

@@ -186,6 +186,9 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
         if d.main:
             write_manifest(out, "train", cfg.to_json(), inputs={"data": str(cfg.data), "splits": str(cfg.splits)},
                            train_images=len(train_items), val_images=len(val_items), world_size=d.world)
+            # the resolved configuration, said once everything has been checked (a failed start says one line)
+            log("handseg train " + " ".join(f"{k}={v}" for k, v in cfg.to_json().items()))
+            log(f"{len(train_items)} training images, {len(val_items)} validation images -> {out}")
         metrics_path = out / "metrics.csv"
         if d.main and cfg.resume:
             truncate_metrics(metrics_path, start_epoch)  # rows of an epoch whose checkpoint never landed

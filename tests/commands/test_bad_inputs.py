@@ -1,0 +1,293 @@
+"""A corpus of bad inputs through the real CLI: each gives exit 2, one line naming the file (or the
+option) and the problem, no traceback, and nothing at the output path."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from handseg.core.data import discover
+from handseg.core.submission import read_predictions, write_predictions
+from tests.conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def run(synth_data, tmp_path_factory):
+    """A tiny trained run and a copy of the synthetic data set to break."""
+    from handseg.core.training import TrainConfig, train
+
+    base = tmp_path_factory.mktemp("bad")
+    out = base / "run"
+    train(TrainConfig(data=synth_data / "train", arch="unet", encoder="resnet18", encoder_weights="none", size=64,
+                      epochs=1, batch_size=4, workers=0, device="cpu", out=out, augment="none"), log=lambda *a: None)
+    return out
+
+
+def _fails(capsys, args, *needles, output=None):
+    code, out, err = run_cli(args, capsys)
+    assert code == 2, (code, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and out == ""
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    if output is not None:
+        assert not os.path.exists(output), output
+    return lines[0]
+
+
+def _csv(path, images, rle="1 5"):
+    write_predictions(path, [(im, [rle] + [""] * 28) for im in images])
+
+
+def test_output_paths_are_checked_before_any_work(run, synth_data, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    test = synth_data / "test"
+    for args, needle in [
+        (["predict", run, "--data", test, "-o", tmp_path], "is a folder; give a file name"),
+        (["predict", run, "--data", test, "-o", blocker / "p.csv"], "is a file, not a folder"),
+        (["predict", run, "--data", test, "-o", "/proc/handseg/p.csv"], "cannot write in /proc"),
+        (["predict", run, "--data", test, "-o", tmp_path / "p.csv", "--probs", blocker], "is a file; give a folder"),
+        (["tta", run, "--data", test, "-o", tmp_path], "is a folder"),
+        (["kfold", "--data", synth_data / "train", "-o", blocker / "s.json"], "is a file, not a folder"),
+        (["synth", blocker / "d", "--ids", 1], "is a file, not a folder"),
+        (["pseudo", tmp_path / "x.csv", "--data", test, "--out", blocker], "is a file; give a folder"),
+        (["train", "--data", synth_data / "train", "--out", blocker / "run", "--encoder-weights", "none"],
+         "is a file, not a folder"),
+    ]:
+        _fails(capsys, args, needle)
+    a = tmp_path / "a.csv"
+    _csv(a, ["x.png"])
+    _fails(capsys, ["vote", "hard", a, a, "-o", a], "already exists; pass --overwrite")
+    assert read_predictions(a).images == ["x.png"]  # untouched
+
+
+def test_existing_outputs_need_overwrite_everywhere(run, synth_data, tmp_path, capsys):
+    out = tmp_path / "p.csv"
+    args = ["predict", run, "--data", synth_data / "test", "-o", out, "--device", "cpu"]
+    assert run_cli(args, capsys)[0] == 0
+    before = out.read_bytes()
+    _fails(capsys, args, "p.csv: already exists; pass --overwrite")
+    assert out.read_bytes() == before
+    assert run_cli([*args, "--overwrite"], capsys)[0] == 0
+
+
+@pytest.mark.parametrize("option,value,needle", [
+    ("--threshold", "2", "--threshold must lie strictly between 0 and 1"),
+    ("--threshold", "-1", "--threshold must lie strictly between 0 and 1"),
+    ("--weights", "0,0", "--weights are all zero"),
+    ("--weights", "1,-1", "--weights must be finite and not negative"),
+    ("--weights", "nan,1", "--weights must be finite and not negative"),
+    ("--weights", "1,x", "is not a comma-separated list of numbers"),
+])
+def test_soft_vote_refuses_nonsense_values(tmp_path, capsys, option, value, needle):
+    out = tmp_path / "v.csv"
+    _fails(capsys, ["vote", "soft", tmp_path / "a", tmp_path / "b", option, value, "-o", out], needle, output=out)
+
+
+@pytest.mark.parametrize("content,needle", [
+    ('{"finger-1": 1.5}', "threshold for finger-1 is 1.5"),
+    ('{"finger-1": "abc"}', "threshold 'abc' is not a number"),
+    ("[0.5, 0.5]", "need 29 thresholds, got 2"),
+    ('{"finger-99": 0.5}', "unknown class 'finger-99'"),
+])
+def test_predict_refuses_bad_thresholds(run, synth_data, tmp_path, capsys, content, needle):
+    thr = tmp_path / "thr.json"
+    thr.write_text(content)
+    out = tmp_path / "p.csv"
+    _fails(capsys, ["predict", run, "--data", synth_data / "test", "-o", out, "--thresholds", thr], "thr.json", needle,
+           output=out)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--size", "0"], "'--size'"),
+    (["--size", "-32"], "'--size'"),
+    (["--crop", "-32"], "'--crop'"),
+    (["--size", "100"], "multiples of 32"),
+    (["--loss", "bce:-1"], "must be a positive number"),
+    (["--max-steps", "0"], "'--max-steps'"),
+    (["--augment", "wild"], "'--augment'"),
+])
+def test_train_refuses_nonsense_flags(synth_data, tmp_path, capsys, args, needle):
+    out = tmp_path / "run"
+    _fails(capsys, ["train", "--data", synth_data / "train", "--encoder-weights", "none", "--out", out, *args], needle,
+           output=out)
+
+
+@pytest.mark.parametrize("yaml_text,needle", [
+    ("epochs: 0", "--epochs: must be at least 1"),
+    ("batch_size: 0", "--batch-size: must be at least 1"),
+    ("size: abc", "--size: expected an integer, got 'abc'"),
+    ("workers: -3", "--workers: must be at least 0"),
+    ("amp: half", "--amp: unknown value 'half'"),
+    ("nope: 1", "unknown option 'nope' in config"),
+    ("[1, 2", "not valid YAML"),
+])
+def test_train_config_files_are_checked_like_flags(synth_data, tmp_path, capsys, yaml_text, needle):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml_text)
+    out = tmp_path / "run"
+    _fails(capsys, ["train", "--data", synth_data / "train", "--encoder-weights", "none", "--config", cfg,
+                    "--out", out], needle, output=out)
+
+
+def test_bad_data_files_are_named(run, synth_data, tmp_path, capsys):
+    data = tmp_path / "test"
+    shutil.copytree(synth_data / "test", data)
+    victim = sorted((data / "DCM").rglob("*.png"))[1]
+    victim.write_bytes(victim.read_bytes()[:300])
+    out = tmp_path / "p.csv"
+    _fails(capsys, ["predict", run, "--data", data, "-o", out, "--probs", tmp_path / "probs"],
+           victim.name, "truncated PNG", output=out)
+    assert not (tmp_path / "probs").exists() and not list(tmp_path.glob(".probs*"))
+    os.symlink(tmp_path / "gone.png", victim.parent / "ghost.png")
+    victim.unlink()
+    _fails(capsys, ["predict", run, "--data", data, "-o", out], "ghost.png: broken link", output=out)
+
+    labelled = tmp_path / "train"
+    shutil.copytree(synth_data / "train", labelled)
+    bad_json = sorted((labelled / "outputs_json").rglob("*.json"))[0]
+    bad_json.write_text('{"annotations": [{"label": "finger-1", "points": [[1,2],[3,4],[5,')
+    _fails(capsys, ["prep", "json2npy", "--data", labelled], bad_json.name, "not valid JSON")
+
+
+def test_runs_past_the_image_end_are_refused(synth_data, tmp_path, capsys):
+    images = [s.name for s in discover(synth_data / "test")]
+    good, bad = tmp_path / "good.csv", tmp_path / "bad.csv"
+    _csv(good, images)
+    _csv(bad, images, rle="16380 100")  # ends past 128 x 128
+    out = tmp_path / "v.csv"
+    _fails(capsys, ["vote", "hard", good, bad, "--data", synth_data / "test", "-o", out],
+           "bad.csv", "finger-1", "RLE runs past the end of a 128 x 128 image", output=out)
+    _fails(capsys, ["pseudo", bad, "--data", synth_data / "test", "--out", tmp_path / "ps"],
+           "bad.csv", "RLE runs past the end", output=tmp_path / "ps")
+
+
+def test_vote_writes_the_submission_order_whatever_the_inputs_order(synth_data, tmp_path, capsys):
+    order = [s.name for s in discover(synth_data / "test")]
+    shuffled = order[::-1]
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    _csv(a, shuffled)
+    _csv(b, order)
+    out = tmp_path / "v.csv"
+    _fails(capsys, ["vote", "hard", a, b, "-o", out], "different orders; pass --data", output=out)
+    assert run_cli(["vote", "hard", a, b, "--data", synth_data / "test", "-o", out], capsys)[0] == 0
+    assert read_predictions(out).images == order
+    _csv(b, shuffled)  # inputs that agree, and a manifest naming the data: the data's order wins
+    (tmp_path / "a.manifest.json").write_text(json.dumps({"inputs": {"data": str(synth_data / "test")}}))
+    assert run_cli(["vote", "hard", a, b, "-o", out, "--overwrite"], capsys)[0] == 0
+    assert read_predictions(out).images == order
+
+
+def test_crafted_probability_maps_and_checkpoints_are_refused(run, synth_data, tmp_path, capsys):
+    from handseg.core.ensemble import PROBS_INDEX
+
+    folders = []
+    for name in ("pa", "pb"):
+        code, _, err = run_cli(["predict", run, "--data", synth_data / "test", "-o", tmp_path / f"{name}.csv",
+                                "--probs", tmp_path / name, "--device", "cpu"], capsys)
+        assert code == 0, err
+        folders.append(tmp_path / name)
+    victim = sorted(folders[1].glob("*.npy"))[0]
+    buf = np.load(victim)
+    header = buf[: 5 * 8 + 5 * 8 * 29].view(np.int64).copy()
+    header[5 + 5 * 3 + 2] = 10**9  # class 3's crop claims a billion rows
+    buf[: header.size * 8] = header.view(np.uint8)
+    np.save(victim, buf)
+    out = tmp_path / "v.csv"
+    _fails(capsys, ["vote", "soft", *folders, "-o", out], victim.name, "not a handseg probability map", output=out)
+    (folders[1] / PROBS_INDEX).write_text("{broken")
+    _fails(capsys, ["vote", "soft", *folders, "-o", out], "index.json", "not valid JSON", output=out)
+
+    import torch
+    from safetensors.torch import save_file
+
+    fake = tmp_path / "fake.safetensors"
+    save_file({"w": torch.zeros(1)}, str(fake), metadata={"handseg": json.dumps({"arch": "unet"})})
+    _fails(capsys, ["predict", fake, "--data", synth_data / "test", "-o", out], "fake.safetensors",
+           "malformed model card", output=out)
+
+
+def test_an_incomplete_pseudo_set_is_refused_by_train(synth_data, tmp_path, capsys):
+    half = tmp_path / "pseudo"
+    shutil.copytree(synth_data / "test_gt", half)
+    (half / "manifest.json").write_text(json.dumps({"stage": "pseudo"}))  # no "complete": a crashed run
+    out = tmp_path / "run"
+    _fails(capsys, ["train", "--data", synth_data / "train", "--encoder-weights", "none", "--extra", half,
+                    "--out", out, "--device", "cpu", "--workers", "0"], "pseudo", "incomplete", output=out)
+
+
+def test_a_crashed_pseudo_leaves_nothing_and_overwrite_replaces_the_whole_set(synth_data, tmp_path, capsys,
+                                                                              monkeypatch):
+    import handseg.core.pseudo as pseudo
+
+    test = synth_data / "test_gt"
+    from handseg.core.data import class_runs, image_size, read_polygons
+    from handseg.core.rle import runs_to_rle
+
+    samples = discover(test, labels="required")
+    truth = tmp_path / "truth.csv"
+    write_predictions(truth, [(s.name, [runs_to_rle(r) for r in class_runs(read_polygons(s.label_path),
+                                                                              image_size(s.image_path))])
+                              for s in samples])
+    out = tmp_path / "ps"
+    real = pseudo.atomic_write_json
+    calls = []
+
+    def crash(path, doc):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real(path, doc)
+
+    monkeypatch.setattr(pseudo, "atomic_write_json", crash)
+    with pytest.raises(OSError):
+        run_cli(["pseudo", truth, "--data", test, "--out", out])
+    assert not out.exists() and not list(tmp_path.glob(".ps*"))
+    monkeypatch.setattr(pseudo, "atomic_write_json", real)
+    assert run_cli(["pseudo", truth, "--data", test, "--out", out], capsys)[0] == 0
+    (out / "DCM" / "stale.png").write_bytes(b"old run")
+    assert run_cli(["pseudo", truth, "--data", test, "--out", out, "--overwrite"], capsys)[0] == 0
+    assert not (out / "DCM" / "stale.png").exists()
+    assert len(discover(out, labels="required")) == len(samples)
+
+
+def test_a_failed_command_prints_one_line_without_a_progress_bar(run, synth_data, tmp_path):
+    data = tmp_path / "test"
+    shutil.copytree(synth_data / "test", data)
+    victim = sorted((data / "DCM").rglob("*.png"))[-1]
+    victim.write_bytes(victim.read_bytes()[:-30])
+    env = {k: v for k, v in os.environ.items() if k != "HANDSEG_NO_PROGRESS"}
+    proc = subprocess.run([sys.executable, "-m", "handseg", "predict", str(run), "--data", str(data), "-o",
+                           str(tmp_path / "p.csv"), "--device", "cpu"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"handseg: error: {victim}: truncated PNG: the file ends before its "
+                                                "last chunk"]
+
+
+def test_ctrl_c_says_interrupted_and_leaves_a_resumable_run(synth_data, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    env = dict(os.environ, HANDSEG_NO_PROGRESS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "handseg", "train", "--data", str(synth_data / "train"), "--arch",
+                             "unet", "--encoder", "resnet18", "--encoder-weights", "none", "--size", "64", "--epochs",
+                             "200", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--augment", "none",
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 240
+    while not (out / "last.safetensors").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "handseg: interrupted"
+    assert not list(out.glob("*.tmp-*"))
+    from handseg.core.checkpoint import read_card
+
+    epoch = read_card(out / "last.safetensors").epoch
+    assert (out / f"resume-{epoch:04d}.safetensors").is_file()
