@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Annotated
 
 import typer
 
@@ -14,12 +15,41 @@ from handseg import __version__
 from handseg.commands import compare, demo, eda, kfold, predict, prep, pseudo, synth, train, vote
 from handseg.core.errors import HandsegError, one_line
 
+
+def _conventional_help() -> None:
+    """Help as people know it from other command-line tools: flags without a ``<bool>`` type, arguments
+    named by their metavar (``CSV...``, not ``{csvs}... <list[Path]>``). Typer 0.29 renders types
+    itself; older versions already render this way and lack these methods, so nothing changes there."""
+    from typer import core
+
+    option_display = getattr(core.TyperOption, "display_type_rich", None)
+    if option_display is not None and not getattr(option_display, "_handseg", False):
+        def display_type_rich(self, ctx):
+            return None if self.is_flag and not self.count else option_display(self, ctx)
+
+        display_type_rich._handseg = True
+        core.TyperOption.display_type_rich = display_type_rich
+    if hasattr(core.TyperArgument, "display_type_rich"):
+        core.TyperArgument.display_type_rich = lambda self, ctx: None
+    if hasattr(core.TyperArgument, "_usage_display_name"):
+        def usage_name(self) -> str:
+            name = self.display_name_raw.upper()
+            name = name if self.required else f"[{name}]"
+            return name + "..." if self.nargs != 1 and not name.endswith("...") else name
+
+        core.TyperArgument._usage_display_name = usage_name
+
+
+_conventional_help()
+
 app = typer.Typer(
     name="handseg",
     help="Hand-bone X-ray segmentation (29 classes): synthetic data, caches, folds, training, inference, "
     "ensembles and reports. Stages pass files to each other; chain them in shell scripts.",
+    epilog="Environment: HANDSEG_DEBUG=1 shows tracebacks instead of one-line errors; HANDSEG_NO_PROGRESS=1 "
+    "hides progress bars; HANDSEG_MAX_PIXELS sets the largest image read (default 8192 x 8192).",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -34,9 +64,16 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Errors and results only: no progress bars or "
+                                        "messages.")] = False,
 ) -> None:
     """Hand-bone X-ray segmentation."""
+    if quiet:
+        from handseg.console import be_quiet
+
+        be_quiet()
 
 
 # explicit registry: one line per command

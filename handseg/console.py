@@ -14,6 +14,14 @@ console = Console(stderr=True, highlight=False)
 stdout = Console(highlight=False, soft_wrap=True)
 
 
+def be_quiet() -> None:
+    """``handseg --quiet``: no progress bars and no messages; errors, notes and results (files,
+    ``--json -``) still appear."""
+    os.environ["HANDSEG_NO_PROGRESS"] = "1"
+    console.quiet = True
+    stdout.quiet = True
+
+
 def is_main_process() -> bool:
     """False in torchrun processes other than rank 0, which neither print nor show progress."""
     from handseg.core.distributed import dist_env

@@ -255,7 +255,7 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
             t_val = time.perf_counter()
             if val_items and ((epoch + 1) % cfg.val_every == 0 or last_epoch):
                 broadcast_buffers(model, d)
-                per_class = validate(unwrap(run_model), card, val_items, device, dtype, d)
+                per_class = validate(unwrap(run_model), card, val_items, device, dtype, d, cfg.batch_size)
                 last_dice = float(per_class.mean())
             val_seconds = time.perf_counter() - t_val
             epochs_run += 1

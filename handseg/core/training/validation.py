@@ -31,12 +31,13 @@ def dice_sums_from_crops(pred, crops: BoneCrops):
     return (2.0 * inter + DICE_EPS) / (truth_area + pred_area + DICE_EPS)
 
 
-def validate(model, card: ModelCard, items: list[Item], device: str, dtype, d: Dist) -> np.ndarray:
+def validate(model, card: ModelCard, items: list[Item], device: str, dtype, d: Dist, batch: int = 4) -> np.ndarray:
     """Leaderboard Dice per class over the validation items, at each image's full size: ``(29,)``.
 
     Predictions go through :class:`~handseg.core.inference.Predictor`, exactly as ``predict`` makes
-    them (with ``unify_hands``, the hand's side comes from the prediction, never from the labels);
-    images and labels come from the prep cache; the Dice is summed on the device, and under torchrun
+    them (with ``unify_hands``, the hand's side comes from the prediction, never from the labels),
+    ``batch`` images per forward pass; images and labels come from the prep cache; the Dice is summed
+    on the device, and under torchrun
     each rank validates its share and the sums are reduced.
     """
     import torch
@@ -44,14 +45,18 @@ def validate(model, card: ModelCard, items: list[Item], device: str, dtype, d: D
     from handseg.core.inference import Predictor
 
     model.eval()
-    predictor = Predictor([model], [card], device, dtype)
+    predictor = Predictor([model], [card], device, dtype, batch)
     thresholds = torch.as_tensor(card.thresholds, dtype=torch.float32, device=device).view(-1, 1, 1)
     sums = torch.zeros(NUM_CLASSES + 1, dtype=torch.float64, device=device)
-    for item in items[d.rank :: d.world]:
-        image, crops = load_item_crops(item)
-        pred = predictor.probs(image) > thresholds
-        sums[:NUM_CLASSES] += dice_sums_from_crops(pred, crops)
-        sums[NUM_CLASSES] += 1
+    mine = items[d.rank :: d.world]
+    group = 1 if card.crop else max(1, batch)  # several images per forward pass (sliding windows batch windows)
+    for start in range(0, len(mine), group):
+        loaded = [load_item_crops(item) for item in mine[start : start + group]]
+        probs = predictor.predict([image for image, _ in loaded])
+        for (_, crops), p in zip(loaded, probs):
+            sums[:NUM_CLASSES] += dice_sums_from_crops(p > thresholds, crops)
+            sums[NUM_CLASSES] += 1
+        del probs
     all_reduce_sum(sums, d)
     model.train()
     count = max(float(sums[NUM_CLASSES]), 1.0)
