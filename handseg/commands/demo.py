@@ -18,57 +18,77 @@ def demo(
 ) -> None:
     """Run the whole chain on synthetic data on a CPU, and say where the results are.
 
-    synth, prep, kfold, train (2 folds), predict, tta, vote, pseudo, compare and eda: each step is
-    the real command, as a shell script would call it.
+    synth, prep, kfold, train (2 folds), predict, tta, vote, pseudo, compare and eda: each step
+    runs the same code as the command it prints, which a shell script would call the same way.
 
     Example: handseg demo --out demo
     """
     import shutil
 
-    from handseg.cli import main
+    from handseg.commands import compare, eda, kfold, predict, prep, pseudo, synth, vote
     from handseg.console import stdout
     from handseg.core.errors import HandsegError
+    from handseg.core.training import TrainConfig
+    from handseg.core.training import train as run_training
 
     if out.exists():
         if not (out / "data" / "manifest.json").is_file():
             raise HandsegError("folder exists and is not a handseg demo; choose another --out", out)
         shutil.rmtree(out)
-    d = out / "data"
-    train_args = ["--data", d / "train", "--splits", out / "splits.json", "--arch", "unet", "--encoder", "resnet18",
-                  "--encoder-weights", "none", "--size", size, "--epochs", epochs, "--batch-size", 4, "--lr", "3e-3",
-                  "--workers", 0, "--device", device, "--augment", "light"]
+    d, runs = out / "data", out / "runs"
+    train_flags = ["--data", d / "train", "--splits", out / "splits.json", "--arch", "unet", "--encoder", "resnet18",
+                   "--encoder-weights", "none", "--size", size, "--epochs", epochs, "--batch-size", 4, "--lr", "3e-3",
+                   "--workers", 0, "--device", device, "--augment", "light"]
+
+    def train_fold(fold: int) -> None:
+        cfg = TrainConfig(data=d / "train", splits=out / "splits.json", fold=fold, arch="unet", encoder="resnet18",
+                          encoder_weights="none", size=size, epochs=epochs, batch_size=4, lr=3e-3, workers=0,
+                          device=device, augment="light", out=runs / f"fold{fold}")
+        run_training(cfg.validated(), log=stdout.print)
+
+    f0, f1 = runs / "fold0", runs / "fold1"
     steps = [
-        ["synth", d, "--ids", ids, "--test-ids", 3, "--size", size, "--seed", 0],
-        ["prep", "json2npy", "--data", d / "train"],
-        ["prep", "png2npy", "--data", d / "train"],
-        ["kfold", "--data", d / "train", "--folds", 5, "--stratify", "bend", "-o", out / "splits.json"],
-        ["train", *train_args, "--fold", 0, "--out", out / "runs" / "fold0"],
-        ["train", *train_args, "--fold", 1, "--out", out / "runs" / "fold1"],
-        ["predict", out / "runs" / "fold0", "--data", d / "test", "-o", out / "pred_fold0.csv",
-         "--probs", out / "probs_fold0", "--device", device],
-        ["predict", out / "runs" / "fold1", "--data", d / "test", "-o", out / "pred_fold1.csv",
-         "--probs", out / "probs_fold1", "--device", device],
-        ["predict", out / "runs" / "fold0", out / "runs" / "fold1", "--data", d / "test", "-o",
-         out / "pred_2folds.csv", "--device", device],
-        ["tta", out / "runs" / "fold0", "--data", d / "test_gt", "-o", out / "pred_tta.csv",
-         "--transforms", "hflip,scale:0.9,1.1", "--device", device],
-        ["vote", "hard", out / "pred_fold0.csv", out / "pred_fold1.csv", out / "pred_2folds.csv",
-         "-o", out / "vote_hard.csv"],
-        ["vote", "soft", out / "probs_fold0", out / "probs_fold1", "-o", out / "vote_soft.csv"],
-        ["pseudo", out / "probs_fold0", "--data", d / "test", "--out", out / "pseudo"],
-        ["compare", out / "pred_fold0.csv", out / "pred_fold1.csv", out / "pred_2folds.csv", out / "vote_hard.csv",
-         out / "vote_soft.csv", "--gt", d / "test_gt", "--json", out / "scores.json", "--out", out / "report"],
-        ["eda", "--data", d / "train", "--out", out / "eda"],
+        (["synth", d, "--ids", ids, "--test-ids", 3, "--size", size, "--seed", 0],
+         lambda: synth.synth(d, ids=ids, test_ids=3, size=size, seed=0)),
+        (["prep", "json2npy", "--data", d / "train"], lambda: prep.json2npy(d / "train", None, None)),
+        (["prep", "png2npy", "--data", d / "train"], lambda: prep.png2npy(d / "train", None, None)),
+        (["kfold", "--data", d / "train", "--folds", 5, "--stratify", "bend", "-o", out / "splits.json"],
+         lambda: kfold.kfold(d / "train", folds=5, seed=0, stratify="bend", meta=None, out=out / "splits.json")),
+        (["train", *train_flags, "--fold", 0, "--out", f0], lambda: train_fold(0)),
+        (["train", *train_flags, "--fold", 1, "--out", f1], lambda: train_fold(1)),
+        (["predict", f0, "--data", d / "test", "-o", out / "pred_fold0.csv", "--probs", out / "probs_fold0",
+          "--device", device],
+         lambda: predict.predict([f0], d / "test", out / "pred_fold0.csv", out / "probs_fold0", device=device)),
+        (["predict", f1, "--data", d / "test", "-o", out / "pred_fold1.csv", "--probs", out / "probs_fold1",
+          "--device", device],
+         lambda: predict.predict([f1], d / "test", out / "pred_fold1.csv", out / "probs_fold1", device=device)),
+        (["predict", f0, f1, "--data", d / "test", "-o", out / "pred_2folds.csv", "--device", device],
+         lambda: predict.predict([f0, f1], d / "test", out / "pred_2folds.csv", device=device)),
+        (["tta", f0, "--data", d / "test_gt", "-o", out / "pred_tta.csv", "--transforms", "hflip,scale:0.9,1.1",
+          "--device", device],
+         lambda: predict.tta([f0], d / "test_gt", out / "pred_tta.csv", transforms="hflip,scale:0.9,1.1",
+                             device=device)),
+        (["vote", "hard", out / "pred_fold0.csv", out / "pred_fold1.csv", out / "pred_2folds.csv",
+          "-o", out / "vote_hard.csv"],
+         lambda: vote.hard([out / "pred_fold0.csv", out / "pred_fold1.csv", out / "pred_2folds.csv"],
+                           out / "vote_hard.csv")),
+        (["vote", "soft", out / "probs_fold0", out / "probs_fold1", "-o", out / "vote_soft.csv"],
+         lambda: vote.soft([out / "probs_fold0", out / "probs_fold1"], out / "vote_soft.csv")),
+        (["pseudo", out / "probs_fold0", "--data", d / "test", "--out", out / "pseudo"],
+         lambda: pseudo.pseudo(out / "probs_fold0", d / "test", out / "pseudo")),
+        (["compare", out / "pred_fold0.csv", out / "pred_fold1.csv", out / "pred_2folds.csv", out / "vote_hard.csv",
+          out / "vote_soft.csv", "--gt", d / "test_gt", "--json", out / "scores.json", "--out", out / "report"],
+         lambda: compare.compare([out / "pred_fold0.csv", out / "pred_fold1.csv", out / "pred_2folds.csv",
+                                  out / "vote_hard.csv", out / "vote_soft.csv"], gt=d / "test_gt",
+                                 json_out=out / "scores.json", out=out / "report")),
+        (["eda", "--data", d / "train", "--out", out / "eda"], lambda: eda.eda(d / "train", out=out / "eda")),
     ]
     t0 = time.perf_counter()
-    for step in steps:
-        args = [str(a) for a in step]
-        stdout.print(f"\n[bold cyan]$ handseg {' '.join(args)}[/bold cyan]")
-        code = main(args)
-        if code != 0:
-            raise HandsegError(f"demo step failed (exit {code}): handseg {' '.join(args)}")
+    for shown, run in steps:
+        stdout.print(f"\n[bold cyan]$ handseg {' '.join(str(a) for a in shown)}[/bold cyan]")
+        run()
     stdout.print(f"\n[bold green]demo done in {time.perf_counter() - t0:.0f}s[/bold green]")
     stdout.print(f"  scores:      {out / 'scores.json'}")
     stdout.print(f"  compare:     {out / 'report' / 'index.html'}")
     stdout.print(f"  data report: {out / 'eda' / 'index.html'}")
-    stdout.print(f"  runs:        {out / 'runs'}   pseudo labels: {out / 'pseudo'}")
+    stdout.print(f"  runs:        {runs}   pseudo labels: {out / 'pseudo'}")
