@@ -1,6 +1,6 @@
 """The competition data layer: layout discovery, images, polygon JSON, multi-label masks, handedness.
 
-Layout (FORMAT.md)::
+Layout (the README's "Data format" section)::
 
     DIR/DCM/ID001/image1661130828152_R.png       8-bit grayscale PNG
     DIR/outputs_json/ID001/image1661130828152_R.json

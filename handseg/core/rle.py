@@ -1,6 +1,6 @@
 """Run-length encoding exactly as the competition baseline writes it, and set operations on runs.
 
-Convention (FORMAT.md): flatten the H x W mask in row-major order; the RLE is space-separated
+Convention (the README's "Data format" section): flatten the H x W mask in row-major order; the RLE is space-separated
 ``start length`` pairs with 1-indexed starts; an empty mask is ``""`` (NaN is read as empty too).
 
 Internally a mask is a pair of int64 arrays ``(starts, lengths)`` with 0-indexed, sorted,

@@ -143,7 +143,7 @@ def submission_order(image_lists: list[list[str]], sources: list[Path], data: Pa
                      ) -> tuple[list[str], dict[str, tuple[int, int]]]:
     """The order an ensemble writes its images in, and their sizes where known.
 
-    The submission order (FORMAT) sorts images by their path under ``DCM/``, which a CSV does not
+    The submission order (README, "Data format") sorts images by their path under ``DCM/``, which a CSV does not
     carry: it comes from ``data`` (the X-rays), else from the data folder an input's manifest names,
     else from the inputs themselves when they all agree. Sizes come from the images' headers, so
     every run can be checked against its image.
