@@ -230,3 +230,17 @@ def test_predict_on_gpu_agrees_with_cpu(runs, synth_data, tmp_path):
         for f in (tmp_path / "pc").glob("*.npy"):
             diff = np.abs(ProbMap(f).dense() - ProbMap(tmp_path / "pg" / f.name).dense()) * 255
             assert diff.max() <= (1.01 if not amp else 8.01)  # uint8 steps
+
+
+def test_dense_probability_maps_load_without_handseg_and_vote_like_packed(runs, synth_data, tmp_path, capsys):
+    for fmt in ("packed", "dense"):
+        code, _, err = run_cli(["predict", runs[0], "--data", synth_data / "test", "-o", tmp_path / f"{fmt}.csv",
+                                "--probs", tmp_path / fmt, "--probs-format", fmt, "--device", "cpu"], capsys)
+        assert code == 0, err
+    for f in sorted((tmp_path / "packed").glob("*.npy")):
+        plain = np.load(tmp_path / "dense" / f.name)  # numpy alone reads it
+        assert plain.dtype == np.uint8 and plain.shape[0] == 29
+        assert np.array_equal(plain, np.rint(ProbMap(f).dense() * 255).astype(np.uint8))
+    soft_vote([tmp_path / "packed", tmp_path / "dense"], tmp_path / "mixed.csv")
+    soft_vote([tmp_path / "packed", tmp_path / "packed"], tmp_path / "same.csv")
+    assert (tmp_path / "mixed.csv").read_text() == (tmp_path / "same.csv").read_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -13,6 +14,16 @@ Checkpoints = Annotated[list[Path], typer.Argument(help="Run folders or .safeten
                                                    "(several are averaged, e.g. five folds).")]
 Probs = Annotated[Path | None, typer.Option("--probs", help="Also save per-image probability maps in this folder "
                                             "(uint8, memory-mappable) for `vote soft`, `pseudo` and `select`.")]
+
+
+class ProbsFormat(str, Enum):
+    packed = "packed"
+    dense = "dense"
+
+
+ProbsFormatOpt = Annotated[ProbsFormat, typer.Option("--probs-format", help="packed: per-class crops (small, "
+                                                     "what handseg reads fastest); dense: one (29, H, W) uint8 array "
+                                                     "per image (p x 255) that numpy.load reads without handseg.")]
 Thresholds = Annotated[Path | None, typer.Option("--thresholds", help="JSON {class: threshold} or a list of 29, each "
                                                  "in (0, 1) (default: the checkpoints' own).")]
 TuneThresholds = Annotated[bool, typer.Option("--tune-thresholds", help="Search per-class thresholds on labelled "
@@ -30,6 +41,7 @@ def predict(
     data: TestData = None,
     out: OutFile = Path("pred.csv"),
     probs: Probs = None,
+    probs_format: ProbsFormatOpt = ProbsFormat.packed,
     batch_size: BatchSize = 4,
     thresholds: Thresholds = None,
     tune_thresholds: TuneThresholds = False,
@@ -47,7 +59,7 @@ def predict(
       handseg predict model_dir --data my_xrays/ -o pred.csv        (any folder of PNG/JPEG files)
     """
     _run(checkpoints, data, out, probs, "", Merge.mean, thresholds, tune_thresholds, device, not no_amp, "predict",
-         batch_size, overwrite, splits, fold)
+         batch_size, overwrite, splits, fold, probs_format)
 
 
 def tta(
@@ -59,6 +71,7 @@ def tta(
                                             "models too).")] = "hflip",
     merge: Annotated[Merge, typer.Option("--merge", help="How the transforms' maps are merged.")] = Merge.mean,
     probs: Probs = None,
+    probs_format: ProbsFormatOpt = ProbsFormat.packed,
     batch_size: BatchSize = 4,
     thresholds: Thresholds = None,
     tune_thresholds: TuneThresholds = False,
@@ -73,11 +86,11 @@ def tta(
     Example: handseg tta runs/fold0 --data data/test -o pred_tta.csv --transforms hflip,scale:0.8,1.2 --merge mean
     """
     _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune_thresholds, device, not no_amp, "tta",
-         batch_size, overwrite, splits, fold)
+         batch_size, overwrite, splits, fold, probs_format)
 
 
 def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, device, amp, stage, batch_size,
-         overwrite, splits=None, fold=None):
+         overwrite, splits=None, fold=None, probs_format=ProbsFormat.packed):
     import contextlib
 
     from rich.table import Table
@@ -119,10 +132,12 @@ def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, dev
     with probs_folder as probs_tmp:
         with progress_task(stage) as tick:
             result = run_predictions(resolved, data, out, probs_tmp, transform_list, merge, thr, tune, device, amp,
-                                     progress=tick, batch=batch_size, samples=samples)
+                                     progress=tick, batch=batch_size, samples=samples,
+                                     probs_format=ProbsFormat(probs_format).value)
         options = {"checkpoints": [str(c) for c in resolved], "transforms": [t.name for t in transform_list],
                    "merge": merge, "thresholds": result.thresholds, "tuned": result.tuned, "device": device,
-                   "amp": amp, "batch_size": batch_size, "splits": str(splits) if splits else None, "fold": fold}
+                   "amp": amp, "batch_size": batch_size, "splits": str(splits) if splits else None, "fold": fold,
+                   "probs_format": ProbsFormat(probs_format).value}
         if probs_tmp is not None and result.main:
             write_manifest(probs_tmp, stage, options, inputs={"data": str(data)}, images=result.images)
     if not result.main:

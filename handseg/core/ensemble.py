@@ -61,33 +61,54 @@ def pack_probs(probs: np.ndarray) -> np.ndarray:
     return cropfile.pack(blocks, q.shape[1:], q.shape[0], PROBS_MAGIC)
 
 
+PROBS_FORMATS = ("packed", "dense")
+"""``packed``: each class's bounding box (handseg's own, memory-mappable, a crop at a time);
+``dense``: a plain ``(29, H, W)`` uint8 array (p * 255) that ``numpy.load`` reads without handseg."""
+
+
 class ProbMap:
-    """One image's stored probabilities; ``crop(c)`` gives ``(uint8 crop, row0, col0)`` or None."""
+    """One image's stored probabilities (either format); ``crop(c)`` gives ``(uint8 crop, row0, col0)``
+    or None."""
 
     def __init__(self, path: Path):
-        self.path = path
         from handseg.core.data import check_image_size
 
+        self.path = path
+        self.array = None
         try:
-            self.crops = cropfile.CropFile.parse(np.load(path, mmap_mode="r", allow_pickle=False), PROBS_MAGIC)
-            self.crops.validate(_row_bytes)
+            buf = np.load(path, mmap_mode="r", allow_pickle=False)
+            if buf.ndim == 3 and buf.dtype == np.uint8:  # a dense map
+                self.array = buf
+                self.channels, height, width = buf.shape
+            else:
+                self.crops = cropfile.CropFile.parse(buf, PROBS_MAGIC)
+                self.crops.validate(_row_bytes)
+                self.channels, height, width = self.crops.channels, self.crops.height, self.crops.width
         except (ValueError, OSError, EOFError) as e:
             raise HandsegError(f"not a handseg probability map ({str(e).splitlines()[0][:120]})", path) from None
-        if self.crops.channels != NUM_CLASSES:
-            raise HandsegError(f"probability map has {self.crops.channels} classes, not {NUM_CLASSES}", path)
-        check_image_size(self.crops.height, self.crops.width, path)
-        self.channels = self.crops.channels
+        if self.channels != NUM_CLASSES:
+            raise HandsegError(f"probability map has {self.channels} classes, not {NUM_CLASSES}", path)
+        check_image_size(height, width, path)
+        self._shape = (height, width)
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.crops.shape
+        return self._shape
 
     def crop(self, c: int):
+        if self.array is not None:
+            box = cropfile.bbox(self.array[c])
+            if box is None:
+                return None
+            r0, r1, c0, c1 = box
+            return np.asarray(self.array[c, r0:r1, c0:c1]), r0, c0
         got = self.crops.block(c, _row_bytes)
         return None if got is None else got[:3]
 
     def dense(self) -> np.ndarray:
         """All classes as ``(C, H, W)`` float32 in [0, 1]."""
+        if self.array is not None:
+            return np.asarray(self.array, dtype=np.float32) / 255.0
         out = np.zeros((self.channels, *self.shape), dtype=np.float32)
         for c in range(self.channels):
             got = self.crop(c)
@@ -95,6 +116,16 @@ class ProbMap:
                 crop, r0, c0 = got
                 out[c, r0 : r0 + crop.shape[0], c0 : c0 + crop.shape[1]] = crop / 255.0
         return out
+
+
+def write_probs(path: Path, quantised: np.ndarray, fmt: str = "packed") -> None:
+    """Write one image's ``(29, H, W)`` uint8 map (see :func:`quantise_probs`) atomically, in ``fmt``."""
+    from handseg.core.files import atomic_open
+
+    if fmt not in PROBS_FORMATS:
+        raise HandsegError(f"unknown probability format {fmt!r}; valid: {', '.join(PROBS_FORMATS)}")
+    with atomic_open(path, "wb") as f:
+        np.save(f, pack_probs(quantised) if fmt == "packed" else np.ascontiguousarray(quantised), allow_pickle=False)
 
 
 def probs_name(image_name: str) -> str:

@@ -99,7 +99,7 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
                     transforms: list[Transform] | None = None, merge: str = "mean",
                     thresholds: list[float] | None = None, tune: bool = False, device: str = "auto",
                     amp: bool = True, progress: Callable[..., None] | None = None, batch: int = 4,
-                    samples: list[Sample] | None = None) -> PredictResult:
+                    samples: list[Sample] | None = None, probs_format: str = "packed") -> PredictResult:
     """Predict every image of ``data`` and write the CSV (and probability maps) in submission order.
 
     ``batch`` network inputs go through the model per forward pass (images for resize models,
@@ -110,14 +110,16 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
     With labels in ``data`` the Dice of each transform and of the merge is measured; ``tune``
     searches a threshold per class on those labels (the CSV then uses the tuned thresholds).
     Under torchrun each rank predicts a shard; rank 0 writes the CSV in order. ``samples`` replaces
-    the images of ``data`` (e.g. a fold's held-out images).
+    the images of ``data`` (e.g. a fold's held-out images). ``probs_format``: see
+    :data:`~handseg.core.ensemble.PROBS_FORMATS`.
     """
     import torch
 
-    from handseg.core.ensemble import PROBS_INDEX, pack_probs, probs_name, quantise_probs
-    from handseg.core.files import atomic_open
+    from handseg.core.ensemble import PROBS_FORMATS, PROBS_INDEX, probs_name, quantise_probs, write_probs
 
     transforms = transforms or [IDENTITY]
+    if probs_format not in PROBS_FORMATS:
+        raise HandsegError(f"unknown --probs-format {probs_format!r}; valid: {', '.join(PROBS_FORMATS)}")
     if samples is None:
         samples = discover(data, labels="optional", role="test")
     labelled = all(s.label_path is not None for s in samples)
@@ -168,8 +170,8 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
                 else:
                     rows[s.name] = encoder.submit(_rles, masks_to_runs(masks))
                 if probs_dir is not None:
-                    saves.append(encoder.submit(_save_probs, Path(probs_dir) / probs_name(s.name),
-                                                quantise_probs(p).cpu().numpy(), pack_probs, atomic_open))
+                    saves.append(encoder.submit(write_probs, Path(probs_dir) / probs_name(s.name),
+                                                quantise_probs(p).cpu().numpy(), probs_format))
                 if progress:
                     progress()
             del merged
@@ -192,8 +194,10 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
         dice_sum = {k: sum(sums[k] for _, sums in gathered) for k in dice_sum}
     write_predictions(out_csv, ((n, rows[n]) for n in names))
     if probs_dir is not None:
+        what = "per-class bbox crops" if probs_format == "packed" else "(29, H, W) arrays"
         atomic_write_json(Path(probs_dir) / PROBS_INDEX, {"images": names, "classes": list(CLASSES),
-                                                          "quantisation": "uint8 p*255, per-class bbox crops"})
+                                                          "format": probs_format,
+                                                          "quantisation": f"uint8 p*255, {what}"})
     result = PredictResult(len(samples), [float(v) for v in thr], tuned=tune)
     if labelled:
         n = len(samples)
@@ -207,11 +211,6 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
 
 def _rles(runs: list) -> list[str]:
     return [runs_to_rle(r) for r in runs]
-
-
-def _save_probs(path: Path, quantised: np.ndarray, pack, opener) -> None:
-    with opener(path, "wb") as f:
-        np.save(f, pack(quantised), allow_pickle=False)
 
 
 def _tune_rows(probs: np.ndarray, truth: np.ndarray, tune_sum: np.ndarray) -> list[list[str]]:
