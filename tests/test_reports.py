@@ -162,12 +162,13 @@ def test_crops_from_polygons_cover_the_filled_polygon():
 
 def test_shelf_packing_never_overlaps():
     sizes = [(3, 4), None, (2, 6), (5, 2), (1, 9), (4, 4)]
-    positions, height, width = pack_shelves(sizes, 8)
+    positions, height, width = pack_shelves(sizes)
     rects = [(x, y, s[1], s[0]) for (x, y), s in ((p, s) for p, s in zip(positions, sizes) if s)]
     assert positions[1] is None
     for (x, y, w, h), (x2, y2, w2, h2) in itertools.combinations(rects, 2):
         assert x + w <= x2 or x2 + w2 <= x or y + h <= y2 or y2 + h2 <= y
     assert all(x + w <= width and y + h <= height for x, y, w, h in rects)
+    assert height * width <= 2 * sum(h * w for _, _, w, h in rects)  # no long empty strip
 
 
 def test_page_json_cannot_close_its_script_element():

@@ -36,7 +36,8 @@ def eda(
     check_output(out, overwrite, "dir")
     inputs = read_eda_inputs(data, pred, meta)
     with atomic_dir(out, overwrite) as tmp:
-        with progress_task("eda") as tick:
+        # transient: a label file found broken midway leaves its one-line error, not a half bar
+        with progress_task("eda", transient=True) as tick:
             eda_report(inputs, tmp, progress=tick)
         write_manifest(tmp, "eda", {"pred": str(pred) if pred else None,
                                     "meta": str(inputs.meta_path) if inputs.meta_path else None},
