@@ -379,3 +379,18 @@ def test_page_in_headless_chromium(folder, truth, csvs, tmp_path, capsys):
     assert order == [r["image"] for r in expected]
     assert f'<span id="hs-title">{order[2]}</span>' in dom
     assert re.search(r'<img class="hs-full" src="overlays/[^"]+_csv1.png"', dom)
+
+    # filters: "dice<T" keeps the images where a CSV's mean Dice is below T; text matches any cell
+    lowest = sorted(min(r["values"]["csv1"], r["values"]["csv2"]) for r in data["rows"])
+    threshold = (lowest[1] + lowest[2]) / 2
+    for query, keep in ((f"dice<{threshold:.6f}", [r["image"] for r in data["rows"]
+                                                   if min(r["values"]["csv1"], r["values"]["csv2"]) < threshold]),
+                        (data["rows"][0]["values"]["patient"].lower(), [r["image"] for r in data["rows"]
+                                                                       if r["values"]["patient"] ==
+                                                                       data["rows"][0]["values"]["patient"]])):
+        script = (f"<script>var f = document.getElementById('hs-filter'); f.value = '{query}';"
+                  "f.dispatchEvent(new Event('input'));</script></body>")
+        clicked.write_text(page.replace("</body>", script), encoding="utf-8")
+        dom, _ = _dump_dom(clicked)
+        assert re.findall(r'<tr data-image="([^"]+)"', dom) == keep, query
+        assert f"{len(keep)} of {len(names)} images" in dom

@@ -136,7 +136,7 @@ def compare_report(result: Comparison, out: Path, progress: Callable[..., None] 
     ax.set_xticks(x, CLASSES, rotation=70, fontsize=8)
     ax.set_ylabel("Dice")
     ax.set_ylim(max(0.0, min(float(r.dice.mean(axis=0).min()) for r in result.reports) - 0.05), 1.0)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, not over them
     rep.figure("per_class.png", fig)
     rep.table(["class", *short], [[c, *[r.per_class[c] for r in result.reports]] for c in CLASSES])
 

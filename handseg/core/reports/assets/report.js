@@ -77,7 +77,9 @@
         var col = columns.filter(function (c) {
           return c.key.toLowerCase() === m[1] || c.label.toLowerCase() === m[1];
         })[0] || columns.filter(function (c) { return c.label.toLowerCase().indexOf(m[1]) === 0; })[0];
-        if (col) return {col: col, op: m[2], num: parseFloat(m[3])};
+        if (col) return {cols: [col], op: m[2], num: parseFloat(m[3])};
+        /* "dice<0.9" where no column is called Dice: any of the Dice columns (one per CSV) */
+        if (m[1] === "dice" && hasDice) return {cols: columns.filter(function (c) { return c.dice; }), op: m[2], num: parseFloat(m[3])};
       }
       return {text: tok};
     });
@@ -87,10 +89,12 @@
       if (t.text !== undefined) {
         return columns.some(function (c) { return format(value(row, c), c).toLowerCase().indexOf(t.text) >= 0; });
       }
-      var v = value(row, t.col);
-      if (typeof v !== "number") return false;
-      return t.op === "<" ? v < t.num : t.op === ">" ? v > t.num : t.op === "<=" ? v <= t.num
-        : t.op === ">=" ? v >= t.num : Math.abs(v - t.num) < 1e-9;
+      return t.cols.some(function (col) {
+        var v = value(row, col);
+        if (typeof v !== "number") return false;
+        return t.op === "<" ? v < t.num : t.op === ">" ? v > t.num : t.op === "<=" ? v <= t.num
+          : t.op === ">=" ? v >= t.num : Math.abs(v - t.num) < 1e-9;
+      });
     });
   }
   function drawBody() {
