@@ -118,7 +118,9 @@ def test_compare_report_lists_every_image_with_full_size_overlays(folder, truth,
     for row in data["rows"]:
         masks = truth[row["image"]]
         assert row["size"] == [H, W]
-        assert _read(report / row["xray"]).shape == (H, W)
+        sample = next(s for s in discover(folder) if s.name == row["image"])
+        assert (report / row["xray"]).resolve() == sample.image_path.resolve()  # linked, relative
+        assert not row["xray"].startswith("/")
         for key in ("gt", "csv1", "csv2", "csv3"):
             assert _read(report / row["layers"][key]["full"]).shape == (H, W, 4)
             assert (report / row["layers"][key]["sprite"]).is_file()
@@ -274,17 +276,33 @@ def test_existing_output_is_refused_before_the_work_and_replaced_whole(command, 
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".rep.")]  # no build folder left beside it
 
 
-def test_a_failure_midway_leaves_no_folder(folder, csvs, tmp_path, capsys):
+def test_a_failure_midway_leaves_no_folder(folder, csvs, tmp_path, capsys, monkeypatch):
+    # eda reads every X-ray: a PNG whose header survives but whose pixels do not fails on the last image
     broken = tmp_path / "gt"
     shutil.copytree(folder, broken)
     last = discover(broken, labels="required")[-1].image_path
-    last.write_bytes(last.read_bytes()[:40])  # the header (and size) survive, the pixels do not
-    for args, name in ((["compare", csvs["shifted"], "--gt", broken, "--out", tmp_path / "rep"], "rep"),
-                       (["eda", "--data", broken, "--out", tmp_path / "eda"], "eda")):
-        code, out, err = run_cli(args, capsys)
-        assert code == 2, err
-        assert "cannot decode" in err and str(last) in err
-        _no_partial(tmp_path, name)
+    last.write_bytes(last.read_bytes()[:40])
+    code, out, err = run_cli(["eda", "--data", broken, "--out", tmp_path / "eda"], capsys)
+    _one_line_error(code, out, err, "cannot decode", str(last))
+    _no_partial(tmp_path, "eda")
+
+    # compare, killed (Ctrl-C) while drawing its third image
+    from handseg.core.reports.overlays import OverlayWriter
+
+    calls = []
+    decode = OverlayWriter.decode
+
+    def interrupted(self, runs, shape):
+        calls.append(1)
+        if len(calls) > 2 * 4:  # the reference and three CSVs per image
+            raise KeyboardInterrupt
+        return decode(self, runs, shape)
+
+    monkeypatch.setattr(OverlayWriter, "decode", interrupted)
+    args = [csvs["shifted"], csvs["perfect"], csvs["swapped"], "--gt", folder, "--out", tmp_path / "rep"]
+    code, _, err = run_cli(["compare", *args], capsys)
+    assert code == 130 and "interrupted" in err
+    _no_partial(tmp_path, "rep")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,7 +328,7 @@ def test_eda_lists_every_image_with_facts_dice_and_overlays(folder, truth, csvs,
         assert values["pred"] == pytest.approx(_dice(masks, np.roll(masks, 2, axis=2)).mean())
         for layer in (row["layers"]["gt"], row["layers"]["pred"], row["diffs"]["pred"]):
             assert _read(report / layer["full"]).shape == (H, W, 4)
-        assert _read(report / row["xray"]).shape == (H, W)
+        assert (report / row["xray"]).resolve() == s.image_path.resolve()
     page = (report / "index.html").read_text(encoding="utf-8")
     patients = sorted({s.patient for s in samples})
     assert len(meta) > len(patients)  # the spreadsheet has other patients, which the report leaves out

@@ -12,21 +12,12 @@ from handseg.core.analysis import Comparison
 from handseg.core.constants import CLASSES, NUM_CLASSES
 from handseg.core.errors import HandsegError
 from handseg.core.reports.overlays import OverlayWriter
-from handseg.core.reports.page import Report, column, text_colour
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from handseg.core.reports.page import Report, column, link, pyplot, text_colour
 
 
 def similarity_figure(names: list[str], sim: np.ndarray):
     """A heatmap of pairwise mean Dice whose cell text is black or white by the cell's luminance."""
-    plt = _plt()
+    plt = pyplot()
     n = len(names)
     fig, ax = plt.subplots(figsize=(1.2 * n + 2, 1.2 * n + 1))
     im = ax.imshow(sim, vmin=min(0.9, float(sim.min())), vmax=1.0, cmap="viridis")
@@ -38,6 +29,16 @@ def similarity_figure(names: list[str], sim: np.ndarray):
                     color=text_colour(im.cmap(im.norm(sim[i, j]))))
     fig.colorbar(im)
     return fig
+
+
+def _read_xray(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    from handseg.core.data import read_image
+
+    image = read_image(path)
+    if image.shape != shape:
+        raise HandsegError(f"decodes to {image.shape[1]} x {image.shape[0]}, its PNG header says "
+                           f"{shape[1]} x {shape[0]}", path)
+    return image
 
 
 def compare_report(result: Comparison, out: Path, progress: Callable[..., None] | None = None, worst: int = 6,
@@ -56,10 +57,9 @@ def compare_report(result: Comparison, out: Path, progress: Callable[..., None] 
     Raises:
         HandsegError: the images are not known, or an X-ray does not decode to its header's size.
     """
-    from handseg.core.data import read_image
     from handseg.core.metrics import dice_scores
 
-    plt = _plt()
+    plt = pyplot()
     ref = result.reference_set
     if any(name not in result.samples for name in ref.images):
         raise HandsegError("the report needs the images: give --data DIR (the X-rays) or --gt DIR")
@@ -79,10 +79,8 @@ def compare_report(result: Comparison, out: Path, progress: Callable[..., None] 
             progress(total=len(ref.images))
         for i, name in enumerate(ref.images):
             sample, shape = result.samples[name], result.shapes[name]
-            xray = read_image(sample.image_path)
-            if xray.shape != shape:
-                raise HandsegError(f"decodes to {xray.shape[1]} x {xray.shape[0]}, its PNG header says "
-                                   f"{shape[1]} x {shape[0]}", sample.image_path)
+            # the X-ray's pixels are needed only for the thumbnails of the worst images
+            xray = _read_xray(sample.image_path, shape) if any(i in w for w in worst_of) else None
             prefix = writer.prefix(sample.patient, Path(name).stem)
             truth = writer.decode(ref.runs[name], shape)
             layers = {ref_key: writer.masks(prefix, ref_key, truth, shape)[0]}
@@ -103,7 +101,7 @@ def compare_report(result: Comparison, out: Path, progress: Callable[..., None] 
                       "worst": CLASSES[c_worst], "worst_dice": float(dice[k_worst, i, c_worst])}
             if len(keys) > 1:
                 values["worst_in"] = short[k_worst]
-            rows.append({"image": name, "size": list(shape), "xray": writer.xray(prefix, xray), "values": values,
+            rows.append({"image": name, "size": list(shape), "xray": link(sample.image_path, out), "values": values,
                          "class_dice": {key: [round(float(v), 4) for v in dice[k, i]] for k, key in enumerate(keys)},
                          "layers": layers, "diffs": diffs})
             if progress is not None:
@@ -124,7 +122,8 @@ def compare_report(result: Comparison, out: Path, progress: Callable[..., None] 
         columns.append(column("worst_in", "in", title="the CSV with the worst class"))
     rep.images(columns, rows, panels, note="Every image, one row each: click a row to see its masks at full "
                "resolution, the reference and every CSV side by side, one class at a time or all, with the "
-               "differences from the reference. Sort by a column; filter by text or e.g. 'Dice<0.9'.")
+               "differences from the reference. Sort by a column; filter by text or e.g. 'Dice<0.9'. The X-rays are "
+               "linked from the data folder, not copied: keep the two together.")
     rep.legend()
 
     rep.h2("Per-class Dice")

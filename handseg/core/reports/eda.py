@@ -14,7 +14,7 @@ from handseg.core.constants import CLASSES, NUM_CLASSES
 from handseg.core.data import Sample
 from handseg.core.errors import HandsegError
 from handseg.core.reports.overlays import ClassCrops, OverlayWriter, crops_from_polygons
-from handseg.core.reports.page import Report, column
+from handseg.core.reports.page import Report, column, link, pyplot
 from handseg.core.submission import PredictionSet
 
 
@@ -67,15 +67,6 @@ def read_eda_inputs(data: Path, pred_csv: Path | None = None, meta: Path | None 
     if meta is not None:
         inputs.meta, inputs.meta_path = read_meta(meta), Path(meta)
     return inputs
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _boxes_overlap(a, b) -> tuple[slice, slice, slice, slice] | None:
@@ -149,7 +140,7 @@ def eda_report(inputs: EdaInputs, out: Path, progress: Callable[..., None] | Non
     from handseg.core.metrics import dice_value
     from handseg.core.rle import EMPTY_RUNS, intersection_area
 
-    plt = _plt()
+    plt = pyplot()
     samples, pred, meta = inputs.samples, inputs.pred, inputs.meta
     labelled = [s for s in samples if s.label_path is not None]
     with OverlayWriter(out) as writer:
@@ -204,7 +195,7 @@ def eda_report(inputs: EdaInputs, out: Path, progress: Callable[..., None] | Non
                     c = int(np.argmin(d))
                     values.update(pred=float(d.mean()), worst=CLASSES[c], worst_dice=float(d[c]))
                     row["class_dice"] = {"pred": [round(float(v), 4) for v in d]}
-            row["xray"] = writer.xray(prefix, image)
+            row["xray"] = link(s.image_path, out)
             rows.append(row)
             if progress is not None:
                 progress()
@@ -217,7 +208,8 @@ def eda_report(inputs: EdaInputs, out: Path, progress: Callable[..., None] | Non
                                   ["images per ID", ", ".join(f"{k} images: {v} IDs" for k, v in
                                                               sorted(Counter(per_id.values()).items()))],
                                   ["sizes", ", ".join(f"{k}: {v}" for k, v in sizes.most_common())],
-                                  ["handedness (by geometry)", ", ".join(f"{k}: {v}" for k, v in sides.items())]])
+                                  ["handedness (by geometry)",
+                                   ", ".join(f"{k}: {v}" for k, v in sides.items()) or "no labels"]])
 
     rep.h2("Images", anchor="images")
     columns = [column("image", "image"), column("patient", "patient"), column("size", "W x H"),
@@ -239,7 +231,8 @@ def eda_report(inputs: EdaInputs, out: Path, progress: Callable[..., None] | Non
                         column("worst", "worst class"), column("worst_dice", "its Dice", "dice")]
     rep.images(columns, rows, panels, note="Every image, one row each: click a row to see its labels"
                + (" and the prediction" if pred is not None else "") + " at full resolution, one class at a time "
-               "or all. Sort by a column; filter by text or e.g. 'bend>10'.")
+               "or all. Sort by a column; filter by text or e.g. 'bend>10'. The X-rays are linked from the data "
+               "folder, not copied: keep the two together.")
     rep.legend()
 
     fig, ax = plt.subplots(figsize=(7, 3))

@@ -11,8 +11,9 @@ For each image and each mask source (ground truth, a CSV) a report holds:
   white where both agree, red where only the reference has the class (missed), green where only the
   compared source has it (extra), yellow where a pixel is missed for one class and extra for
   another (a bone found but labelled as another);
-- ``overlays/<prefix>_xray.jpg``: the X-ray itself (a JPEG: it is only a background, and a PNG of a
-  2048 px X-ray is ten times larger).
+The X-rays themselves are not copied: the page links to them in the data folder (a copy would
+double the data on disk, about 250 MB of JPEGs for 288 images at 2048 px, and spread patient
+images further).
 
 Masks are decoded one image at a time, class by class, into one reusable full-size buffer (see
 :meth:`OverlayWriter.decode`), and only each bone's bounding box is touched afterwards, so a report
@@ -273,11 +274,11 @@ class OverlayWriter:
         self._used.add(name)
         return name
 
-    def _write(self, name: str, image: np.ndarray, jpeg: bool = False) -> str:
+    def _write(self, name: str, image: np.ndarray) -> str:
         """Queue ``image`` (which the caller no longer changes) to be encoded and written; returns its path."""
         while len(self._pending) >= self._max_pending:
             self._pending.popleft().result()
-        self._pending.append(self._pool.submit(_encode_to, self.folder / OVERLAYS_DIR / name, image, jpeg))
+        self._pending.append(self._pool.submit(_encode_to, self.folder / OVERLAYS_DIR / name, image))
         return f"{OVERLAYS_DIR}/{name}"
 
     def decode(self, runs: list[Runs], shape: tuple[int, int]) -> ClassCrops:
@@ -298,10 +299,6 @@ class OverlayWriter:
             crops[c] = (self._mask[r0:r1, c0:c1].copy(), r0, c0)
             self._mask[r0:r1, c0:c1] = False
         return crops
-
-    def xray(self, prefix: str, image: np.ndarray) -> str:
-        """Write the X-ray background (JPEG, quality 90); returns its path relative to the report."""
-        return self._write(f"{prefix}_xray.jpg", image, jpeg=True)
 
     def _sprite(self, name: str, items: list[tuple[np.ndarray, int, int, np.ndarray] | None]) -> dict:
         """Write a sheet of per-class crops; ``items[c]`` is ``(codes (h, w) uint8, row0, col0, lut32)``
@@ -381,16 +378,8 @@ class OverlayWriter:
         return layer, thumb
 
 
-def _encode_to(path: Path, image: np.ndarray, jpeg: bool) -> None:
-    import cv2
-
-    if jpeg:
-        ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
-        if not ok:
-            raise RuntimeError(f"JPEG encoding failed for {path.name}")
-        path.write_bytes(data.tobytes())
-    else:
-        path.write_bytes(encode_png(image))
+def _encode_to(path: Path, image: np.ndarray) -> None:
+    path.write_bytes(encode_png(image))
 
 
 def diff_overlay(image: np.ndarray | None, a: np.ndarray, b: np.ndarray, width: int = 280) -> np.ndarray:

@@ -13,6 +13,7 @@ import base64
 import html
 import io
 import json
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,26 @@ from handseg.core.reports.overlays import CLASS_COLOURS, DIFF_COLOURS
 def asset(name: str) -> str:
     """The text of a file shipped in ``handseg/core/reports/assets/``."""
     return resources.files("handseg.core.reports").joinpath("assets", name).read_text(encoding="utf-8")
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (reports are drawn without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def link(target: str | Path, folder: str | Path) -> str:
+    """How a page in ``folder`` links to a file: a relative path where there is one (the report and
+    the data can then move together), else a ``file://`` URI."""
+    target, folder = Path(target).resolve(), Path(folder).resolve()
+    try:
+        return Path(os.path.relpath(target, folder)).as_posix()
+    except ValueError:  # another drive (Windows)
+        return target.as_uri()
 
 
 def hex_colour(rgb) -> str:

@@ -26,7 +26,10 @@
     (kids || []).forEach(function (k) { if (k) e.appendChild(k); });
     return e;
   }
-  function url(path) { return path.split("/").map(encodeURIComponent).join("/"); }
+  function url(path) {
+    if (/^[a-z]+:/i.test(path)) return path;  /* already a file:// URI */
+    return path.split("/").map(encodeURIComponent).join("/");
+  }
   function diceColour(v) {
     var t = Math.max(0, Math.min(1, (v - 0.7) / 0.3));
     return "hsl(" + Math.round(120 * t) + ",70%,86%)";
