@@ -8,7 +8,19 @@ from typing import Annotated
 import typer
 
 from handseg.commands.options import Overwrite
-from handseg.core.analysis import JSON_SCHEMA_HELP
+
+# kept here, not in the core, so that `handseg --help` imports nothing heavy
+JSON_SCHEMA_HELP = """\
+JSON (--json PATH, or - for stdout); one schema for any number of CSVs:
+  reference        the --gt folder, or the first CSV
+  classes          the 29 class names, in order
+  csv              the first compared CSV, whose scores the top level holds:
+  mean_dice        float: mean over classes of the mean over images
+  per_class        {class: Dice}
+  per_image        {image_name: mean Dice over the 29 classes}
+  per_image_class  {image_name: [29 Dice, in "classes" order]}
+  results          {CSV path: {csv, mean_dice, per_class, per_image,
+                   per_image_class}} for every compared CSV"""
 
 _HELP = "\n\n".join([
     "Score CSVs with the leaderboard's Dice (per image and class, mean over images, then classes).",

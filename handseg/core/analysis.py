@@ -18,18 +18,6 @@ from handseg.core.metrics import DiceReport, dice_scores
 from handseg.core.rle import check_runs_fit
 from handseg.core.submission import PredictionSet, check_same_images, read_predictions
 
-JSON_SCHEMA_HELP = """\
-JSON (--json PATH, or - for stdout); one schema for any number of CSVs:
-  reference        the --gt folder, or the first CSV
-  classes          the 29 class names, in order
-  csv              the first compared CSV, whose scores the top level holds:
-  mean_dice        float: mean over classes of the mean over images
-  per_class        {class: Dice}
-  per_image        {image_name: mean Dice over the 29 classes}
-  per_image_class  {image_name: [29 Dice, in "classes" order]}
-  results          {CSV path: {csv, mean_dice, per_class, per_image,
-                   per_image_class}} for every compared CSV"""
-
 
 @dataclass
 class CompareInputs:
@@ -59,7 +47,9 @@ class Comparison:
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        """The scores in the schema of :data:`JSON_SCHEMA_HELP` (one schema for any number of CSVs)."""
+        """The scores as ``compare --json`` writes them: ``reference``, ``classes``, the first compared CSV's
+        scores at the top level (:func:`result_json`), and every compared CSV's under ``results``
+        keyed by its path; one schema for any number of CSVs (``handseg compare --help`` shows it)."""
         results = {name: result_json(name, report) for name, report in zip(self.names, self.reports)}
         return {"reference": self.reference, "classes": list(CLASSES), **results[self.names[0]], "results": results}
 

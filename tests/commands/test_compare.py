@@ -200,6 +200,8 @@ def test_json_to_stdout_has_one_schema(folder, truth, csvs, tmp_path, capsys, th
     assert list(doc["results"]) == [str(n) for n in names]
     for key in ("csv", "mean_dice", "per_class", "per_image", "per_image_class"):
         assert doc["results"][str(names[0])][key] == doc[key]
+    code, help_text, _ = run_cli(["compare", "--help"], capsys)
+    assert code == 0 and all(key in help_text for key in doc)  # the help documents every key it writes
     if three:
         assert doc["results"][str(csvs["perfect"])]["mean_dice"] == pytest.approx(1.0)
         assert set(doc["results"][str(csvs["swapped"])]) == set(doc["results"][str(names[0])])

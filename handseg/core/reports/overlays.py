@@ -10,14 +10,15 @@ For each image and each mask source (ground truth, a CSV) a report holds:
 - for a source compared with a reference, ``<prefix>_<key>_diff.png`` and ``<prefix>_<key>_diff_classes.png``:
   white where both agree, red where only the reference has the class (missed), green where only the
   compared source has it (extra), yellow where a pixel is missed for one class and extra for
-  another (a bone found but labelled as another);
+  another (a bone found but labelled as another).
+
 The X-rays themselves are not copied: the page links to them in the data folder (a copy would
 double the data on disk, about 250 MB of JPEGs for 288 images at 2048 px, and spread patient
 images further).
 
 Masks are decoded one image at a time, class by class, into one reusable full-size buffer (see
 :meth:`OverlayWriter.decode`), and only each bone's bounding box is touched afterwards, so a report
-of 288 images at 2048 px never holds more than one image's masks.
+of 288 images at 2048 px holds one image's masks at a time (and the few overlays still being encoded).
 """
 
 from __future__ import annotations
