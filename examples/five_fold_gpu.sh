@@ -17,4 +17,4 @@ handseg train --data "$DATA/train" --splits splits.json --fold 0 --arch unet --e
   --crop 1024 --epochs 60 --out runs/effb4_crop
 handseg tta runs/effb4_crop --data "$DATA/test" -o pred/effb4_crop.csv --transforms hflip
 handseg vote hard pred/hr48_f*.csv pred/effb4_crop.csv -o submission.csv
-handseg compare pred/hr48_f*.csv pred/effb4_crop.csv submission.csv --out report/
+handseg compare pred/hr48_f*.csv pred/effb4_crop.csv submission.csv --data "$DATA/test" --out report/ --overwrite

@@ -7,38 +7,94 @@ from typing import Annotated
 
 import typer
 
-from handseg.commands.options import JsonOut
+from handseg.commands.options import Overwrite
+
+# kept here, not in the core, so that `handseg --help` imports nothing heavy
+JSON_SCHEMA_HELP = """\
+JSON (--json PATH, or - for stdout); one schema for any number of CSVs:
+  reference        the --gt folder, or the first CSV
+  classes          the 29 class names, in order
+  csv              the first compared CSV, whose scores the top level holds:
+  mean_dice        float: mean over classes of the mean over images
+  per_class        {class: Dice}
+  per_image        {image_name: mean Dice over the 29 classes}
+  per_image_class  {image_name: [29 Dice, in "classes" order]}
+  results          {CSV path: {csv, mean_dice, per_class, per_image,
+                   per_image_class}} for every compared CSV"""
+
+_HELP = "\n\n".join([
+    "Score CSVs with the leaderboard's Dice (per image and class, mean over images, then classes).",
+    "Without --gt the first CSV is the reference and the others are scored against it. Runs are checked against "
+    "each image's size wherever it is known (--gt or --data): an RLE past the end of its image is an error naming "
+    "the CSV, the image and the class.",
+    "--out writes an HTML report (open index.html offline): every image in a sortable, filterable table, and each "
+    "image's masks and differences at full resolution (overlays/), reference and CSVs side by side. It needs the "
+    "X-rays: --gt DIR, or --data DIR for CSVs without ground truth.",
+    JSON_SCHEMA_HELP,
+    """Examples:
+  handseg compare a.csv b.csv                  (a is the reference)
+  handseg compare pred.csv --gt data/test_gt --json scores.json --out report/
+  handseg compare a.csv b.csv c.csv --data data/test --out report/
+  handseg compare a.csv b.csv --json - | jq .mean_dice""",
+])
 
 
 def compare(
     csvs: Annotated[list[Path], typer.Argument(help="Prediction CSVs. Without --gt the first is the reference.")],
     gt: Annotated[Path | None, typer.Option("--gt", help="Labelled folder (DCM/ + outputs_json/) to score "
                                             "every CSV against.")] = None,
-    json_out: JsonOut = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write an HTML report (index.html + PNGs) "
-                                             "to this folder.")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Folder of the X-rays (DCM/ layout) when there is "
+                                              "no --gt: image sizes to check the runs against, and the "
+                                              "backgrounds of --out's overlays.")] = None,
+    json_out: Annotated[str | None, typer.Option("--json", help="Write the scores as JSON to this file, or to "
+                                                 "stdout with '-' (the table then goes to stderr).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write an HTML report (index.html, figures, "
+                                             "overlays/) to this folder.")] = None,
+    overwrite: Overwrite = False,
 ) -> None:
-    """Score CSVs with the leaderboard's Dice (per image and class, mean over images, then classes).
-
-    Examples:
-      handseg compare a.csv b.csv                  (a is the reference)
-      handseg compare pred.csv --gt data/test_gt --json scores.json
-    """
-    from handseg.console import progress_task, stdout
-    from handseg.core.analysis import compare_predictions, scores_table
+    from handseg.console import console, progress_task, stdout
+    from handseg.core.analysis import read_compare_inputs, score_comparison, scores_table
     from handseg.core.errors import HandsegError
-    from handseg.core.files import atomic_write_json
+    from handseg.core.files import atomic_dir, atomic_write_json, check_output, write_manifest
 
     if gt is None and len(csvs) < 2:
         raise HandsegError("give two or more CSVs (the first is the reference), or one CSV and --gt DIR")
+    if out is not None and gt is None and data is None:
+        raise HandsegError("--out draws every image's masks over its X-ray and needs the images: give --data DIR "
+                           "(the folder of the X-rays, DCM/ layout) or --gt DIR")
+    to_stdout = json_out == "-"
+    json_path = None if json_out is None or to_stdout else Path(json_out)
+    # every output is checked before the work, and every input before any progress is shown
+    if json_path is not None:
+        check_output(json_path, overwrite, "file")
+    if out is not None:
+        check_output(out, overwrite, "dir")
+        if json_path is not None and json_path.resolve().is_relative_to(out.resolve()):
+            raise HandsegError("--json must not lie inside --out (the report folder is replaced as a whole)", json_path)
+    inputs = read_compare_inputs(csvs, gt, data)
     with progress_task("compare", transient=True) as tick:
-        result = compare_predictions(csvs, gt, progress=tick)
-    stdout.print(scores_table(result))
-    if json_out is not None:
-        atomic_write_json(json_out, result.to_json())
-        stdout.print(f"scores -> {json_out}")
+        result = score_comparison(inputs, progress=tick)
+    say = console if to_stdout else stdout  # with --json - stdout carries the JSON alone
+    say.print(scores_table(result))
     if out is not None:
         from handseg.core.reports import compare_report
 
-        index = compare_report(result, out)
-        stdout.print(f"report -> {index}")
+        with atomic_dir(out, overwrite) as tmp:
+            with progress_task("report", transient=True) as tick:
+                compare_report(result, tmp, progress=tick)
+            write_manifest(tmp, "compare", {"gt": str(gt) if gt else None, "data": str(data) if data else None},
+                           inputs={"csvs": [str(c) for c in csvs]}, reference=result.reference,
+                           images=len(result.reference_set.images))
+        say.print(f"report -> {out / 'index.html'}")
+    if to_stdout:
+        import json
+        import sys
+
+        sys.stdout.write(json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+    elif json_path is not None:
+        atomic_write_json(json_path, result.to_json())
+        say.print(f"scores -> {json_path}")
+
+
+compare.__doc__ = _HELP

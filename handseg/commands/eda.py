@@ -7,29 +7,39 @@ from typing import Annotated
 
 import typer
 
-from handseg.commands.options import DataDir, OutDir
+from handseg.commands.options import DataDir, OutDir, Overwrite
 
 
 def eda(
     data: DataDir = Path("data/train"),
-    pred: Annotated[Path | None, typer.Option("--pred", help="A prediction CSV for these (labelled) images: "
-                                              "adds Dice against class area and the worst cases.")] = None,
-    meta: Annotated[Path | None, typer.Option("--meta", help="meta_data.xlsx (default: DATA/../meta_data.xlsx)."
-                                              )] = None,
+    pred: Annotated[Path | None, typer.Option("--pred", help="A prediction CSV for these images: adds its masks "
+                                              "and, on labelled images, its differences and Dice.")] = None,
+    meta: Annotated[Path | None, typer.Option("--meta", help="meta_data.xlsx (default: DATA/../meta_data.xlsx "
+                                              "if it exists); only the folder's patients are shown.")] = None,
     out: OutDir = Path("eda"),
+    overwrite: Overwrite = False,
 ) -> None:
-    """Write an HTML report of a data set (and of a prediction on it).
+    """Write an HTML report of a data set (and of a prediction on it); open OUT/index.html offline.
 
-    Counts, sizes, intensities, class areas, overlaps, handedness, wrist bend, meta data and label
-    overlays; with --pred, Dice against class area and the worst cases.
+    Counts, sizes, intensities, class areas, overlaps, handedness, wrist bend, meta data of the
+    folder's patients, and every image in a sortable, filterable table (size, side, wrist bend,
+    meta data, Dice with --pred): click a row for its labels (and prediction) at full resolution,
+    one class at a time or all. With --pred, Dice against class area and the worst cases.
 
-    Example: handseg eda --data data/train --out reports/eda
+    Example: handseg eda --data data/train --pred val.csv --out reports/eda
     """
     from handseg.console import progress_task, stdout
-    from handseg.core.files import write_manifest
-    from handseg.core.reports import eda_report
+    from handseg.core.files import atomic_dir, check_output, write_manifest
+    from handseg.core.reports import eda_report, read_eda_inputs
 
-    with progress_task("eda") as tick:
-        index = eda_report(data, out, pred, meta, progress=tick)
-    write_manifest(out, "eda", {"pred": str(pred) if pred else None}, inputs={"data": str(data)})
-    stdout.print(f"report -> {index}")
+    # the output and every input are checked before any work or progress
+    check_output(out, overwrite, "dir")
+    inputs = read_eda_inputs(data, pred, meta)
+    with atomic_dir(out, overwrite) as tmp:
+        # transient: a label file found broken midway leaves its one-line error, not a half bar
+        with progress_task("eda", transient=True) as tick:
+            eda_report(inputs, tmp, progress=tick)
+        write_manifest(tmp, "eda", {"pred": str(pred) if pred else None,
+                                    "meta": str(inputs.meta_path) if inputs.meta_path else None},
+                       inputs={"data": str(data)}, images=len(inputs.samples))
+    stdout.print(f"report -> {out / 'index.html'}")

@@ -10,10 +10,13 @@ from handseg.core.analysis import compare_predictions
 from handseg.core.data import class_masks, discover, read_image, read_polygons
 from handseg.core.rle import rle_encode
 from handseg.core.submission import write_predictions
+from tests.commands.test_compare import _page_data
 from tests.conftest import run_cli
 
 
 def _only_embedded_images(page: str) -> None:
+    """The page's own images (figures, thumbnails) are embedded, nothing is fetched from the web; the
+    full-resolution overlays are files the viewer links to (see tests/commands/test_compare.py)."""
     sources = re.findall(r'<img[^>]*src="([^"]*)"', page)
     assert sources, "report has no images"
     assert all(s.startswith("data:image/png;base64,") for s in sources)
@@ -32,6 +35,12 @@ def test_demo_runs_the_whole_chain(tmp_path, capsys):
     assert 0.0 <= scores["mean_dice"] <= 1.0 and len(scores["results"]) == 5
     _only_embedded_images((out / "report" / "index.html").read_text())
     _only_embedded_images((out / "eda" / "index.html").read_text())
+    # every test image in the comparison's table, with its differences from the ground truth for all 5 CSVs
+    rows = _page_data(out / "report")["rows"]
+    assert len(rows) == len(discover(out / "data" / "test_gt", labels="required"))
+    for row in rows:
+        assert all((out / "report" / row["diffs"][f"csv{k}"]["full"]).is_file() for k in range(1, 6))
+    assert len(_page_data(out / "eda")["rows"]) == len(discover(out / "data" / "train"))
 
 
 def test_compare_report_numbers(synth_data, tmp_path, capsys):
