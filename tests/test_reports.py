@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from handseg.core.constants import CLASS_INDEX, NUM_CLASSES
+from handseg.core.errors import HandsegError
 from handseg.core.reports.overlays import (
     CLASS_COLOURS,
     DIFF_COLOURS,
@@ -154,10 +155,12 @@ def test_difference_overlay_colours_pixel_by_pixel(tmp_path):
 
 def test_crops_from_polygons_cover_the_filled_polygon():
     square = np.array([[2, 1], [5, 1], [5, 3], [2, 3]], np.int32)
-    crops = crops_from_polygons({"finger-1": square, "Ulna": np.array([[50, 50], [60, 50], [55, 60]])}, (6, 9))
+    crops = crops_from_polygons({"finger-1": square}, (6, 9))
     crop, r0, c0 = crops[0]
     assert (r0, c0) == (1, 2) and crop.shape == (3, 4) and crop.all()  # fillPoly includes the edges
-    assert crops[CLASS_INDEX["Ulna"]] is None  # outside the image: no crop, not an error
+    assert crops[CLASS_INDEX["Ulna"]] is None  # not annotated: no crop
+    with pytest.raises(HandsegError, match="x.json: class Ulna: the polygon lies outside the 9 x 6 image"):
+        crops_from_polygons({"Ulna": np.array([[50, 50], [60, 50], [55, 60]])}, (6, 9), "x.json")
 
 
 def test_shelf_packing_never_overlaps():

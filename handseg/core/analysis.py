@@ -119,7 +119,7 @@ def read_compare_inputs(csvs: list[Path], gt_dir: Path | None = None, data_dir: 
             check_same_images(sets[0], s)
         if data_dir is not None:
             wanted = set(sets[0].images)
-            inputs.samples = _by_name(discover(data_dir, labels="ignore"), data_dir, wanted)
+            inputs.samples = _by_name(discover(data_dir, labels="ignore", role="test"), data_dir, wanted)
             missing = [image for image in sets[0].images if image not in inputs.samples]
             if missing:
                 raise HandsegError(f"{len(missing)} image(s) of the CSV are not under {Path(data_dir) / 'DCM'} "

@@ -285,7 +285,7 @@ def test_a_failure_midway_leaves_no_folder(folder, csvs, tmp_path, capsys, monke
     last = discover(broken, labels="required")[-1].image_path
     last.write_bytes(last.read_bytes()[:40])
     code, out, err = run_cli(["eda", "--data", broken, "--out", tmp_path / "eda"], capsys)
-    _one_line_error(code, out, err, "cannot decode", str(last))
+    _one_line_error(code, out, err, "truncated PNG", str(last))
     _no_partial(tmp_path, "eda")
 
     # compare, killed (Ctrl-C) while drawing its third image

@@ -169,7 +169,7 @@ def eda_report(inputs: EdaInputs, out: Path, progress: Callable[..., None] | Non
             truth: ClassCrops | None = None
             if s.label_path is not None:
                 polygons = read_polygons(s.label_path)
-                truth = crops_from_polygons(polygons, shape)
+                truth = crops_from_polygons(polygons, shape, s.label_path)
                 areas.append([0.0 if it is None else np.count_nonzero(it[0]) / image.size for it in truth])
                 overlaps.add(truth, shape)
                 side = hand_side(polygons) or "unknown"

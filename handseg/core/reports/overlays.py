@@ -112,10 +112,11 @@ def runs_box(runs: Runs, width: int) -> tuple[int, int, int, int]:
     return r0, r1, int(col_s.min()), int((col_s + lengths).max())
 
 
-def crops_from_polygons(polygons: dict[str, np.ndarray], shape: tuple[int, int]) -> ClassCrops:
-    """The 29 class crops of an image's polygons (each filled as ``cv2.fillPoly`` fills it)."""
+def crops_from_polygons(polygons: dict[str, np.ndarray], shape: tuple[int, int], source=None) -> ClassCrops:
+    """The 29 class crops of an image's polygons (each filled as ``cv2.fillPoly`` fills it; a polygon
+    with no pixel in the image is an error naming ``source``, the label file)."""
     crops: ClassCrops = [None] * NUM_CLASSES
-    for c, crop, r0, c0 in polygon_crops(polygons, shape):
+    for c, crop, r0, c0 in polygon_crops(polygons, shape, source):
         if crop.any():
             crops[c] = (crop, r0, c0)
     return crops
