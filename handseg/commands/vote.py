@@ -9,6 +9,24 @@ import typer
 
 from handseg.commands.options import OutFile
 
+KeepLargest = Annotated[str | None, typer.Option(
+    "--keep-largest", help="Keep only the largest connected component (8-connected) of these classes: "
+    "'all' or CLASS,CLASS,... (e.g. Radius,Ulna).")]
+SizesFrom = Annotated[Path | None, typer.Option(
+    "--data", help="Folder with the images (DCM/): their sizes, which --keep-largest needs on CSV rows.")]
+
+
+def _keep_largest(spec: str | None, data: Path | None, csv_input: bool) -> tuple[bool, ...]:
+    """Parse --keep-largest (before any work); CSV rows carry no image sizes, so there it needs --data."""
+    from handseg.core.errors import HandsegError
+    from handseg.core.postprocess import parse_keep_largest
+
+    keep = parse_keep_largest(spec)
+    if csv_input and any(keep) and data is None:
+        raise HandsegError("--keep-largest on CSVs needs --data DIR (the images, for their sizes)")
+    return keep
+
+
 app = typer.Typer(help="Ensemble predictions: hard (CSV runs), soft (probability maps), classwise.",
                   no_args_is_help=True)
 
@@ -28,17 +46,23 @@ def hard(
     out: OutFile = Path("vote_hard.csv"),
     min_votes: Annotated[int | None, typer.Option("--min-votes", help="Votes a pixel needs (default: majority)."
                                                   )] = None,
+    keep_largest: KeepLargest = None,
+    data: SizesFrom = None,
 ) -> None:
     """Pixel-wise majority vote of CSVs, computed on RLE runs (no full-size masks).
 
-    Example: handseg vote hard a.csv b.csv c.csv -o vote.csv --min-votes 2
+    Example: handseg vote hard a.csv b.csv c.csv -o vote.csv --min-votes 2 --keep-largest all --data data/test
     """
     from handseg.console import progress_task
     from handseg.core.ensemble import hard_vote
+    from handseg.core.postprocess import format_keep_largest
 
+    keep = _keep_largest(keep_largest, data, csv_input=True)
     with progress_task("vote hard", transient=True) as tick:
-        n = hard_vote(csvs, out, min_votes, progress=tick)
-    _finish("vote-hard", out, {"min_votes": min_votes or len(csvs) // 2 + 1}, {"csvs": [str(c) for c in csvs]}, n)
+        n = hard_vote(csvs, out, min_votes, progress=tick, keep_largest=keep, data=data)
+    _finish("vote-hard", out, {"min_votes": min_votes or len(csvs) // 2 + 1,
+                               "keep_largest": format_keep_largest(keep)},
+            {"csvs": [str(c) for c in csvs], "data": str(data) if data else None}, n)
 
 
 @app.command("soft", no_args_is_help=True)
@@ -47,35 +71,46 @@ def soft(
     out: OutFile = Path("vote_soft.csv"),
     weights: Annotated[str | None, typer.Option("--weights", help="Comma-separated weight per folder.")] = None,
     threshold: Annotated[float, typer.Option("--threshold", help="Threshold on the weighted mean.")] = 0.5,
+    keep_largest: KeepLargest = None,
 ) -> None:
     """Weighted mean of probability maps, thresholded.
 
-    Example: handseg vote soft probs_a/ probs_b/ -o vote.csv --weights 2,1 --threshold 0.45
+    Example: handseg vote soft probs_a/ probs_b/ -o vote.csv --weights 2,1 --threshold 0.45 --keep-largest all
     """
     from handseg.console import progress_task
     from handseg.core.ensemble import soft_vote
     from handseg.core.errors import HandsegError
+    from handseg.core.postprocess import format_keep_largest
+
+    keep = _keep_largest(keep_largest, None, csv_input=False)
 
     try:
         w = [float(v) for v in weights.split(",")] if weights else None
     except ValueError:
         raise HandsegError(f"--weights {weights!r} is not a comma-separated list of numbers") from None
     with progress_task("vote soft", transient=True) as tick:
-        n = soft_vote(folders, out, w, threshold, progress=tick)
-    _finish("vote-soft", out, {"weights": w, "threshold": threshold}, {"probs": [str(f) for f in folders]}, n)
+        n = soft_vote(folders, out, w, threshold, progress=tick, keep_largest=keep)
+    _finish("vote-soft", out, {"weights": w, "threshold": threshold, "keep_largest": format_keep_largest(keep)},
+            {"probs": [str(f) for f in folders]}, n)
 
 
 @app.command("classwise")
 def classwise(
     class_map: Annotated[Path, typer.Option("--map", help='JSON {"default": "a.csv", "Lunate": "wrist.csv"}.')],
     out: OutFile = Path("vote_classwise.csv"),
+    keep_largest: KeepLargest = None,
+    data: SizesFrom = None,
 ) -> None:
     """Take each class from the CSV a map names (e.g. wrist bones from a specialist model).
 
-    Example: handseg vote classwise --map map.json -o vote.csv
+    Example: handseg vote classwise --map map.json -o vote.csv --keep-largest Radius,Ulna --data data/test
     """
     from handseg.core.ensemble import classwise_vote, read_class_map
+    from handseg.core.postprocess import format_keep_largest
 
+    keep = _keep_largest(keep_largest, data, csv_input=True)
     mapping = read_class_map(class_map)
-    n = classwise_vote(mapping, out)
-    _finish("vote-classwise", out, {"map": {k: str(v) for k, v in mapping.items()}}, {"map": str(class_map)}, n)
+    n = classwise_vote(mapping, out, keep_largest=keep, data=data)
+    _finish("vote-classwise", out, {"map": {k: str(v) for k, v in mapping.items()},
+                                    "keep_largest": format_keep_largest(keep)},
+            {"map": str(class_map), "data": str(data) if data else None}, n)

@@ -7,7 +7,7 @@ uint8 (p * 255). They are memory-mappable, and a soft vote reads one class's cro
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,8 @@ from handseg.core import cropfile
 from handseg.core.constants import CLASS_INDEX, CLASSES, DEFAULT_THRESHOLD, NUM_CLASSES
 from handseg.core.errors import HandsegError
 from handseg.core.files import read_json
-from handseg.core.rle import crop_to_runs, runs_to_rle, vote_runs
+from handseg.core.postprocess import image_shapes, keep_largest_classes, label_components
+from handseg.core.rle import Runs, check_runs_fit, crop_to_runs, runs_to_rle, vote_runs
 from handseg.core.submission import PredictionSet, check_same_images, read_predictions, write_predictions
 
 PROBS_MAGIC = 0x48535042  # "HSPB"
@@ -109,8 +110,13 @@ def read_probs_index(folder: Path) -> list[str]:
 
 
 def hard_vote(csvs: list[Path], out: Path, min_votes: int | None = None,
-              progress: Callable[[], None] | None = None) -> int:
+              progress: Callable[[], None] | None = None, keep_largest: Sequence[bool] | None = None,
+              data: Path | None = None) -> int:
     """Pixel-wise majority (or ``min_votes``) of several CSVs, computed on runs; returns images written.
+
+    ``keep_largest`` (one flag per class) keeps only the largest component of the flagged classes'
+    voted masks (see :mod:`handseg.core.postprocess`); CSVs carry no image sizes, so it needs ``data``,
+    a folder holding the images (``DCM/``), for their sizes.
 
     Raises:
         HandsegError: fewer than two inputs, a bad CSV, different image sets, or a bad ``min_votes``.
@@ -123,13 +129,15 @@ def hard_vote(csvs: list[Path], out: Path, min_votes: int | None = None,
     sets = [read_predictions(p) for p in csvs]
     for s in sets[1:]:
         check_same_images(sets[0], s)
+    post = _csv_post_processing(sets[0].images, keep_largest, data, csvs[0])
 
     if progress:
         progress(total=len(sets[0].images))
 
     def rows():
         for image in sets[0].images:
-            yield image, [runs_to_rle(vote_runs([s.runs[image][c] for s in sets], k)) for c in range(NUM_CLASSES)]
+            voted = [vote_runs([s.runs[image][c] for s in sets], k) for c in range(NUM_CLASSES)]
+            yield image, [runs_to_rle(r) for r in post(image, voted)]
             if progress:
                 progress()
 
@@ -137,8 +145,13 @@ def hard_vote(csvs: list[Path], out: Path, min_votes: int | None = None,
 
 
 def soft_vote(folders: list[Path], out: Path, weights: list[float] | None = None,
-              threshold: float | list[float] = DEFAULT_THRESHOLD, progress: Callable[[], None] | None = None) -> int:
-    """Weighted mean of probability maps, thresholded per class; one class crop in memory at a time."""
+              threshold: float | list[float] = DEFAULT_THRESHOLD, progress: Callable[[], None] | None = None,
+              keep_largest: Sequence[bool] | None = None) -> int:
+    """Weighted mean of probability maps, thresholded per class; one class crop in memory at a time.
+
+    ``keep_largest`` (one flag per class) keeps only the largest component of the flagged classes'
+    masks (see :mod:`handseg.core.postprocess`), on the class's crop.
+    """
     if len(folders) < 2:
         raise HandsegError("a vote needs at least two probability folders")
     weights = weights or [1.0] * len(folders)
@@ -174,7 +187,12 @@ def soft_vote(folders: list[Path], out: Path, weights: list[float] | None = None
                 acc = np.zeros((r1 - r0, c1 - c0), dtype=np.float32)
                 for (crop, cr, cc), w in crops:
                     acc[cr - r0 : cr - r0 + crop.shape[0], cc - c0 : cc - c0 + crop.shape[1]] += crop * (w / 255.0)
-                rles.append(runs_to_rle(crop_to_runs(acc / total > thresholds[c], r0, c0, shape[1])))
+                mask = acc / total > thresholds[c]
+                if keep_largest is not None and keep_largest[c]:
+                    labels, _, kept, _ = label_components(mask)
+                    if labels is not None:
+                        mask = labels == kept
+                rles.append(runs_to_rle(crop_to_runs(mask, r0, c0, shape[1])))
             yield image, rles
             if progress:
                 progress()
@@ -202,17 +220,39 @@ def read_class_map(path: Path) -> dict[str, Path]:
     return {c: p if p.is_absolute() else base / p for c, p in chosen.items()}
 
 
-def classwise_vote(class_map: dict[str, Path], out: Path) -> int:
-    """Take each class from the CSV the map names for it."""
+def classwise_vote(class_map: dict[str, Path], out: Path, keep_largest: Sequence[bool] | None = None,
+                   data: Path | None = None) -> int:
+    """Take each class from the CSV the map names for it (``keep_largest``, ``data``: as in :func:`hard_vote`)."""
     sets: dict[Path, PredictionSet] = {}
     for p in dict.fromkeys(class_map.values()):
         sets[p] = read_predictions(p)
     first = next(iter(sets.values()))
     for s in sets.values():
         check_same_images(first, s)
+    post = _csv_post_processing(first.images, keep_largest, data, first.path)
 
     def rows():
         for image in first.images:
-            yield image, [runs_to_rle(sets[class_map[c]].runs[image][i]) for i, c in enumerate(CLASSES)]
+            picked = [sets[class_map[c]].runs[image][i] for i, c in enumerate(CLASSES)]
+            yield image, [runs_to_rle(r) for r in post(image, picked)]
 
     return write_predictions(out, rows())
+
+
+def _csv_post_processing(images: list[str], keep_largest: Sequence[bool] | None, data: Path | None,
+                         where: Path | None):
+    """``(image, per-class runs) -> runs`` after the keep-largest step (the identity without one)."""
+    if keep_largest is None or not any(keep_largest):
+        return lambda image, runs: runs
+    if len(keep_largest) != NUM_CLASSES:
+        raise ValueError(f"need {NUM_CLASSES} keep-largest flags, got {len(keep_largest)}")
+    if data is None:
+        raise HandsegError("--keep-largest on CSV rows needs the images' sizes: pass --data DIR (the images)")
+    shapes = image_shapes(data, images)
+
+    def post(image: str, runs: list[Runs]) -> list[Runs]:
+        for r in runs:
+            check_runs_fit(r, shapes[image], f"{where} ({image})")
+        return keep_largest_classes(runs, shapes[image], keep_largest)
+
+    return post
