@@ -46,20 +46,19 @@ def label_components(mask: np.ndarray) -> tuple[np.ndarray | None, int, int, np.
     """
     import cv2
 
-    m = np.ascontiguousarray(mask.view(np.uint8) if mask.dtype == np.bool_ else (mask != 0).view(np.uint8))
-    if m.size == 0:
+    if mask.size == 0:
         return None, 0, 0, None
+    m = (mask if mask.dtype == np.bool_ else mask != 0).view(np.uint8)
+    if not m.flags.c_contiguous:
+        m = np.ascontiguousarray(m)
     n, labels = cv2.connectedComponents(m, connectivity=CONNECTIVITY, ltype=cv2.CV_32S)
-    count = int(n) - 1
-    if count < 2:
-        return None, count, 0, None
+    if n < 3:  # background and at most one component: nothing to remove
+        return None, n - 1, 0, None
     areas = np.bincount(labels.ravel(), minlength=n)
     areas[0] = 0
     tied = np.flatnonzero(areas == areas.max())
-    keep = int(tied[0])
-    if tied.size > 1:
-        keep = _first_in_row_major(labels, tied)
-    return labels, count, keep, areas
+    keep = int(tied[0]) if tied.size == 1 else _first_in_row_major(labels, tied)
+    return labels, n - 1, keep, areas
 
 
 def _first_in_row_major(labels: np.ndarray, candidates: np.ndarray) -> int:
