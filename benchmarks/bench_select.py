@@ -1,7 +1,7 @@
 """``handseg select`` at competition scale against the notebook way, in one run.
 
     python benchmarks/bench_select.py [--images 800] [--distinct 16] [--size 2048] [--configs 2] [--folds 5]
-                                      [--baseline-images 2]
+                                      [--baseline-images 2] [--workers 1]
 
 The job: out-of-fold probability maps of ``--configs`` configurations x ``--folds`` folds for ``--images``
 training images at ``--size`` px, and the whole search (each configuration, soft and hard vote, class-wise
@@ -192,7 +192,8 @@ def _child_main(kind: str, rest: list[str]) -> None:
         images = [s.name for s in discover(data, labels="required")][: int(n)]
         np.save(out, baseline_option_dice(runs, Path(data), images, list(GRID)))
         result = {"images": images}
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    # KiB on Linux; worker processes (select -j N) count with their largest
+    peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024
     print(json.dumps({"seconds": time.perf_counter() - t, "peak_mib": peak, **result}))
 
 
@@ -204,6 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--configs", type=int, default=2)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--baseline-images", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1, help="handseg select -j (the baseline runs in one)")
     args = parser.parse_args(argv)
     from handseg.core.selection import GRID, TruthSource, group_configurations, read_oof_run, score_options
 
@@ -212,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
         t = time.perf_counter()
         runs = make_job(root, args.images, args.distinct, args.size, args.configs, args.folds)
         made = time.perf_counter() - t
-        ours = _child("handseg", ["select", *runs, "-o", root / "recipe.json"])
+        ours = _child("handseg", ["select", *runs, "-o", root / "recipe.json", "-j", str(args.workers)])
         recipe = json.loads((root / "recipe.json").read_text())
         (root / "runs.txt").write_text("\n".join(map(str, runs)))
         nb = min(args.baseline_images, args.images)
@@ -227,8 +229,9 @@ def main(argv: list[str] | None = None) -> dict:
         assert exact < 1e-12, f"handseg and the baseline disagree (max |dDice| {exact})"
         rounding = float(diff[ties].max()) if ties.any() else 0.0
     base_full = base["seconds"] / nb * args.images
-    print(f"select: {args.images} images x {args.configs} configurations x {args.folds} folds at {args.size} px "
-          f"({args.distinct} distinct hands; job made in {made:.0f} s; baseline timed on {nb} images, scaled)")
+    print(f"select: {args.images} images x {args.configs} configurations x {args.folds} folds at {args.size} px, "
+          f"handseg -j {args.workers} ({args.distinct} distinct hands; job made in {made:.0f} s; "
+          f"baseline timed on {nb} images, scaled)")
     print(f"{len(recipe['candidates'])} candidates; chosen: {recipe['chosen']} "
           f"(OOF Dice {recipe['cv_dice']:.4f}, nested {recipe['nested_cv_dice']:.4f}); "
           f"every option's Dice equals the baseline's (to {exact:.0e}) but the soft vote's at thresholds where "

@@ -22,11 +22,14 @@ from handseg.core.selection import (
     apply_recipe,
     evaluate_candidates,
     group_configurations,
+    ordered_map,
     read_oof_run,
     read_recipe,
     recipe_image_runs,
     score_options,
     select_recipe,
+    tta_option,
+    write_oof_manifest,
 )
 from handseg.core.submission import read_predictions
 
@@ -68,12 +71,12 @@ def write_oof(run: Path, fold: int, maps: dict[str, np.ndarray], arch: str, data
     for name, probs in maps.items():
         np.save(oof / probs_name(name), pack_probs(probs))
     (oof / "index.json").write_text(json.dumps({"images": list(maps), "classes": list(CLASSES)}))
-    manifest = {"stage": "oof", "fold": fold, "classes": list(CLASSES), "transforms": transforms or ["identity"],
-                "merge": "mean", "card": {"arch": arch, "encoder": "resnet34", "size": 64, "epoch": 3 + fold,
-                                          "score": 0.5 + fold / 10}}
+    card = {"arch": arch, "encoder": "resnet34", "size": 64, "epoch": 3 + fold, "score": 0.5 + fold / 10}
     if data is not None:
-        manifest["data"] = str(data)
-    (oof / "manifest.json").write_text(json.dumps(manifest))
+        write_oof_manifest(oof, fold, card, data, transforms or ["identity"], "mean")
+    else:  # as an older predict wrote it: TTA under "options", no data
+        (oof / "manifest.json").write_text(json.dumps({"stage": "predict", "fold": fold, "card": card,
+                                                       "options": {"transforms": transforms or ["identity"]}}))
     return run
 
 
@@ -412,3 +415,44 @@ def test_select_benchmark_agrees_with_its_baseline(capsys):
                            "--baseline-images", "1"])  # asserts that every option's Dice agrees
     assert r["max_diff"] < 1e-12 and r["recipe"]["cv_dice"] > 0
     assert "select, whole job" in capsys.readouterr().out
+
+
+def test_oof_manifest_round_trip_and_card_from_the_checkpoint(tmp_path):
+    data = write_labelled(tmp_path / "data", 2)
+    maps = {n: m * np.float32(0.9) for n, m in truth_masks(data).items()}
+    run = write_oof(tmp_path / "run", 1, maps, "unet", data, ["identity", "hflip"])
+    r = read_oof_run(run)
+    assert (r.fold, r.card["arch"], r.transforms, r.merge) == (1, "unet", ["identity", "hflip"], "mean")
+    assert r.data == data.resolve() and r.images == list(maps)
+    # no card in the manifest: it comes from the checkpoint's safetensors header (read without torch)
+    doc = json.loads((run / "oof" / "manifest.json").read_text())
+    del doc["card"]
+    (run / "oof" / "manifest.json").write_text(json.dumps(doc))
+    card = {"arch": "fpn", "encoder": "resnet18", "size": 32}
+    header = json.dumps({"__metadata__": {"handseg": json.dumps(card)}}).encode()
+    (run / "best.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    assert read_oof_run(run).card == card
+    (run / "best.safetensors").write_bytes(b"junk")
+    with pytest.raises(HandsegError, match="no model card"):
+        read_oof_run(run)
+
+
+def test_tta_option_makes_the_transforms_again():
+    assert tta_option(["identity"]) == ""
+    assert tta_option(["identity", "hflip", "vflip", "scale0.8", "scale1.2"]) == "hflip,vflip,scale:0.8,1.2"
+    with pytest.raises(HandsegError, match="rot90"):
+        tta_option(["identity", "rot90"])
+
+
+def _square_unless(ctx, job):
+    if job == ctx:
+        raise HandsegError(f"job {job} is bad")
+    return job * job
+
+
+def test_ordered_map_keeps_order_and_passes_errors_on():
+    jobs = list(range(70))
+    assert list(ordered_map(_square_unless, -1, jobs, 1)) == [j * j for j in jobs]
+    assert list(ordered_map(_square_unless, -1, jobs, 2)) == [j * j for j in jobs]
+    with pytest.raises(HandsegError, match="job 33 is bad"):
+        list(ordered_map(_square_unless, 33, jobs, 2))

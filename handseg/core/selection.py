@@ -14,8 +14,8 @@ then over classes):
 and every combination of these as one ranked list of candidates. Anything chosen on the OOF data is
 optimistic there, so each candidate also gets a **nested estimate**: its choices made on the other folds,
 scored on the held-out fold. The recipe is the candidate with the best OOF Dice (so never worse there than
-any candidate); its ``cv_dice`` is measured by :func:`apply_recipe`, the same function ``predict --recipe``
-writes the submission with.
+any candidate; ``choose="nested"``: the best nested estimate instead); its ``cv_dice`` is measured by
+:func:`apply_recipe`, the same function ``predict --recipe`` writes the submission with.
 
 One pass over the data, one image at a time: for each class, each configuration's crop is read (memory-mapped),
 and the uint8 maps make every threshold exact and cheap: one histogram of the 256 levels (the soft vote's
@@ -54,7 +54,6 @@ GRID: tuple[float, ...] = tuple(float(v) for v in np.round(np.arange(0.20, 0.801
 
 SOFT, HARD = "soft", "hard"
 OOF_DIR = "oof"
-OOF_STAGE = "oof"
 RECIPE_FORMAT = "handseg-recipe"
 RECIPE_VERSION = 1
 MEMBER_THRESHOLD = DEFAULT_THRESHOLD
@@ -101,6 +100,17 @@ class Configuration:
         return {"transforms": list(self.transforms), "merge": self.merge}
 
 
+def tta_option(transforms: Sequence[str]) -> str:
+    """Transform names as manifests record them (``["identity", "hflip", "scale0.8", "scale1.2"]``) -> the
+    ``--transforms`` value that makes them again (``"hflip,scale:0.8,1.2"``; ``""``: the identity alone)."""
+    flips = [t for t in transforms if t in ("hflip", "vflip")]
+    scales = [t[len("scale"):] for t in transforms if t.startswith("scale")]
+    unknown = [t for t in transforms if t not in ("identity", "hflip", "vflip") and not t.startswith("scale")]
+    if unknown:
+        raise HandsegError(f"unknown TTA transform {unknown[0]!r} in the recipe")
+    return ",".join(flips + ([f"scale:{','.join(scales)}"] if scales else []))
+
+
 def read_oof_run(run: str | Path) -> OofRun:
     """Read ``RUN/oof/manifest.json`` and ``RUN/oof/index.json`` (every listed map must exist).
 
@@ -139,6 +149,28 @@ def read_oof_run(run: str | Path) -> OofRun:
         raise HandsegError('"transforms" must be a list of TTA names and "merge" a string', path)
     data = doc.get("data", inputs.get("data"))
     return OofRun(run, folder, fold, card, transforms, merge, Path(data) if data else None, read_probs_index(folder))
+
+
+def write_oof_manifest(folder: str | Path, fold: int, card: dict, data: str | Path,
+                       transforms: Sequence[str] = ("identity",), merge: str = "mean", n_folds: int | None = None,
+                       splits: str | Path | None = None, checkpoint: str | Path | None = None,
+                       stage: str = "oof") -> Path:
+    """Write ``RUN/oof/manifest.json`` as :func:`read_oof_run` reads it (last, after the maps and index).
+
+    Args:
+        folder: ``RUN/oof``.
+        fold: the fold whose validation images the maps are.
+        card: the run's model card (``dataclasses.asdict(ModelCard)``).
+        data: the labelled training folder (written absolute).
+        transforms, merge: the TTA the maps were made with (transform names, e.g. ``["identity", "hflip"]``).
+        n_folds, splits, checkpoint: recorded for people (the number of folds, splits.json, the weights used).
+    """
+    from handseg.core.files import write_manifest
+
+    options = {"transforms": list(transforms), "merge": merge, "checkpoint": str(checkpoint) if checkpoint else None}
+    inputs = {"data": str(Path(data).resolve()), "splits": str(Path(splits).resolve()) if splits else None}
+    return write_manifest(folder, stage, options, inputs, fold=int(fold), n_folds=n_folds, card=dict(card),
+                          data=inputs["data"], transforms=list(transforms), merge=merge)
 
 
 def _card_from_checkpoint(run: Path) -> dict:
@@ -364,6 +396,11 @@ class OptionSpace:
     index: dict[tuple[int, int, bool], int]
     weights: list[float]
     """The soft vote's weights (one per configuration)."""
+    cut_array: list[np.ndarray] = field(init=False)
+    """Per source: the values a level must exceed, one per cut, ascending (nested, shrinking masks)."""
+    plain_index: list[np.ndarray] = field(init=False)
+    lcc_index: list[np.ndarray] = field(init=False)
+    """Per source and cut: where its option without (``plain_index``) and with keep-largest lies."""
 
     @classmethod
     def build(cls, config_names: Sequence[str], grid: Sequence[float] = GRID) -> OptionSpace:
@@ -392,7 +429,6 @@ class OptionSpace:
         return cls(names, kinds, cuts, default, options, index, [1.0] * m)
 
     def __post_init__(self) -> None:
-        # per source: its cut values (ascending) and where each cut's plain / keep-largest Dice goes
         self.cut_array = [self.cut_values(s) for s in range(len(self.names))]
         self.plain_index = [np.array([self.index[(s, j, False)] for j in range(len(c))])
                             for s, c in enumerate(self.cuts)]
@@ -548,23 +584,38 @@ def _init_worker(fn: Callable, ctx: object) -> None:
     _WORKER = (fn, ctx)
 
 
-def _run_in_worker(job):
+def _run_chunk(jobs: Sequence) -> list:
     fn, ctx = _WORKER
-    return fn(ctx, job)
+    return [fn(ctx, job) for job in jobs]
 
 
 def ordered_map(fn: Callable, ctx: object, jobs: Sequence, workers: int = 1):
     """``fn(ctx, job)`` for each job, results in job order; ``workers > 1``: in that many processes (``ctx`` is
-    sent to each once). An error in a job stops the rest."""
+    sent to each once), with a few chunks of jobs in flight at a time, so results never pile up in memory
+    when the consumer is slower than the workers. An error in a job stops the rest."""
     if workers <= 1 or len(jobs) < 2:
         for job in jobs:
             yield fn(ctx, job)
         return
+    from collections import deque
     from concurrent.futures import ProcessPoolExecutor
 
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), initializer=_init_worker, initargs=(fn, ctx))
+    workers = min(workers, len(jobs))
+    size = max(1, min(8, len(jobs) // (4 * workers)))
+    chunks = iter([jobs[k : k + size] for k in range(0, len(jobs), size)])
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(fn, ctx))
+    pending: deque = deque()
     try:
-        yield from pool.map(_run_in_worker, jobs, chunksize=max(1, min(8, len(jobs) // (4 * workers))))
+        for chunk in chunks:
+            pending.append(pool.submit(_run_chunk, chunk))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            results = pending.popleft().result()
+            chunk = next(chunks, None)
+            if chunk is not None:
+                pending.append(pool.submit(_run_chunk, chunk))
+            yield from results
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -710,6 +761,16 @@ class RecipeConfig:
     merge: str
     card: dict
 
+    @property
+    def checkpoints(self) -> list[Path]:
+        """The run folders, fold by fold: what ``predict`` averages for this configuration."""
+        return [self.runs[k] for k in sorted(self.runs)]
+
+    @property
+    def tta_spec(self) -> str:
+        """The ``--transforms`` value of this configuration's TTA (see :func:`tta_option`)."""
+        return tta_option(self.transforms)
+
 
 @dataclass
 class Recipe:
@@ -796,6 +857,8 @@ def recipe_from_json(doc: dict, base: Path | None = None, where: Path | None = N
             or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in weights)):
         raise bad(f"ensemble.soft.weights must be {len(configs)} positive numbers")
     member = (ensemble.get("hard") or {}).get("member_threshold", MEMBER_THRESHOLD)
+    if isinstance(member, bool) or not isinstance(member, (int, float)) or not 0 <= member < 1:
+        raise bad("ensemble.hard.member_threshold must be a number in [0, 1)")
     cv = doc.get("cv_dice")
     return Recipe(configs, classes, [float(w) for w in weights], float(member),
                   float(cv) if isinstance(cv, (int, float)) else None)
@@ -945,7 +1008,7 @@ def apply_recipe(recipe: Recipe, probs: Mapping[str, str | Path | Sequence[str |
     jobs = [(image, [pooled[m].path(image) for m in members]) for image in names]
 
     def rows():
-        results = ordered_map(_apply_image, (recipe, members, truth), jobs, workers)
+        results = ordered_map(_apply_image, (recipe, members, truth, out_csv is not None), jobs, workers)
         for i, (image, (rles, scores)) in enumerate(zip(names, results)):
             if dice is not None:
                 dice[i] = scores
@@ -961,9 +1024,9 @@ def apply_recipe(recipe: Recipe, probs: Mapping[str, str | Path | Sequence[str |
     return RecipeResult(names, dice)
 
 
-def _apply_image(ctx: tuple[Recipe, list[str], TruthSource | None], job: tuple[str, list[Path]]):
-    """One image: its 29 RLE strings and, with ground truth, its ``(29,)`` Dice."""
-    recipe, members, truth = ctx
+def _apply_image(ctx: tuple[Recipe, list[str], TruthSource | None, bool], job: tuple[str, list[Path]]):
+    """One image: its 29 RLE strings (when ``ctx`` asks for them) and, with ground truth, its ``(29,)`` Dice."""
+    recipe, members, truth, want_rles = ctx
     image, paths = job
     shape, t_runs = truth.runs(image) if truth is not None else (None, None)
     maps = _open_maps(paths, shape, image)
@@ -972,7 +1035,7 @@ def _apply_image(ctx: tuple[Recipe, list[str], TruthSource | None], job: tuple[s
     if t_runs is not None:
         scores = np.array([dice_value(intersection_area(yt, yp), int(yt[1].sum()), int(yp[1].sum()))
                            for yt, yp in zip(t_runs, runs)])
-    return [runs_to_rle(r) for r in runs], scores
+    return ([runs_to_rle(r) for r in runs] if want_rles else None), scores
 
 
 # ----------------------------------------------------------------------------------------------
