@@ -12,7 +12,17 @@ from handseg.commands.options import OutFile, Overwrite
 VoteData = Annotated[Path | None, typer.Option("--data", help="The X-rays the inputs predict: the output follows "
                                                "their submission order and every run is checked against its "
                                                "image's size (default: the data folder the inputs' manifests "
-                                               "name).")]
+                                               "name); needed by --keep-largest on CSVs.")]
+KeepLargest = Annotated[str | None, typer.Option(
+    "--keep-largest", help="Keep only the largest connected component (8-connected) of these classes: "
+    "'all' or CLASS,CLASS,... (e.g. Radius,Ulna).")]
+
+
+def _keep(spec: str | None):
+    from handseg.core.postprocess import format_keep_largest, parse_keep_largest
+
+    keep = parse_keep_largest(spec)
+    return keep, format_keep_largest(keep)
 
 app = typer.Typer(help="Ensemble predictions: hard (CSV runs), soft (probability maps), classwise.",
                   no_args_is_help=True)
@@ -34,6 +44,7 @@ def hard(
     min_votes: Annotated[int | None, typer.Option("--min-votes", help="Votes a pixel needs (default: majority)."
                                                   )] = None,
     data: VoteData = None,
+    keep_largest: KeepLargest = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Pixel-wise majority vote of CSVs, computed on RLE runs (no full-size masks).
@@ -44,10 +55,12 @@ def hard(
     from handseg.core.ensemble import hard_vote
     from handseg.core.files import check_output
 
+    keep, keep_text = _keep(keep_largest)
     check_output(out, overwrite)
     with progress_task("vote hard", transient=True) as tick:
-        n = hard_vote(csvs, out, min_votes, progress=tick, data=data)
-    _finish("vote-hard", out, {"min_votes": min_votes or len(csvs) // 2 + 1}, {"csvs": [str(c) for c in csvs]}, n)
+        n = hard_vote(csvs, out, min_votes, progress=tick, data=data, keep_largest=keep)
+    _finish("vote-hard", out, {"min_votes": min_votes or len(csvs) // 2 + 1, "keep_largest": keep_text},
+            {"csvs": [str(c) for c in csvs], "data": str(data) if data else None}, n)
 
 
 @app.command("soft", no_args_is_help=True)
@@ -57,11 +70,12 @@ def soft(
     weights: Annotated[str | None, typer.Option("--weights", help="Comma-separated weight per folder.")] = None,
     threshold: Annotated[float, typer.Option("--threshold", help="Threshold on the weighted mean, in (0, 1).")] = 0.5,
     data: VoteData = None,
+    keep_largest: KeepLargest = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Weighted mean of probability maps, thresholded.
 
-    Example: handseg vote soft probs_a/ probs_b/ -o vote.csv --weights 2,1 --threshold 0.45
+    Example: handseg vote soft probs_a/ probs_b/ -o vote.csv --weights 2,1 --threshold 0.45 --keep-largest all
     """
     from handseg.console import progress_task
     from handseg.core.ensemble import check_threshold, check_weights, soft_vote
@@ -74,10 +88,12 @@ def soft(
         raise HandsegError(f"--weights {weights!r} is not a comma-separated list of numbers") from None
     w = check_weights(w, len(folders)) if len(folders) > 1 else w
     check_threshold(threshold)
+    keep, keep_text = _keep(keep_largest)
     check_output(out, overwrite)
     with progress_task("vote soft", transient=True) as tick:
-        n = soft_vote(folders, out, w, threshold, progress=tick, data=data)
-    _finish("vote-soft", out, {"weights": w, "threshold": threshold}, {"probs": [str(f) for f in folders]}, n)
+        n = soft_vote(folders, out, w, threshold, progress=tick, data=data, keep_largest=keep)
+    _finish("vote-soft", out, {"weights": w, "threshold": threshold, "keep_largest": keep_text},
+            {"probs": [str(f) for f in folders]}, n)
 
 
 @app.command("classwise")
@@ -85,16 +101,19 @@ def classwise(
     class_map: Annotated[Path, typer.Option("--map", help='JSON {"default": "a.csv", "Lunate": "wrist.csv"}.')],
     out: OutFile = Path("vote_classwise.csv"),
     data: VoteData = None,
+    keep_largest: KeepLargest = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Take each class from the CSV a map names (e.g. wrist bones from a specialist model).
 
-    Example: handseg vote classwise --map map.json -o vote.csv
+    Example: handseg vote classwise --map map.json -o vote.csv --keep-largest Radius,Ulna --data data/test
     """
     from handseg.core.ensemble import classwise_vote, read_class_map
     from handseg.core.files import check_output
 
+    keep, keep_text = _keep(keep_largest)
     mapping = read_class_map(class_map)
     check_output(out, overwrite)
-    n = classwise_vote(mapping, out, data)
-    _finish("vote-classwise", out, {"map": {k: str(v) for k, v in mapping.items()}}, {"map": str(class_map)}, n)
+    n = classwise_vote(mapping, out, data, keep_largest=keep)
+    _finish("vote-classwise", out, {"map": {k: str(v) for k, v in mapping.items()}, "keep_largest": keep_text},
+            {"map": str(class_map), "data": str(data) if data else None}, n)

@@ -7,7 +7,7 @@ uint8 (p * 255). They are memory-mappable, and a soft vote reads one class's cro
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,8 @@ from handseg.core import cropfile
 from handseg.core.constants import CLASS_INDEX, CLASSES, DEFAULT_THRESHOLD, NUM_CLASSES
 from handseg.core.errors import HandsegError
 from handseg.core.files import read_json
-from handseg.core.rle import crop_to_runs, runs_to_rle, vote_runs
+from handseg.core.postprocess import keep_largest_classes, label_components
+from handseg.core.rle import Runs, crop_to_runs, runs_to_rle, vote_runs
 from handseg.core.submission import (
     PredictionSet,
     check_same_images,
@@ -159,11 +160,15 @@ def _check_fits(sets: list[PredictionSet], shapes: dict[str, tuple[int, int]]) -
 
 
 def hard_vote(csvs: list[Path], out: Path, min_votes: int | None = None,
-              progress: Callable[[], None] | None = None, data: Path | None = None) -> int:
+              progress: Callable[[], None] | None = None, data: Path | None = None,
+              keep_largest: Sequence[bool] | None = None) -> int:
     """Pixel-wise majority (or ``min_votes``) of several CSVs, computed on runs; returns images written.
 
     Rows follow the submission order (see :func:`~handseg.core.submission.submission_order`),
     whatever the inputs' order; with the images' sizes known, every run is checked against its image.
+    ``keep_largest`` (one flag per class) keeps only the largest component of the flagged classes'
+    voted masks (see :mod:`handseg.core.postprocess`); it needs the images' sizes (``data``, or the
+    data folder the inputs' manifests name).
 
     Raises:
         HandsegError: fewer than two inputs, a bad CSV, different image sets, a bad ``min_votes``,
@@ -179,12 +184,14 @@ def hard_vote(csvs: list[Path], out: Path, min_votes: int | None = None,
         check_same_images(sets[0], s)
     order, shapes = submission_order([s.images for s in sets], csvs, data)
     _check_fits(sets, shapes)
+    post = _keep_largest_runs(keep_largest, shapes)
     if progress:
         progress(total=len(order))
 
     def rows():
         for image in order:
-            yield image, [runs_to_rle(vote_runs([s.runs[image][c] for s in sets], k)) for c in range(NUM_CLASSES)]
+            voted = [vote_runs([s.runs[image][c] for s in sets], k) for c in range(NUM_CLASSES)]
+            yield image, [runs_to_rle(r) for r in post(image, voted)]
             if progress:
                 progress()
 
@@ -214,8 +221,11 @@ def check_threshold(threshold: float | list[float]) -> np.ndarray:
 
 def soft_vote(folders: list[Path], out: Path, weights: list[float] | None = None,
               threshold: float | list[float] = DEFAULT_THRESHOLD, progress: Callable[[], None] | None = None,
-              data: Path | None = None) -> int:
+              data: Path | None = None, keep_largest: Sequence[bool] | None = None) -> int:
     """Weighted mean of probability maps, thresholded per class; one class crop in memory at a time.
+
+    ``keep_largest`` (one flag per class) keeps only the largest component of the flagged classes'
+    masks (see :mod:`handseg.core.postprocess`), on the class's crop.
 
     Raises:
         HandsegError: fewer than two folders, bad weights or threshold, different image sets or
@@ -258,7 +268,12 @@ def soft_vote(folders: list[Path], out: Path, weights: list[float] | None = None
                 acc = np.zeros((r1 - r0, c1 - c0), dtype=np.float32)
                 for (crop, cr, cc), w in crops:
                     acc[cr - r0 : cr - r0 + crop.shape[0], cc - c0 : cc - c0 + crop.shape[1]] += crop * (w / 255.0)
-                rles.append(runs_to_rle(crop_to_runs(acc / total > thresholds[c], r0, c0, shape[1])))
+                mask = acc / total > thresholds[c]
+                if keep_largest is not None and keep_largest[c]:
+                    labels, _, kept, _ = label_components(mask)
+                    if labels is not None:
+                        mask = labels == kept
+                rles.append(runs_to_rle(crop_to_runs(mask, r0, c0, shape[1])))
             yield image, rles
             if progress:
                 progress()
@@ -286,8 +301,10 @@ def read_class_map(path: Path) -> dict[str, Path]:
     return {c: p if p.is_absolute() else base / p for c, p in chosen.items()}
 
 
-def classwise_vote(class_map: dict[str, Path], out: Path, data: Path | None = None) -> int:
-    """Take each class from the CSV the map names for it (rows in the submission order)."""
+def classwise_vote(class_map: dict[str, Path], out: Path, data: Path | None = None,
+                   keep_largest: Sequence[bool] | None = None) -> int:
+    """Take each class from the CSV the map names for it (rows in the submission order; ``data``,
+    ``keep_largest``: as in :func:`hard_vote`)."""
     sets: dict[Path, PredictionSet] = {}
     for p in dict.fromkeys(class_map.values()):
         sets[p] = read_predictions(p)
@@ -296,9 +313,26 @@ def classwise_vote(class_map: dict[str, Path], out: Path, data: Path | None = No
         check_same_images(first, s)
     order, shapes = submission_order([s.images for s in sets.values()], list(sets), data)
     _check_fits(list(sets.values()), shapes)
+    post = _keep_largest_runs(keep_largest, shapes)
 
     def rows():
         for image in order:
-            yield image, [runs_to_rle(sets[class_map[c]].runs[image][i]) for i, c in enumerate(CLASSES)]
+            picked = [sets[class_map[c]].runs[image][i] for i, c in enumerate(CLASSES)]
+            yield image, [runs_to_rle(r) for r in post(image, picked)]
 
     return write_predictions(out, rows())
+
+
+def _keep_largest_runs(keep_largest: Sequence[bool] | None, shapes: dict[str, tuple[int, int]]):
+    """``(image, per-class runs) -> runs`` after the keep-largest step (the identity without one)."""
+    if keep_largest is None or not any(keep_largest):
+        return lambda image, runs: runs
+    if len(keep_largest) != NUM_CLASSES:
+        raise ValueError(f"need {NUM_CLASSES} keep-largest flags, got {len(keep_largest)}")
+    if not shapes:
+        raise HandsegError("--keep-largest on CSV rows needs the images' sizes: pass --data DIR (the images)")
+
+    def post(image: str, runs: list[Runs]) -> list[Runs]:
+        return keep_largest_classes(runs, shapes[image], keep_largest)
+
+    return post

@@ -1,0 +1,47 @@
+"""``handseg select``: choose ensemble, class-wise picks, thresholds and keep-largest on out-of-fold maps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from handseg.commands.options import OutFile, Overwrite, Workers
+
+
+def select(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders, each with the oof/ maps of its fold "
+                                               "(all folds of every configuration).")],
+    out: OutFile = Path("recipe.json"),
+    data: Annotated[Path | None, typer.Option("--data", help="The labelled training folder (default: the one "
+                                              "the runs' oof manifests name).")] = None,
+    overwrite: Overwrite = False,
+    choose: Annotated[str, typer.Option("--choose", help="oof: the best Dice on the out-of-fold images (never "
+                                        "worse there than any candidate); nested: the best when its choices are "
+                                        "made on the other folds (less fitted to noise).")] = "oof",
+    workers: Workers = None,  # type: ignore[assignment]
+) -> None:
+    """Score configurations, soft/hard votes, class-wise picks, per-class thresholds and keep-largest on the
+    out-of-fold predictions of every fold, and write the best as a recipe for `predict --recipe`.
+
+    Runs with the same model card (but for the fold) and TTA form one configuration; each training image
+    is scored with the fold model that did not see it. The table shows each candidate's Dice on these
+    images, the Dice when its choices are made on the other folds (the honest estimate), the spread over
+    folds and the gain over the best configuration alone.
+
+    Example: handseg select runs/unet_f0 runs/unet_f1 runs/hr48_f0 runs/hr48_f1 -o recipe.json
+    """
+    from handseg.console import progress_task, stdout
+    from handseg.core.cache import default_workers
+    from handseg.core.files import check_output
+    from handseg.core.selection import candidates_table, select_recipe
+
+    check_output(out, overwrite, "file")
+    with progress_task("select", transient=True) as tick:
+        result = select_recipe(runs, out, data, progress=tick, workers=workers or default_workers(), choose=choose)
+    stdout.print(candidates_table(result))
+    doc = result.recipe
+    nested = doc["nested_cv_dice"]
+    stdout.print(f"chosen: {doc['chosen']}: OOF Dice {doc['cv_dice']:.4f}"
+                 + (f", {nested:.4f} tuned on other folds" if nested is not None else "") + f" -> {out}")
