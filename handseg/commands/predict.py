@@ -10,8 +10,11 @@ import typer
 
 from handseg.commands.options import Device, Merge, OutFile, Overwrite, TestData
 
-Checkpoints = Annotated[list[Path], typer.Argument(help="Run folders or .safetensors checkpoints "
-                                                   "(several are averaged, e.g. five folds).")]
+Checkpoints = Annotated[list[Path] | None, typer.Argument(help="Run folders or .safetensors checkpoints (several "
+                                                          "are averaged, e.g. five folds); none with --recipe.",
+                                                          metavar="RUN", show_default=False)]
+KeepLargest = Annotated[str | None, typer.Option("--keep-largest", help="Keep only the largest connected component "
+                                                 "(8-connected) of these classes: 'all' or CLASS,CLASS,...")]
 Probs = Annotated[Path | None, typer.Option("--probs", help="Also save per-image probability maps in this folder "
                                             "(uint8, memory-mappable) for `vote soft`, `pseudo` and `select`.")]
 
@@ -37,7 +40,7 @@ Fold = Annotated[int | None, typer.Option("--fold", min=0, help="With --splits: 
 
 
 def predict(
-    checkpoints: Checkpoints,
+    checkpoints: Checkpoints = None,
     data: TestData = None,
     out: OutFile = Path("pred.csv"),
     probs: Probs = None,
@@ -47,6 +50,14 @@ def predict(
     tune_thresholds: TuneThresholds = False,
     splits: Splits = None,
     fold: Fold = None,
+    keep_largest: KeepLargest = None,
+    recipe: Annotated[Path | None, typer.Option("--recipe", help="recipe.json from `handseg select`: its "
+                                                "configurations (folds averaged, their TTA), ensemble, class-wise "
+                                                "picks, thresholds and keep-largest; --probs keeps each "
+                                                "configuration's maps in a subfolder.")] = None,
+    oof: Annotated[bool, typer.Option("--oof", help="With --recipe and labelled --data (the training folder): "
+                                      "predict each image with the fold models that did not see it, as select "
+                                      "scored them.")] = False,
     device: Device = "auto",
     no_amp: NoAmp = False,
     overwrite: Overwrite = False,
@@ -56,14 +67,19 @@ def predict(
     Examples:
       handseg predict runs/fold0 runs/fold1 runs/fold2 --data data/test -o pred.csv --probs probs/
       handseg predict runs/fold0 --splits splits.json --fold 0 --probs oof/fold0 -o oof0.csv
-      handseg predict model_dir --data my_xrays/ -o pred.csv        (any folder of PNG/JPEG files)
+      handseg predict runs/fold0 --data my_xrays/ -o pred.csv       (any folder of PNG/JPEG files)
+      handseg predict --recipe recipe.json --data data/test -o submission.csv
     """
+    if recipe is not None:
+        _run_recipe(checkpoints, recipe, oof, data, out, probs, batch_size, device, not no_amp, overwrite,
+                    [thresholds, tune_thresholds, splits, fold, keep_largest])
+        return
     _run(checkpoints, data, out, probs, "", Merge.mean, thresholds, tune_thresholds, device, not no_amp, "predict",
-         batch_size, overwrite, splits, fold, probs_format)
+         batch_size, overwrite, splits, fold, probs_format, keep_largest)
 
 
 def tta(
-    checkpoints: Checkpoints,
+    checkpoints: Checkpoints = None,
     data: TestData = None,
     out: OutFile = Path("pred_tta.csv"),
     transforms: Annotated[str, typer.Option("--transforms", help="hflip, vflip, scale:S1,S2,... (the "
@@ -77,6 +93,7 @@ def tta(
     tune_thresholds: TuneThresholds = False,
     splits: Splits = None,
     fold: Fold = None,
+    keep_largest: KeepLargest = None,
     device: Device = "auto",
     no_amp: NoAmp = False,
     overwrite: Overwrite = False,
@@ -86,11 +103,11 @@ def tta(
     Example: handseg tta runs/fold0 --data data/test -o pred_tta.csv --transforms hflip,scale:0.8,1.2 --merge mean
     """
     _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune_thresholds, device, not no_amp, "tta",
-         batch_size, overwrite, splits, fold, probs_format)
+         batch_size, overwrite, splits, fold, probs_format, keep_largest)
 
 
 def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, device, amp, stage, batch_size,
-         overwrite, splits=None, fold=None, probs_format=ProbsFormat.packed):
+         overwrite, splits=None, fold=None, probs_format=ProbsFormat.packed, keep_largest=None):
     import contextlib
 
     from rich.table import Table
@@ -102,10 +119,14 @@ def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, dev
     from handseg.core.distributed import dist_env
     from handseg.core.errors import HandsegError
     from handseg.core.files import atomic_dir, check_output, sidecar_manifest_path, write_manifest
+    from handseg.core.postprocess import format_keep_largest, parse_keep_largest
     from handseg.core.prediction import parse_transforms, read_thresholds, run_predictions, write_thresholds
 
     main = dist_env().main
     merge = Merge(merge).value
+    if not checkpoints:
+        raise HandsegError("give one or more run folders or checkpoints (or --recipe recipe.json with predict)")
+    keep = parse_keep_largest(keep_largest)
     # every output is checked before any work: a bad path fails now, not after predicting everything
     if main:
         check_output(out, overwrite)
@@ -133,11 +154,11 @@ def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, dev
         with progress_task(stage) as tick:
             result = run_predictions(resolved, data, out, probs_tmp, transform_list, merge, thr, tune, device, amp,
                                      progress=tick, batch=batch_size, samples=samples,
-                                     probs_format=ProbsFormat(probs_format).value)
+                                     probs_format=ProbsFormat(probs_format).value, keep_largest=keep)
         options = {"checkpoints": [str(c) for c in resolved], "transforms": [t.name for t in transform_list],
                    "merge": merge, "thresholds": result.thresholds, "tuned": result.tuned, "device": device,
                    "amp": amp, "batch_size": batch_size, "splits": str(splits) if splits else None, "fold": fold,
-                   "probs_format": ProbsFormat(probs_format).value}
+                   "probs_format": ProbsFormat(probs_format).value, "keep_largest": format_keep_largest(keep)}
         if probs_tmp is not None and result.main:
             write_manifest(probs_tmp, stage, options, inputs={"data": str(data)}, images=result.images)
     if not result.main:
@@ -156,3 +177,50 @@ def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, dev
             table.add_row(name, f"{value:.4f}")
         stdout.print(table)
     stdout.print(f"{result.images} images -> {out}" + (f" (probabilities in {probs})" if probs else ""))
+
+
+def _run_recipe(checkpoints, recipe, oof, data, out, probs, batch_size, device, amp, overwrite, not_with):
+    import tempfile
+
+    from handseg.commands.options import say_data
+    from handseg.console import progress_task, stdout
+    from handseg.core.data import resolve_data
+    from handseg.core.distributed import dist_env
+    from handseg.core.errors import HandsegError
+    from handseg.core.files import atomic_dir, check_output, sidecar_manifest_path, write_manifest
+    from handseg.core.prediction import run_recipe
+
+    if checkpoints:
+        raise HandsegError("give run folders or --recipe, not both (the recipe names its runs)")
+    if any(v not in (None, False) for v in not_with):
+        raise HandsegError("--recipe sets thresholds, folds and keep-largest itself; drop --thresholds, "
+                           "--tune-thresholds, --splits, --fold and --keep-largest")
+    if dist_env().world > 1:
+        raise HandsegError("--recipe runs in one process; run it without torchrun")
+    check_output(out, overwrite)
+    if probs is not None:
+        check_output(probs, overwrite, "dir")
+    if data is None and oof:
+        from handseg.core.files import read_json
+
+        data = read_json(recipe, "recipe").get("data")
+        if data is None:
+            raise HandsegError("the recipe does not name its training data; pass --data", recipe)
+    source = resolve_data(Path(data) if data is not None else Path("data/test"), "train" if oof else "test")
+    say_data(source)
+    if probs is not None:
+        maps = atomic_dir(probs, overwrite)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        maps = tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.maps-")
+    with maps as folder, progress_task("predict --recipe") as tick:
+        result = run_recipe(recipe, source.root, out, Path(folder), device, amp, batch_size, progress=tick, oof=oof)
+        if probs is not None:
+            write_manifest(folder, "predict-recipe", {"recipe": str(recipe), "oof": oof},
+                           inputs={"data": str(source.root)}, members={m: p.name for m, p in result.members.items()})
+    write_manifest(out.parent, "predict-recipe", {"recipe": str(recipe), "oof": oof, "device": device, "amp": amp,
+                   "batch_size": batch_size}, inputs={"data": str(source.root)}, name=sidecar_manifest_path(out).name,
+                   output=str(out), images=result.images, dice=result.dice)
+    if result.dice is not None:
+        stdout.print(f"mean Dice on labelled --data: {result.dice:.4f}")
+    stdout.print(f"{result.images} images -> {out}" + (f" (maps in {probs})" if probs else ""))

@@ -77,6 +77,8 @@ def train(
                                                   "steps.")] = None,
     logger: Annotated[Logger, typer.Option("--logger", help="Metrics logger (tensorboard, wandb: when "
                                            "installed).")] = Logger.none,
+    oof_tta: Annotated[str, typer.Option("--oof-tta", help="Test-time transforms of the fold's out-of-fold maps "
+                                         "(RUN/oof/, for `handseg select`), e.g. hflip.")] = "",
     config: Annotated[Path | None, typer.Option("--config", help="YAML of options, or a run's manifest.json to "
                                                 "replay it (flags given on the command line win).",
                                                 dir_okay=False)] = None,

@@ -8,7 +8,8 @@ each transform alone and merged.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,8 @@ from handseg.core.errors import HandsegError
 from handseg.core.files import atomic_write_json, read_json
 from handseg.core.inference import IDENTITY, Predictor, Transform, masks_to_runs
 from handseg.core.metrics import dice_masks
-from handseg.core.rle import mask_to_runs, runs_to_rle
+from handseg.core.postprocess import keep_largest_classes
+from handseg.core.rle import mask_to_runs, runs_to_mask, runs_to_rle
 from handseg.core.submission import write_predictions
 
 TUNE_GRID = np.round(np.arange(0.20, 0.81, 0.05), 2)
@@ -99,7 +101,8 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
                     transforms: list[Transform] | None = None, merge: str = "mean",
                     thresholds: list[float] | None = None, tune: bool = False, device: str = "auto",
                     amp: bool = True, progress: Callable[..., None] | None = None, batch: int = 4,
-                    samples: list[Sample] | None = None, probs_format: str = "packed") -> PredictResult:
+                    samples: list[Sample] | None = None, probs_format: str = "packed",
+                    keep_largest: Sequence[bool] | None = None) -> PredictResult:
     """Predict every image of ``data`` and write the CSV (and probability maps) in submission order.
 
     ``batch`` network inputs go through the model per forward pass (images for resize models,
@@ -111,7 +114,9 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
     searches a threshold per class on those labels (the CSV then uses the tuned thresholds).
     Under torchrun each rank predicts a shard; rank 0 writes the CSV in order. ``samples`` replaces
     the images of ``data`` (e.g. a fold's held-out images). ``probs_format``: see
-    :data:`~handseg.core.ensemble.PROBS_FORMATS`.
+    :data:`~handseg.core.ensemble.PROBS_FORMATS`. ``keep_largest`` (one flag per class) keeps only the
+    largest connected component of the flagged classes (:mod:`handseg.core.postprocess`), on runs;
+    the Dice on labelled data is that of the masks written.
     """
     import torch
 
@@ -125,6 +130,10 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
     labelled = all(s.label_path is not None for s in samples)
     if tune and not labelled:
         raise HandsegError("--tune-thresholds needs labels (outputs_json/) for every image", data)
+    keep = keep_largest if keep_largest is not None and any(keep_largest) else None
+    if tune and keep is not None:
+        raise HandsegError("--tune-thresholds and --keep-largest together: `handseg select` tunes both on "
+                           "out-of-fold maps")
     names = [s.name for s in samples]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
@@ -163,12 +172,17 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
                 # thresholds, runs and quantisation on the device: only run boundaries (and uint8 maps
                 # when asked for) cross to the host, not 29 float maps of the image's full size
                 masks = p > thr_device
-                if labelled:
-                    dice_sum[merged_key] += dice_masks(truth, masks.cpu().numpy())
                 if tune:
+                    dice_sum[merged_key] += dice_masks(truth, masks.cpu().numpy())
                     rows[s.name] = encoder.submit(_tune_rows, p.cpu().numpy(), truth, tune_sum)
                 else:
-                    rows[s.name] = encoder.submit(_rles, masks_to_runs(masks))
+                    runs = masks_to_runs(masks)
+                    if keep is not None:
+                        runs = keep_largest_classes(runs, tuple(p.shape[-2:]), keep)
+                    if labelled:
+                        written = masks.cpu().numpy() if keep is None else _runs_masks(runs, tuple(p.shape[-2:]))
+                        dice_sum[merged_key] += dice_masks(truth, written)
+                    rows[s.name] = encoder.submit(_rles, runs)
                 if probs_dir is not None:
                     saves.append(encoder.submit(write_probs, Path(probs_dir) / probs_name(s.name),
                                                 quantise_probs(p).cpu().numpy(), probs_format))
@@ -207,6 +221,88 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
             result.per_class = {c: float(tune_sum[i].max() / n) for i, c in enumerate(CLASSES)}
             result.dice[merged_key] = float(np.mean(list(result.per_class.values())))
     return result
+
+
+@dataclass
+class RecipeRun:
+    images: int
+    members: dict[str, Path]
+    """Configuration name -> the folder of its probability maps."""
+    dice: float | None = None
+    per_class: dict[str, float] = field(default_factory=dict)
+
+
+def _folder_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.@+-]+", "_", name).strip("_") or "config"
+
+
+def run_recipe(recipe_path: Path, data: Path, out_csv: Path, maps_dir: Path, device: str = "auto", amp: bool = True,
+               batch: int = 4, progress: Callable[..., None] | None = None, oof: bool = False,
+               samples: list[Sample] | None = None) -> RecipeRun:
+    """``predict --recipe``: each configuration the recipe uses is predicted by :func:`run_predictions`
+    (its folds averaged, with its TTA) into ``maps_dir/<configuration>/``, then
+    :func:`~handseg.core.selection.apply_recipe` makes the CSV (ensemble, class-wise picks, thresholds,
+    keep-largest) one image at a time, from the same uint8 maps that ``select`` scored.
+
+    With ``oof``, ``data`` is the labelled training folder and each image is predicted by each
+    configuration's fold model that did not see it, as ``select`` scored them: the Dice reproduces
+    the recipe's ``cv_dice``.
+
+    Raises:
+        HandsegError: the recipe or one of its run folders is missing or malformed.
+    """
+    from handseg.core.checkpoint import resolve_checkpoint
+    from handseg.core.selection import TruthSource, apply_recipe, read_oof_run, read_recipe
+
+    recipe = read_recipe(recipe_path)
+    members = recipe.members()
+    for m in members:  # every checkpoint is found before any work
+        for run in recipe.config(m).checkpoints:
+            resolve_checkpoint(run)
+    if samples is None:
+        samples = discover(data, labels="optional", role="train" if oof else "test")
+    by_name = {s.name: s for s in samples}
+    folders: dict[str, object] = {}
+    for m in members:
+        cfg = recipe.config(m)
+        transforms = parse_transforms(cfg.tta_spec)
+        dest = maps_dir / _folder_name(m)
+        if not oof:
+            run_predictions(cfg.checkpoints, data, maps_dir / f"{_folder_name(m)}.csv", dest, transforms, cfg.merge,
+                            device=device, amp=amp, progress=progress, batch=batch, samples=samples)
+            folders[m] = dest
+            continue
+        parts = []
+        for fold, run in sorted(cfg.runs.items()):
+            held_out = read_oof_run(run).images
+            missing = [name for name in held_out if name not in by_name]
+            if missing:
+                raise HandsegError(f"fold {fold}'s image {missing[0]} is not in {data}", run)
+            part = dest / f"fold{fold}"
+            run_predictions([run], data, maps_dir / f"{_folder_name(m)}_fold{fold}.csv", part, transforms,
+                            cfg.merge, device=device, amp=amp, progress=progress, batch=batch,
+                            samples=[by_name[name] for name in held_out])
+            parts.append(part)
+        folders[m] = parts
+    names = [s.name for s in samples]
+    if oof:
+        covered = set().union(*(set(read_oof_run(r).images) for r in recipe.config(members[0]).checkpoints))
+        names = [n for n in names if n in covered]
+    labelled = all(by_name[n].label_path is not None for n in names)
+    truth = TruthSource(data) if labelled else None
+    result = apply_recipe(recipe, folders, out_csv, images=names, truth=truth)
+    run = RecipeRun(len(names), {m: maps_dir / _folder_name(m) for m in members})
+    if result.dice is not None:
+        run.dice = float(result.mean_dice)
+        run.per_class = {c: float(v) for c, v in zip(CLASSES, result.dice.mean(axis=0))}
+    return run
+
+
+def _runs_masks(runs: list, shape: tuple[int, int]) -> np.ndarray:
+    out = np.zeros((len(runs), *shape), dtype=bool)
+    for c, r in enumerate(runs):
+        runs_to_mask(r, shape, out[c])
+    return out
 
 
 def _rles(runs: list) -> list[str]:

@@ -54,6 +54,8 @@ class TrainConfig:
     seed: int = 0
     max_steps: int | None = None
     logger: str = "none"
+    oof_tta: str = ""
+    """Test-time transforms of the out-of-fold maps written at the end (``""``: none; e.g. ``hflip``)."""
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -158,6 +160,17 @@ def _paths(name: str, value: Any):
     return [_path()(name, v) for v in value]
 
 
+def _tta_spec(name: str, value: Any):
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, str):
+        raise HandsegError(f"{_flag(name)}: expected transforms like hflip,scale:0.8,1.2, got {value!r}")
+    from handseg.core.prediction import parse_transforms
+
+    parse_transforms(value)
+    return value
+
+
 def parse_class_weights(name: str, value: Any) -> list[float] | None:
     """29 finite, non-negative weights (a list, or text like ``"1,1,2,..."``), not all zero."""
     if value is None:
@@ -181,5 +194,5 @@ _RULES = {
     "unify_hands": _bool, "val_every": _int(1), "amp": _choice(AMP_CHOICES), "channels_last": _bool,
     "compile": _bool, "accum": _int(1), "workers": _int(0), "device": _text, "out": _path(), "resume": _bool,
     "extra": _paths, "cache": _path(optional=True), "seed": _int(0), "max_steps": _int(1, optional=True),
-    "logger": _choice(LOGGERS),
+    "logger": _choice(LOGGERS), "oof_tta": _tta_spec,
 }

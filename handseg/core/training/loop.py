@@ -118,6 +118,7 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
     card = ModelCard(arch=arch, encoder=encoder, size=cfg.size, crop=cfg.crop, norm=dict(DEFAULT_NORM),
                      unify_hands=cfg.unify_hands)
 
+    train_items, val_items = split_items(cfg)
     start_epoch, step, best, resume_state = 0, 0, -1.0, None
     if cfg.resume:
         resume_path, last_card = find_resume(out)
@@ -131,12 +132,14 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
         best = read_card(out / BEST).score if (out / BEST).is_file() else -1.0
         best = -1.0 if best is None else best
         if start_epoch >= cfg.epochs:
-            log(f"nothing to do: {out} has finished all {start_epoch} epochs (pass a larger --epochs to train on)")
             shutdown(d)
+            if val_items and not (out / OOF_DIR / "manifest.json").is_file():
+                write_oof(cfg, out, val_items, device, log)  # the run finished, its out-of-fold maps did not
+            else:
+                log(f"nothing to do: {out} has finished all {start_epoch} epochs (pass a larger --epochs to train on)")
             return {"best_dice": best if best >= 0 else None, "last_dice": last_card.score, "epochs": 0,
                     "steps": step, "out": str(out), "finished": True}
 
-    train_items, val_items = split_items(cfg)
     seed = cfg.seed + d.rank
     random.seed(seed)
     np.random.seed(seed)
@@ -285,8 +288,46 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
             if cfg.max_steps and step >= cfg.max_steps:
                 break
     shutdown(d)
+    if val_items:
+        write_oof(cfg, out, val_items, device, log)
     return {"best_dice": best if best >= 0 else None, "last_dice": last_dice, "epochs": epochs_run,
             "steps": step, "out": str(out)}
+
+
+OOF_DIR = "oof"
+
+
+def write_oof(cfg: TrainConfig, out: Path, val_items: list, device: str, log=print) -> None:
+    """The fold's out-of-fold maps: its validation images predicted by the best checkpoint (with
+    ``--oof-tta``) into ``RUN/oof/`` in the ``predict --probs`` format, with the manifest
+    ``handseg select`` reads. Built beside its destination and moved into place when complete."""
+    from dataclasses import asdict
+
+    from handseg.core.data import resolve_data
+    from handseg.core.distributed import dist_env
+    from handseg.core.files import atomic_dir
+    from handseg.core.prediction import parse_transforms, run_predictions
+    from handseg.core.selection import write_oof_manifest
+
+    main = dist_env().main
+    best = out / BEST if (out / BEST).is_file() else out / LAST
+    transforms = parse_transforms(cfg.oof_tta)
+    data = resolve_data(cfg.data, "train").root
+    n_folds = None
+    if cfg.splits is not None:
+        from handseg.core.kfold import read_splits
+
+        n_folds = read_splits(cfg.splits)["n_folds"]
+    with atomic_dir(out / OOF_DIR, overwrite=True, main=main) as tmp:
+        result = run_predictions([best], data, tmp / "oof.csv", tmp, transforms, "mean", device=device,
+                                 amp=cfg.amp != "off", batch=cfg.batch_size, samples=[i.sample for i in val_items])
+        if main:
+            write_oof_manifest(tmp, cfg.fold, asdict(read_card(best)), data, [t.name for t in transforms], "mean",
+                               n_folds=n_folds or 5, splits=cfg.splits, checkpoint=best)
+    if main:
+        key = "merged" if "merged" in result.dice else transforms[0].name
+        log(f"out-of-fold maps of fold {cfg.fold} ({result.images} images, Dice {result.dice[key]:.4f} with "
+            f"{best.name}) -> {out / OOF_DIR}")
 
 
 @contextlib.contextmanager
