@@ -171,7 +171,7 @@ def test_a_slow_loader_is_reported(synth_data, tmp_path, monkeypatch):
     real = dataset.load_item_crops
 
     def slow(item):
-        time.sleep(0.15)
+        time.sleep(0.6)  # far above a 64 px step, even on a loaded machine
         return real(item)
 
     monkeypatch.setattr(dataset, "load_item_crops", slow)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -11,7 +12,8 @@ import typer
 from handseg.commands.options import Device, Merge, OutFile, Overwrite, TestData
 
 Checkpoints = Annotated[list[Path] | None, typer.Argument(help="Run folders or .safetensors checkpoints (several "
-                                                          "are averaged, e.g. five folds); none with --recipe.",
+                                                          "are averaged, e.g. five folds), or a model zip from "
+                                                          "`handseg export`; none with --recipe.",
                                                           metavar="RUN", show_default=False)]
 KeepLargest = Annotated[str | None, typer.Option("--keep-largest", help="Keep only the largest connected component "
                                                  "(8-connected) of these classes: 'all' or CLASS,CLASS,...")]
@@ -70,12 +72,15 @@ def predict(
       handseg predict runs/fold0 --data my_xrays/ -o pred.csv       (any folder of PNG/JPEG files)
       handseg predict --recipe recipe.json --data data/test -o submission.csv
     """
-    if recipe is not None:
-        _run_recipe(checkpoints, recipe, oof, data, out, probs, batch_size, device, not no_amp, overwrite,
-                    [thresholds, tune_thresholds, splits, fold, keep_largest])
-        return
-    _run(checkpoints, data, out, probs, "", Merge.mean, thresholds, tune_thresholds, device, not no_amp, "predict",
-         batch_size, overwrite, splits, fold, probs_format, keep_largest)
+    with _model_zip(checkpoints, out, overwrite) as bundle:
+        if bundle is not None:  # a model zip from `handseg export`: its checkpoints, or its recipe
+            checkpoints, recipe = bundle.checkpoints, bundle.recipe or recipe
+        if recipe is not None:
+            _run_recipe(checkpoints, recipe, oof, data, out, probs, batch_size, device, not no_amp, overwrite,
+                        [thresholds, tune_thresholds, splits, fold, keep_largest])
+            return
+        _run(checkpoints, data, out, probs, "", Merge.mean, thresholds, tune_thresholds, device, not no_amp,
+             "predict", batch_size, overwrite, splits, fold, probs_format, keep_largest)
 
 
 def tta(
@@ -102,14 +107,40 @@ def tta(
 
     Example: handseg tta runs/fold0 --data data/test -o pred_tta.csv --transforms hflip,scale:0.8,1.2 --merge mean
     """
-    _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune_thresholds, device, not no_amp, "tta",
-         batch_size, overwrite, splits, fold, probs_format, keep_largest)
+    with _model_zip(checkpoints, out, overwrite) as bundle:
+        if bundle is not None:
+            if bundle.recipe is not None:
+                from handseg.core.errors import HandsegError
+
+                raise HandsegError("this model zip holds a recipe, which sets its own TTA: use `handseg predict`")
+            checkpoints = bundle.checkpoints
+        _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune_thresholds, device, not no_amp, "tta",
+             batch_size, overwrite, splits, fold, probs_format, keep_largest)
+
+
+@contextlib.contextmanager
+def _model_zip(checkpoints, out: Path, overwrite: bool):
+    """A model zip among the checkpoints is opened (beside the output, once the output is known to be
+    writable); ``None`` when there is none."""
+    from handseg.core.export import is_model_zip, open_model_zip
+
+    zips = [c for c in checkpoints or [] if is_model_zip(c)]
+    if not zips:
+        yield None
+        return
+    from handseg.core.errors import HandsegError
+    from handseg.core.files import check_output
+
+    if len(checkpoints) != 1:
+        raise HandsegError("give a model zip alone (it holds every model it needs)")
+    check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open_model_zip(zips[0], out.parent) as bundle:
+        yield bundle
 
 
 def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, device, amp, stage, batch_size,
          overwrite, splits=None, fold=None, probs_format=ProbsFormat.packed, keep_largest=None):
-    import contextlib
-
     from rich.table import Table
 
     from handseg.commands.options import say_data

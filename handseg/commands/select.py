@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from handseg.commands.options import OutFile, Overwrite, Workers
+
+
+class Choose(str, Enum):
+    oof = "oof"
+    nested = "nested"
 
 
 def select(
@@ -17,9 +23,9 @@ def select(
     data: Annotated[Path | None, typer.Option("--data", help="The labelled training folder (default: the one "
                                               "the runs' oof manifests name).")] = None,
     overwrite: Overwrite = False,
-    choose: Annotated[str, typer.Option("--choose", help="oof: the best Dice on the out-of-fold images (never "
+    choose: Annotated[Choose, typer.Option("--choose", help="oof: the best Dice on the out-of-fold images (never "
                                         "worse there than any candidate); nested: the best when its choices are "
-                                        "made on the other folds (less fitted to noise).")] = "oof",
+                                        "made on the other folds (less fitted to noise).")] = Choose.oof,
     workers: Workers = None,  # type: ignore[assignment]
 ) -> None:
     """Score configurations, soft/hard votes, class-wise picks, per-class thresholds and keep-largest on the
@@ -39,7 +45,8 @@ def select(
 
     check_output(out, overwrite, "file")
     with progress_task("select", transient=True) as tick:
-        result = select_recipe(runs, out, data, progress=tick, workers=workers or default_workers(), choose=choose)
+        result = select_recipe(runs, out, data, progress=tick, workers=workers or default_workers(),
+                               choose=Choose(choose).value)
     stdout.print(candidates_table(result))
     doc = result.recipe
     nested = doc["nested_cv_dice"]

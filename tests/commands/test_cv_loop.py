@@ -54,3 +54,24 @@ def test_train_oof_select_and_predict_recipe(synth_data, tmp_path, capsys):
         (tmp_path / "maps" / "manifest.json").read_text())["members"])
     code, _, err = run_cli(["predict", runs[0], "--recipe", recipe, "-o", tmp_path / "x.csv"], capsys)
     assert code == 2 and "not both" in err
+
+    # one file for another machine: the recipe and its runs, or plain runs
+    code, _, err = run_cli(["export", "--recipe", recipe, "-o", tmp_path / "model.zip"], capsys)
+    assert code == 0, err
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "model.zip").rename(elsewhere / "model.zip")
+    code, _, err = run_cli(["predict", elsewhere / "model.zip", "--data", synth_data / "test", "-o",
+                            elsewhere / "sub.csv", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert (elsewhere / "sub.csv").read_bytes() == (tmp_path / "sub.csv").read_bytes()
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["model.zip", "sub.csv", "sub.manifest.json"]
+    code, _, err = run_cli(["export", runs[0], runs[1], "-o", tmp_path / "f.zip"], capsys)
+    assert code == 0, err
+    for args, name in (([runs[0], runs[1]], "runs.csv"), ([tmp_path / "f.zip"], "zip.csv")):
+        assert run_cli(["predict", *args, "--data", synth_data / "test", "-o", tmp_path / name, "--device", "cpu"],
+                       capsys)[0] == 0
+    assert (tmp_path / "runs.csv").read_bytes() == (tmp_path / "zip.csv").read_bytes()
+    (tmp_path / "junk.zip").write_bytes(b"PK\x03\x04 not really")
+    code, _, err = run_cli(["predict", tmp_path / "junk.zip", "-o", tmp_path / "j.csv"], capsys)
+    assert code == 2 and "junk.zip: not a handseg model zip" in err

@@ -1,0 +1,39 @@
+"""``handseg export``: run folders (or a recipe and its runs) in one zip that `handseg predict` takes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from handseg.commands.options import OutFile, Overwrite
+
+
+def export(
+    runs: Annotated[list[Path] | None, typer.Argument(help="Run folders (their best checkpoint goes in).",
+                                                      metavar="RUN", show_default=False)] = None,
+    recipe: Annotated[Path | None, typer.Option("--recipe", help="recipe.json from `handseg select`: the recipe "
+                                                "and every run it uses go in.")] = None,
+    out: OutFile = Path("model.zip"),
+    overwrite: Overwrite = False,
+) -> None:
+    """Put trained models in one file that another machine predicts with: `handseg predict model.zip`.
+
+    The zip holds each checkpoint (weights and model card: architecture, encoder, size, thresholds,
+    normalisation) and, with --recipe, the recipe with its run paths rewritten to point inside the zip.
+    Nothing in it is pickled.
+
+    Examples:
+      handseg export runs/hr48_f0 runs/hr48_f1 runs/hr48_f2 -o hr48.zip
+      handseg export --recipe recipe.json -o model.zip
+      handseg predict model.zip --data data/test -o submission.csv
+    """
+    from handseg.console import stdout
+    from handseg.core.export import export_models
+    from handseg.core.files import check_output
+
+    check_output(out, overwrite)
+    index = export_models(list(runs or []), out, recipe)
+    what = f"{len(index['models'])} checkpoints" + (" and the recipe" if index["recipe"] else "")
+    stdout.print(f"{what} -> {out} ({out.stat().st_size / 2**20:.1f} MiB)")
