@@ -132,7 +132,16 @@ def model_logits(model, card: ModelCard, x, out_hw: tuple[int, int], dtype=None,
     if card.crop:
         out = sliding_window_logits(model, x, card.crop, batch=batch, dtype=dtype)
         return out if post is None else post(out)
-    return resize_logits(model, x, _round32(card.size * scale), out_hw, dtype, post)
+    return resize_logits(model, x, _run_side(model, card.size * scale), out_hw, dtype, post)
+
+
+def _run_side(model, side: float) -> int:
+    """The input side nearest ``side`` that the model takes: its encoder's multiple (and only its own
+    size for encoders built for one size, see :class:`~handseg.core.models.ModelPlan`)."""
+    from handseg.core.models import model_plan
+
+    plan = model_plan(model)
+    return _round32(side) if plan is None else plan.run_side(side)
 
 
 @dataclass

@@ -392,7 +392,8 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
     if cfg.resume and not resume_path.is_file():
         raise HandsegError(f"nothing to resume: no {RESUME}", out)
 
-    model = build_model(arch, encoder, cfg.encoder_weights).to(device)
+    model = build_model(arch, encoder, cfg.encoder_weights, size=cfg.crop or cfg.size,
+                        size_flag="--crop" if cfg.crop else "--size").to(device)
     card = ModelCard(arch=arch, encoder=encoder, size=cfg.size, crop=cfg.crop, norm=dict(DEFAULT_NORM),
                      unify_hands=cfg.unify_hands)
     cuda = device.startswith("cuda")
