@@ -9,20 +9,17 @@ place that works out what an architecture + encoder needs at that size and says 
 combination cannot run; the :class:`ModelPlan` it returns travels with the model and its checkpoint,
 so ``predict`` rebuilds the identical model. The rules, as smp 0.6 and timm 1.0 make them:
 
-========================  ==========================================  =======================================
-family (example)          architectures                               sizes
-========================  ==========================================  =======================================
-ResNet/ResNeXt, RegNet,   all but dpt for smp's own names (``resnet18``); multiples of 32; pan >= 128
-EfficientNet, ConvNeXt    dpt takes the timm form (``tu-resnet18``)
-HRNet (hrnet_w18_small)   all but deeplabv3/deeplabv3plus (no dilation)  multiples of 32; pan >= 256
-MiT (mit_b0, smp's)       all but unetplusplus, linknet, dpt            multiples of 32; pan >= 128
-Swin (swin_tiny_...224)   all but deeplabv3/deeplabv3plus               multiples of 32, built for the size
-                                                                      (timm pads windows); pan >= 256
-SAM2 Hiera (sam2_hiera_*) all but deeplabv3/deeplabv3plus               multiples of 32, any size at run time
-Hiera (hiera_tiny_224)    all but deeplabv3/deeplabv3plus               multiples of 32, built for the size and
-                                                                      runs only at it (no TTA scales)
-ViT (vit_small_patch16_*) dpt only (features at one scale)              multiples of lcm(32, patch)
-========================  ==========================================  =======================================
+- CNNs (ResNet/ResNeXt, RegNet, EfficientNet, ConvNeXt): every architecture; dpt only in the timm
+  form (``tu-resnet18``, not smp's ``resnet18``). Any multiple of 32; pan needs 128 or more.
+- HRNet (``hrnet_w18_small``): every architecture but deeplabv3/deeplabv3plus (it cannot be
+  dilated); pan runs undilated (output stride 32) and needs 256 or more.
+- MiT (smp's ``mit_b0``): every architecture but unetplusplus, linknet and dpt. Multiples of 32.
+- Swin (``swin_tiny_patch4_window7_224``), SAM2 Hiera (``sam2_hiera_tiny``): every architecture
+  but deeplabv3/deeplabv3plus; pan undilated from 256. Multiples of 32 (timm pads the windows), and
+  the model takes other sizes at run time.
+- Hiera (``hiera_tiny_224``): as Swin, but timm's Hiera runs only at the size it was built for: no
+  test-time scales (sliding windows are fine: they are the crop size).
+- ViT (``vit_small_patch16_224``): dpt only (its features have one scale). Multiples of lcm(32, patch).
 
 Transformers whose timm class takes ``img_size`` are built for the input size; where timm can also
 take other sizes at run time (``dynamic_img_size`` / ``strict_img_size=False``) that is switched on,
@@ -33,6 +30,7 @@ are resized on load: absolute position tables resampled, relative position table
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -231,6 +229,7 @@ def _is_timm_model(name: str) -> bool:
     return timm.is_model(name)
 
 
+@functools.lru_cache(maxsize=64)
 def _timm_facts(timm_name: str):
     """``(model class, feature reductions, default input side)`` of a timm model, from a meta-device build."""
     import timm
