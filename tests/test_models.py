@@ -4,6 +4,7 @@ impossible combinations stop before training with one line; weights made at 224 
 from __future__ import annotations
 
 import csv
+import re
 
 import numpy as np
 import pytest
@@ -235,9 +236,15 @@ def test_swin_and_hiera_weights_at_224_load_at_64_and_imagenet_goes_the_same_way
     import handseg.core.models as models
 
     state = timm.create_model("swin_tiny_patch4_window7_224").state_dict()
-    model = build_model("upernet", "swin_tiny_patch4_window7_224", _save(state, tmp_path / "swin.safetensors"),
+    # saved in the original repository's layout (each stage ends with the next one's downsampling),
+    # which timm's Swin filter converts
+    original = {re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m[1]) - 1}.downsample", k): v
+                for k, v in state.items()}
+    assert "layers.0.downsample.reduction.weight" in original
+    model = build_model("upernet", "swin_tiny_patch4_window7_224", _save(original, tmp_path / "swin.safetensors"),
                         size=64)
     swin = model.encoder.model
+    assert torch.equal(swin.layers_1.downsample.reduction.weight, state["layers.1.downsample.reduction.weight"])
     # at 64 px the last stages' maps are 4 x 4 and 2 x 2: their windows shrink from 7 and with them the
     # relative position tables (13 x 13 offsets -> 7 x 7 and 3 x 3); offset (0, 0) keeps its bias
     first, last = "layers.0.blocks.0.attn.", "layers.3.blocks.1.attn."

@@ -462,10 +462,11 @@ def load_encoder_weights(model, path: Path) -> None:
 def load_encoder_state(model, state: dict, what: str = "weights") -> tuple[int, int]:
     """Copy a state dict into ``model.encoder``, resizing what was made for another input size.
 
-    Keys may be timm's (a whole timm model, as timm publishes them), smp's (``encoder.`` /
-    ``model.`` prefixes, feature-extractor names like ``layers_0``) or the encoder's own. For timm
-    encoders the model family's own checkpoint filter runs first (it converts original-repository
-    layouts and resamples what it knows); then RGB first convolutions are summed to one channel,
+    Keys may be timm's (a whole timm model, as timm publishes them, or the original repository's
+    layout), smp's (``encoder.`` / ``model.`` prefixes, feature-extractor names like ``layers_0``) or
+    the encoder's own. For timm encoders the model family's own checkpoint filter runs first when it
+    matches more (it converts original layouts and resamples what it knows); then RGB first
+    convolutions are summed to one channel,
     absolute position tables are resampled to the new token grid and relative position bias tables
     to the new window.
 
@@ -485,12 +486,14 @@ def load_encoder_state(model, state: dict, what: str = "weights") -> tuple[int, 
         index.setdefault(k.removeprefix("model."), k)
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     matched = _match(state, index)
-    name = getattr(model.encoder, "name", None)
-    if len(matched) < len(own) // 2 and name and _is_timm_model(name):
+    name = getattr(model.encoder, "name", None) if hasattr(model.encoder, "model") else None
+    if name and _is_timm_model(name):
+        # the family's filter knows original-repository layouts (Swin's shifted downsample layers, ...);
+        # an smp-layout state makes it fail or match less, and is then taken as it is
         filtered = _timm_filter(model, name, state)
         if filtered is not None:
             again = _match(filtered, index)
-            matched = again if len(again) > len(matched) else matched
+            matched = again if len(again) >= len(matched) else matched
     if len(matched) < max(1, len(own) // 2):
         raise HandsegError(f"{what} do not fit encoder: {len(matched)} of {len(own)} tensors matched")
     with warnings.catch_warnings():
@@ -542,7 +545,9 @@ def _timm_filter(model, timm_name: str, state: dict) -> dict | None:
             warnings.simplefilter("ignore")
             # RGB like the checkpoint, the input size like the encoder: the filter sizes tables to it
             full = timm.create_model(timm_name, num_classes=0, **(plan.encoder_kwargs if plan else {}))
-        return filter_fn(dict(state), full)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # timm's table interpolation warns about torch indexing style
+            return filter_fn(dict(state), full)
     except Exception:  # noqa: BLE001 - a foreign layout: matched by name only
         return None
 
