@@ -128,7 +128,7 @@ def test_transformers_are_built_for_the_size_and_say_what_else_they_take():
 @pytest.mark.parametrize("arch,encoder,size,message", [
     ("dpt", "resnet18", 64, r"^dpt \+ resnet18: dpt takes timm encoders only .* use tu-resnet18$"),
     ("unet", "vit_tiny_patch16_224", 64, r"^unet \+ tu-vit_tiny_patch16_224: .*one scale \(stride 16\).*only --arch "
-                                         r"dpt"),
+                                         r"dpt can use it$"),
     ("deeplabv3plus", "swin_tiny_patch4_window7_224", 64, r"tu-swin_tiny_patch4_window7_224 cannot be dilated; "
                                                           r"use unet, unetplusplus"),
     ("upernet", "swin_tiny_patch4_window7_224", 250, r"^--size 250: upernet \+ tu-swin_tiny_patch4_window7_224 "
@@ -141,6 +141,13 @@ def test_impossible_combinations_are_one_line_errors(arch, encoder, size, messag
     with pytest.raises(HandsegError, match=message) as info:
         build_model(arch, encoder, "none", size=size)
     assert "\n" not in str(info.value)
+
+
+def test_timm_encoders_refuse_smp_weight_names():
+    """smp's own encoders have weights named ssl, swsl...; for a timm encoder any such name would
+    quietly have meant timm's default weights."""
+    with pytest.raises(HandsegError, match=r"--encoder-weights 'ssl': timm encoders take imagenet, none or a file"):
+        build_model("unet", "convnext_atto", "ssl", size=64)
 
 
 def test_cli_refuses_an_impossible_combination_before_training(synth_data, tmp_path, capsys):

@@ -162,9 +162,10 @@ def plan_model(arch: str, encoder: str, size: int | None = None, in_channels: in
     if timm_name is not None:
         model_cls, reductions, default_size = _timm_facts(timm_name)
         if arch_key != "dpt" and not _is_pyramid(reductions):
-            scales = ", ".join(map(str, sorted(set(reductions))))
-            raise HandsegError(f"{label}: the encoder gives features at one scale (stride {scales}) where {arch_key} "
-                               "needs a pyramid (strides 4 to 32); only --arch dpt can use it")
+            what = (f"features at one scale (stride {reductions[0]})" if len(set(reductions)) == 1
+                    else f"features at strides {', '.join(map(str, reductions))}")
+            raise HandsegError(f"{label}: the encoder gives {what} where {arch_key} needs a pyramid (strides 2 or 4 "
+                               "to 32); only --arch dpt can use it")
         params = _init_params(model_cls)
         if "img_size" in params:  # a transformer with a position table or windows made for its input size
             encoder_kwargs["img_size"] = size or default_size
@@ -348,9 +349,9 @@ def build_model(arch: str, encoder: str, encoder_weights: str | None = "none", c
     Args:
         arch: architecture name (see :func:`architectures`).
         encoder: smp or timm encoder name.
-        encoder_weights: ``imagenet`` (downloads), ``none``, or a local ``.pth``/``.pt``/``.safetensors``
-            file with the encoder's weights (timm or smp key names, made at any input size), for
-            machines without network.
+        encoder_weights: ``imagenet`` (downloads; smp's own encoders also take their other names,
+            e.g. ``ssl``), ``none``, or a local ``.pth``/``.pt``/``.safetensors`` file with the encoder's
+            weights (timm or smp key names, made at any input size), for machines without network.
         size: input side the model is built for (the training size or the crop); ``None``: the
             encoder's default. Ignored when ``plan`` is given.
         plan: a :class:`ModelPlan` from a checkpoint card, to rebuild exactly that model.
@@ -367,23 +368,25 @@ def build_model(arch: str, encoder: str, encoder_weights: str | None = "none", c
     arch_key, encoder_key = resolve_arch(arch), resolve_encoder(encoder)
     plan = plan or plan_model(arch_key, encoder_key, size, in_channels, size_flag)
     weights = (encoder_weights or "none").lower() if not _is_path(encoder_weights) else "path"
-    if weights not in ("none", "imagenet", "path"):
-        raise HandsegError(f"unknown --encoder-weights {encoder_weights!r}; use imagenet, none or a file path")
+    if encoder_key.startswith("tu-") and weights not in ("none", "imagenet", "path"):
+        raise HandsegError(f"--encoder-weights {encoder_weights!r}: timm encoders take imagenet, none or a file "
+                           f"(a tag in the name picks timm's weights, e.g. {encoder_key[3:]}.<tag>)")
     # timm loads its weights only at the size they were made for when it cannot resize them itself
     # (Hiera's position table); handseg resizes them, as for a local file
     resize_pretrained = (weights == "imagenet" and encoder_key.startswith("tu-")
                          and "img_size" in plan.encoder_kwargs)
+    smp_weights = None if weights in ("none", "path") or resize_pretrained else weights  # smp's own: ssl, swsl...
     try:
-        model = _create(arch_key, encoder_key, "imagenet" if weights == "imagenet" and not resize_pretrained else None,
-                        in_channels, classes, plan.encoder_kwargs, plan.arch_kwargs)
+        model = _create(arch_key, encoder_key, smp_weights, in_channels, classes, plan.encoder_kwargs,
+                        plan.arch_kwargs)
         state = _timm_pretrained_state(encoder_key[3:]) if resize_pretrained else None
     except HandsegError:
         raise
     except Exception as e:  # noqa: BLE001 - smp and timm raise anything; the user gets one line
         text = str(e)
-        if weights == "imagenet" and any(w in text.lower() for w in ("connect", "resolve", "network", "offline",
-                                                                       "download", "url", "http")):
-            raise HandsegError(f"cannot download imagenet weights for {encoder} ({text.splitlines()[0][:120]}); "
+        if (smp_weights or resize_pretrained) and any(w in text.lower() for w in (
+                "connect", "resolve", "network", "offline", "download", "url", "http")):
+            raise HandsegError(f"cannot download {weights} weights for {encoder} ({text.splitlines()[0][:120]}); "
                                "on a machine without network pass --encoder-weights PATH") from None
         raise HandsegError(f"cannot build {arch_key} with encoder {encoder_key}: {_first_line(e)}") from None
     setattr(model, PLAN_ATTR, plan)
