@@ -143,6 +143,15 @@ def test_impossible_combinations_are_one_line_errors(arch, encoder, size, messag
     assert "\n" not in str(info.value)
 
 
+def test_planning_leaves_the_random_stream_alone():
+    """A seeded run starts from the same weights whether or not the plan's trial builds ran first."""
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    plan_model("upernet", "swin_tiny_patch4_window7_224", 64)
+    assert torch.equal(torch.rand(3), want)
+
+
 def test_timm_encoders_refuse_smp_weight_names():
     """smp's own encoders have weights named ssl, swsl...; for a timm encoder any such name would
     quietly have meant timm's default weights."""

@@ -150,6 +150,14 @@ def plan_model(arch: str, encoder: str, size: int | None = None, in_channels: in
         HandsegError: one line naming the architecture, the encoder and the reason, e.g.
             ``--size 250: upernet + tu-swin_tiny_patch4_window7_224 needs a multiple of 32; use 224 or 256``.
     """
+    import torch
+
+    # the trial builds draw random numbers; a run's initial weights must not depend on them
+    with torch.random.fork_rng(devices=[]):
+        return _plan(arch, encoder, size, in_channels, size_flag)
+
+
+def _plan(arch: str, encoder: str, size: int | None, in_channels: int, size_flag: str) -> ModelPlan:
     arch_key, encoder_key = resolve_arch(arch), resolve_encoder(encoder)
     label = f"{arch_key} + {encoder_key}"
     timm_name = encoder_key[3:] if encoder_key.startswith("tu-") else None
