@@ -32,7 +32,7 @@ FAMILIES = [
     ("regnet", "unetplusplus", "regnetx_002"),
 ]
 HEAVY = {"swin", "sam2", "hrnet"}  # a few seconds each on two cores
-SIZED = {"swin", "vit", "hiera", "sam2"}  # built for their input size: the crop model differs from the size model
+SIZED = {"swin", "vit", "hiera", "sam2"}  # transformers: their crop model is built and run at another size
 SIZE, CROP = 64, 96
 
 
