@@ -9,7 +9,7 @@ a checkpoint from someone else cannot run code when it is loaded.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from handseg import __version__
@@ -38,6 +38,9 @@ class ModelCard:
     step: int = 0
     score: float | None = None
     handseg_version: str = __version__
+    plan: dict | None = None
+    """How the model was built (:class:`handseg.core.models.ModelPlan`: input size, encoder options);
+    filled from the model when saved. Cards written before it existed rebuild from arch, encoder and size."""
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelCard:
@@ -88,7 +91,13 @@ def checkpoint_bytes(weights: dict, card: ModelCard) -> bytes:
 
 
 def save_checkpoint(path: str | Path, model, card: ModelCard) -> None:
-    """Write weights and card atomically as one safetensors file."""
+    """Write weights and card atomically as one safetensors file; the card records the model's build
+    plan (see :func:`handseg.core.models.model_plan`) so :func:`load_checkpoint` rebuilds the same model."""
+    from handseg.core.models import model_plan
+
+    plan = model_plan(model)
+    if plan is not None:
+        card = replace(card, plan=plan.to_dict())
     state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
     data = checkpoint_bytes(state, card)
     with atomic_open(path, "wb") as f:
@@ -138,11 +147,16 @@ def load_weights(model, path: str | Path) -> None:
 
 def load_checkpoint(path: str | Path, device: str = "cpu"):
     """Rebuild the model from a checkpoint's card and load its weights: ``(model in eval mode, card)``."""
-    from handseg.core.models import build_model
+    from handseg.core.models import ModelPlan, build_model
 
     path = resolve_checkpoint(path)
     card = read_card(path)
-    model = build_model(card.arch, card.encoder, "none", classes=len(card.classes), in_channels=card.in_channels)
+    try:
+        plan = ModelPlan.from_dict(card.plan) if card.plan else None
+        model = build_model(card.arch, card.encoder, "none", classes=len(card.classes), in_channels=card.in_channels,
+                            size=card.crop or card.size, plan=plan)
+    except HandsegError as e:
+        raise HandsegError(f"cannot rebuild the checkpoint's model: {e}", path) from None
     load_weights(model, path)
     return model.to(device).eval(), card
 

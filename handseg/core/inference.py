@@ -143,6 +143,16 @@ def _ttach_flip(name: str):
     return flips[name]()
 
 
+def run_side(model, card: ModelCard, scale: float = 1.0) -> int:
+    """The side a resize model runs at for a TTA ``scale``: the nearest its encoder takes (a multiple
+    of its stride, and only its own size for encoders built for one size; see
+    :class:`~handseg.core.models.ModelPlan`)."""
+    from handseg.core.models import model_plan
+
+    plan = model_plan(model)
+    return input_size(card, scale) if plan is None else plan.run_side(card.size * scale)
+
+
 @dataclass
 class Predictor:
     """One or more checkpoints ready to predict; probabilities are averaged over them.
@@ -291,7 +301,7 @@ class Predictor:
                     logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
                 out.append(logits[0].sigmoid_())
             return out
-        side = input_size(card, t.scale)
+        side = run_side(model, card, t.scale)
         for start in range(0, len(images), self.batch):
             chunk = images[start : start + self.batch]
             batch = np.stack([resize_image(im, (side, side)) for im in chunk])

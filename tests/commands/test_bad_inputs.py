@@ -108,7 +108,7 @@ def test_predict_refuses_bad_thresholds(run, synth_data, tmp_path, capsys, conte
     (["--size", "0"], "'--size'"),
     (["--size", "-32"], "'--size'"),
     (["--crop", "-32"], "'--crop'"),
-    (["--size", "100"], "multiples of 32"),
+    (["--size", "100"], "needs a multiple of 32"),
     (["--loss", "bce:-1"], "must be a positive number"),
     (["--max-steps", "0"], "'--max-steps'"),
     (["--augment", "wild"], "'--augment'"),

@@ -94,14 +94,14 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
 
     from handseg.core.inference import pick_device
     from handseg.core.losses import build_loss
-    from handseg.core.models import build_model, resolve_arch, resolve_encoder
+    from handseg.core.models import build_model, plan_model, resolve_arch, resolve_encoder
 
     cfg = cfg.validated()
     device = pick_device(cfg.device)
     d = setup_distributed(device)  # pick_device already gave each torchrun process its own GPU
-    if cfg.size % 32 or (cfg.crop and cfg.crop % 32):
-        raise HandsegError("--size and --crop must be multiples of 32")
     arch, encoder = resolve_arch(cfg.arch), resolve_encoder(cfg.encoder)
+    size_flag = "--crop" if cfg.crop else "--size"
+    plan = plan_model(arch, encoder, cfg.crop or cfg.size, size_flag=size_flag)  # says why it cannot run, now
     loss_fn = build_loss(cfg.loss, torch.tensor(cfg.class_weights, dtype=torch.float32)
                          if cfg.class_weights else None)
     out = Path(cfg.out)
@@ -160,7 +160,9 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
     # the workers start now and prepare the first batches while the model is built
     pending_iter = iter(loader) if cfg.workers > 0 else None
 
-    model = build_model(arch, encoder, cfg.encoder_weights).to(device)
+    model = build_model(arch, encoder, cfg.encoder_weights, size=cfg.crop or cfg.size, plan=plan,
+                        size_flag=size_flag).to(device)
+    card.plan = plan.to_dict()
     if cuda and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     dtype = resolve_amp(cfg.amp, device)
