@@ -37,9 +37,10 @@ def _parse(argv: list[str]) -> None:
     from typer.main import get_command
 
     from handseg.cli import app
+    from handseg.commands.train import expand_list_options
 
     cmd = get_command(app)
-    ctx = cmd.make_context("handseg", list(argv))
+    ctx = cmd.make_context("handseg", expand_list_options(list(argv)))
     while hasattr(cmd, "resolve_command"):
         rest = list(getattr(ctx, "_protected_args", None) or getattr(ctx, "protected_args", [])) + list(ctx.args)
         name, cmd, rest = cmd.resolve_command(ctx, rest)

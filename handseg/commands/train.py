@@ -77,6 +77,10 @@ def train(
                                                   "steps.")] = None,
     logger: Annotated[Logger, typer.Option("--logger", help="Metrics logger (tensorboard, wandb: when "
                                            "installed).")] = Logger.none,
+    context: Annotated[list[Path] | None, typer.Option("--context", help="A cascade's stage 1: whole-image run "
+                                                       "folders (e.g. each fold of a --size 512 model) whose maps "
+                                                       "become extra input channels of this --crop model; "
+                                                       "several: --context A B C.")] = None,
     oof_tta: Annotated[str, typer.Option("--oof-tta", help="Test-time transforms of the fold's out-of-fold maps "
                                          "(RUN/oof/, for `handseg select`), e.g. hflip.")] = "",
     config: Annotated[Path | None, typer.Option("--config", help="YAML of options, or a run's manifest.json to "
@@ -88,6 +92,7 @@ def train(
     Examples:
       handseg train --data data/train --splits splits.json --fold 0 --encoder hrnet_w48 --size 1024
       handseg train --config runs/hr48_f0/manifest.json --fold 1 --out runs/hr48_f1      (replay a run)
+      handseg train --crop 1024 --context runs/low_f0 runs/low_f1 --fold 0 --out runs/cascade_f0   (a cascade)
       torchrun --nproc_per_node 4 -m handseg train --encoder hrnet_w48 --size 2048 --out runs/hr48
     """
     from handseg.console import is_main_process, make_progress, stdout
@@ -98,6 +103,7 @@ def train(
     params.pop("config")
     params["compile"] = params.pop("compile_model")
     params["extra"] = list(params["extra"] or [])
+    params["context"] = list(params["context"] or [])
     if config is not None:
         params = _apply_config(ctx, params, config)
     cfg = TrainConfig(**params).validated()  # one check for flags and config alike
@@ -160,3 +166,27 @@ def _apply_config(ctx: typer.Context, params: dict, path: Path) -> dict:
         if given is None or given.name in ("DEFAULT", "DEFAULT_MAP"):
             params[name] = value
     return params
+
+
+LIST_OPTIONS = ("--context", "--extra")
+"""Options of train that take several values, typed the way people type lists (``--context A B C``)."""
+
+
+def expand_list_options(argv: list[str]) -> list[str]:
+    """``train --context A B`` -> ``train --context A --context B`` (train takes no arguments, so a bare
+    word after such an option can only be another of its values)."""
+    words = [str(a) for a in argv]
+    command = next((i for i, w in enumerate(words) if not w.startswith("-")), None)
+    if command is None or words[command] != "train":
+        return words
+    out, listing = words[: command + 1], False
+    for w in words[command + 1 :]:
+        if w.startswith("-"):
+            listing = w in LIST_OPTIONS
+            out.append(w)
+            last_flag = w
+        elif listing and out[-1] != last_flag:
+            out += [last_flag, w]
+        else:
+            out.append(w)
+    return out

@@ -38,6 +38,9 @@ class ModelCard:
     step: int = 0
     score: float | None = None
     handseg_version: str = __version__
+    context: list[str] | None = None
+    """A cascade's stage 2: the stage-1 checkpoints whose maps are its extra input channels (paths
+    relative to this checkpoint's folder, or absolute); see :mod:`handseg.core.cascade`."""
     plan: dict | None = None
     """How the model was built (:class:`handseg.core.models.ModelPlan`: input size, encoder options);
     filled from the model when saved. Cards written before it existed rebuild from arch, encoder and size."""
@@ -81,6 +84,9 @@ def _check_card(card: ModelCard) -> None:
         raise ValueError("norm must have a finite mean and a positive std")
     if not isinstance(card.unify_hands, bool):
         raise ValueError("unify_hands must be true or false")
+    if card.context is not None and not (isinstance(card.context, list) and card.context
+                                         and all(isinstance(c, str) for c in card.context)):
+        raise ValueError("context must be a list of stage-1 checkpoint paths")
 
 
 def checkpoint_bytes(weights: dict, card: ModelCard) -> bytes:
@@ -88,6 +94,20 @@ def checkpoint_bytes(weights: dict, card: ModelCard) -> bytes:
     from safetensors.torch import save
 
     return save(weights, metadata={META_KEY: json.dumps(asdict(card))})
+
+
+def with_card(path: str | Path, card: ModelCard) -> bytes:
+    """A checkpoint file's bytes with another model card in its header (the tensors are untouched:
+    safetensors offsets count from the end of the header, which is padded to 8 bytes)."""
+    import struct
+
+    data = Path(path).read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size])
+    header.setdefault("__metadata__", {})[META_KEY] = json.dumps(asdict(card))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + size :]
 
 
 def save_checkpoint(path: str | Path, model, card: ModelCard) -> None:

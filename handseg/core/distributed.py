@@ -53,6 +53,14 @@ def shutdown(d: Dist) -> None:
         dist.destroy_process_group()
 
 
+def barrier(d: Dist) -> None:
+    """Wait until every rank gets here (a no-op for one process)."""
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def broadcast_buffers(model, d: Dist) -> None:
     """Give every rank rank 0's buffers (BatchNorm running statistics). DDP copies them from rank 0
     at the start of each forward, so after the last step every other rank holds its own update:

@@ -62,28 +62,59 @@ def export_models(runs: list[Path], out: Path, recipe: Path | None = None) -> di
             doc_cfg["runs"] = new_runs
     for run in runs:
         entries.append((f"models/{_safe(Path(run).name)}", resolve_checkpoint(run)))
+    entries = _with_context(entries)
     names = [n for n, _ in entries]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise HandsegError(f"two runs would be stored as {dup}; give run folders with distinct names")
     if not entries:
         raise HandsegError("nothing to export: give run folders or --recipe")
+    cards = [_card_dict(p) for _, p in entries]
     index = {"format": FORMAT, "version": VERSION, "handseg_version": __version__,
-             "models": [{"name": n, "file": f"{n}/{BEST}", "card": _card_dict(p)} for n, p in entries],
+             "models": [{"name": n, "file": f"{n}/{BEST}", "card": card,
+                         "role": "stage-1" if "/context/" in n else "model"} for (n, _), card in zip(entries, cards)],
              "recipe": "recipe.json" if recipe_doc is not None else None}
     with atomic_open(out, "wb") as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as z:
         for name, path in entries:
-            z.write(path, f"{name}/{BEST}")
+            if isinstance(path, bytes):
+                z.writestr(f"{name}/{BEST}", path)
+            else:
+                z.write(path, f"{name}/{BEST}")
         if recipe_doc is not None:
             z.writestr("recipe.json", json.dumps(recipe_doc, indent=2))
         z.writestr(INDEX, json.dumps(index, indent=2))
     return index
 
 
-def _card_dict(path: Path) -> dict:
+def _card_dict(path) -> dict:
+    import struct
     from dataclasses import asdict
 
+    if isinstance(path, bytes):  # a rewritten checkpoint
+        (size,) = struct.unpack("<Q", path[:8])
+        return json.loads(json.loads(path[8 : 8 + size])["__metadata__"]["handseg"])
     return asdict(read_card(path))
+
+
+def _with_context(entries: list[tuple[str, Path]]) -> list:
+    """A cascade's stage-2 checkpoint goes in with its stage-1 checkpoints (``NAME/context/I``), and its
+    card is rewritten to name them there."""
+    from dataclasses import replace
+
+    from handseg.core.cascade import resolve_context
+    from handseg.core.checkpoint import with_card
+
+    out = []
+    for name, path in entries:
+        card = read_card(path)
+        if not card.context:
+            out.append((name, path))
+            continue
+        stage1 = resolve_context(card.context, path)
+        refs = [f"context/{i}/{BEST}" for i in range(len(stage1))]
+        out.append((name, with_card(path, replace(card, context=refs))))
+        out += [(f"{name}/context/{i}", p) for i, p in enumerate(stage1)]
+    return out
 
 
 @dataclass
@@ -135,7 +166,7 @@ def open_model_zip(path: Path, workdir: Path) -> Iterator[ModelBundle]:
         if index.get("recipe"):
             yield ModelBundle([], tmp / index["recipe"])
         else:
-            yield ModelBundle([tmp / m["name"] for m in index["models"]], None)
+            yield ModelBundle([tmp / m["name"] for m in index["models"] if m.get("role", "model") == "model"], None)
     except zipfile.BadZipFile as e:
         raise HandsegError(f"corrupt model zip ({e})", path) from None
     finally:

@@ -14,7 +14,7 @@ passes run unflipped for it. Several checkpoints are averaged in probability spa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -67,7 +67,8 @@ IDENTITY = Transform("identity")
 
 
 def to_input(images, card: ModelCard, device: str):
-    """``(H, W)`` or ``(B, H, W)`` uint8 (numpy or tensor) -> normalised ``(B, C, H, W)`` float on ``device``."""
+    """``(H, W)`` or ``(B, H, W)`` uint8 (numpy or tensor) -> normalised ``(B, C, H, W)`` float on ``device``
+    (``C``: the model's image channels; a cascade's context channels are added by the caller)."""
     import torch
 
     x = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
@@ -75,7 +76,10 @@ def to_input(images, card: ModelCard, device: str):
     if x.ndim == 2:
         x = x.unsqueeze(0)
     x = x.float().div_(255.0).sub_(card.norm["mean"]).div_(card.norm["std"])
-    return x.unsqueeze(1).expand(-1, card.in_channels, -1, -1)
+    from handseg.core.cascade import CONTEXT_CHANNELS
+
+    channels = card.in_channels - (CONTEXT_CHANNELS if card.context else 0)
+    return x.unsqueeze(1).expand(-1, channels, -1, -1)
 
 
 def input_size(card: ModelCard, scale: float = 1.0) -> int:
@@ -169,23 +173,35 @@ class Predictor:
     dtype: object = None
     batch: int = 4
     """Network inputs per forward pass: whole resized images, or windows of crop-trained models."""
+    stage1: dict = field(default_factory=dict)
+    """A cascade's stage 1 (see :mod:`handseg.core.cascade`): the stage-1 :class:`Predictor` of each
+    model that takes context, by model index; models with the same stage 1 share one."""
 
     @classmethod
     def load(cls, paths, device: str = "auto", amp: bool = True, batch: int = 4) -> Predictor:
         import torch
 
+        from handseg.core.checkpoint import resolve_checkpoint
+
         device = pick_device(device)
-        models, cards = [], []
+        models, cards, stage1, shared = [], [], {}, {}
         for p in paths:
             model, card = load_checkpoint(p, device)
             if device.startswith("cuda"):
                 model = model.to(memory_format=torch.channels_last)
+            if card.context:
+                from handseg.core.cascade import resolve_context
+
+                refs = tuple(str(q.resolve()) for q in resolve_context(card.context, resolve_checkpoint(p)))
+                if refs not in shared:
+                    shared[refs] = cls.load(list(refs), device, amp, batch)
+                stage1[len(models)] = shared[refs]
             models.append(model)
             cards.append(card)
         classes = {tuple(c.classes) for c in cards}
         if len(classes) > 1:
             raise HandsegError("checkpoints predict different class lists; they cannot be averaged")
-        return cls(models, cards, device, amp_dtype(device) if amp else None, batch)
+        return cls(models, cards, device, amp_dtype(device) if amp else None, batch, stage1)
 
     @property
     def thresholds(self) -> np.ndarray:
@@ -197,7 +213,7 @@ class Predictor:
         return self.predict([image], [transform])[0]
 
     def predict(self, images: list[np.ndarray], transforms: list[Transform] | None = None, merge: str = "mean",
-                on_transform=None) -> list:
+                on_transform=None, contexts: list | None = None) -> list:
         """``(H, W)`` uint8 images -> ``(K, H, W)`` float probabilities per image (tensors on the
         device, each at its image's size), averaged over the checkpoints and merged over the transforms.
 
@@ -206,6 +222,8 @@ class Predictor:
             merge: ``mean``, ``gmean`` (geometric mean) or ``max`` over the transforms.
             on_transform: called as ``on_transform(transform, probs)`` with each transform's maps
                 (a list, one per image) before they are merged, e.g. to score each transform alone.
+            contexts: for cascade models, each image's stage-1 maps as ``(29, H, W)`` uint8 (e.g. the
+                out-of-fold maps during training); by default stage 1 runs here, once per image.
         """
         import torch
 
@@ -216,10 +234,11 @@ class Predictor:
         mirror: dict[int, list[bool]] = {}
         merged: list = [None] * n
         with torch.inference_mode():
+            context = self._contexts(images, contexts)
             for t in transforms:
                 per_model = None
                 for m in range(len(self.models)):
-                    probs = self._model_probs(m, images, t, mirror)
+                    probs = self._model_probs(m, images, t, mirror, context.get(m))
                     if per_model is None:
                         per_model = probs
                     else:
@@ -247,14 +266,38 @@ class Predictor:
                     p.exp_()
         return merged
 
-    def _model_probs(self, m: int, images: list[np.ndarray], t: Transform, mirror: dict[int, list[bool]]) -> list:
+    def _contexts(self, images: list[np.ndarray], given: list | None) -> dict[int, list]:
+        """Each cascade model's context per image, as ``(29, H, W)`` float tensors on the device holding
+        p after the uint8 quantisation (what stage 2 was trained on); stage 1 runs once per image and
+        stage-1 set."""
+        import torch
+
+        from handseg.core.ensemble import quantise_probs
+
+        out, done = {}, {}
+        for m, card in enumerate(self.cards):
+            if not card.context:
+                continue
+            if given is not None:
+                out[m] = [torch.as_tensor(np.asarray(c), device=self.device).float().div_(255.0) for c in given]
+                continue
+            stage1 = self.stage1.get(m)
+            if stage1 is None:
+                raise HandsegError("a cascade model needs its stage-1 maps (load it with Predictor.load)")
+            if id(stage1) not in done:
+                done[id(stage1)] = [quantise_probs(p).float().div_(255.0) for p in stage1.predict(images)]
+            out[m] = done[id(stage1)]
+        return out
+
+    def _model_probs(self, m: int, images: list[np.ndarray], t: Transform, mirror: dict[int, list[bool]],
+                     context: list | None = None) -> list:
         """One model's probabilities for one transform. With ``unify_hands`` the side of each image is
         decided once per model, from the identity pass on the unflipped image (kept in ``mirror``)."""
         import torch
 
         model, card = self.models[m], self.cards[m]
         if not card.unify_hands:
-            return self._run(model, card, images, t)
+            return self._run(model, card, images, t, context)
         if t.flip == "hflip":
             # the model sees every hand mirrored to a right hand; a horizontal flip would show it a
             # left one, which it never learned: the pass runs unflipped (scales still apply)
@@ -265,7 +308,7 @@ class Predictor:
             t = Transform(t.name, None, t.scale)
         out: list = [None] * len(images)
         if m not in mirror:
-            first = self._run(model, card, images, IDENTITY)
+            first = self._run(model, card, images, IDENTITY, context)
             mirror[m] = [_is_left_hand(p) for p in first]
             if t.is_identity:
                 out = [None if left else p for p, left in zip(first, mirror[m])]
@@ -273,12 +316,16 @@ class Predictor:
         todo = [i for i in range(len(images)) if out[i] is None]
         if todo:
             inputs = [np.ascontiguousarray(images[i][:, ::-1]) if mirror[m][i] else images[i] for i in todo]
-            for i, p in zip(todo, self._run(model, card, inputs, t)):
+            ctx = None if context is None else [torch.flip(context[i], dims=[-1]) if mirror[m][i] else context[i]
+                                                for i in todo]
+            for i, p in zip(todo, self._run(model, card, inputs, t, ctx)):
                 out[i] = torch.flip(p, dims=[-1]) if mirror[m][i] else p
         return out
 
-    def _run(self, model, card: ModelCard, images: list[np.ndarray], t: Transform) -> list:
-        """Probabilities of one model for one transform, per image: batched resizes, or sliding windows."""
+    def _run(self, model, card: ModelCard, images: list[np.ndarray], t: Transform, context: list | None = None
+             ) -> list:
+        """Probabilities of one model for one transform, per image: batched resizes, or sliding windows
+        (a cascade's stage 2: over the image and its stage-1 ``context``, ``(29, H, W)`` tensors)."""
         import torch
         import torch.nn.functional as F
 
@@ -287,11 +334,16 @@ class Predictor:
         flip = _ttach_flip(t.flip) if t.flip else None
         out = []
         if card.crop:
-            for image in images:
+            for i, image in enumerate(images):
                 h, w = image.shape
                 scaled = image if t.scale == 1.0 else resize_image(image, (max(1, round(h * t.scale)),
                                                                             max(1, round(w * t.scale))))
                 x = to_input(scaled, card, self.device)
+                if card.context:
+                    ctx = context[i].unsqueeze(0)
+                    if ctx.shape[-2:] != x.shape[-2:]:
+                        ctx = F.interpolate(ctx, size=x.shape[-2:], mode="bilinear", align_corners=False)
+                    x = torch.cat([x, ctx], dim=1)
                 if flip is not None:
                     x = flip.apply_aug_image(x, apply=True)
                 logits = sliding_window_logits(model, x, card.crop, batch=self.batch, dtype=self.dtype)

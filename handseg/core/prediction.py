@@ -102,7 +102,8 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
                     thresholds: list[float] | None = None, tune: bool = False, device: str = "auto",
                     amp: bool = True, progress: Callable[..., None] | None = None, batch: int = 4,
                     samples: list[Sample] | None = None, probs_format: str = "packed",
-                    keep_largest: Sequence[bool] | None = None) -> PredictResult:
+                    keep_largest: Sequence[bool] | None = None, context_source=None,
+                    distributed: bool = True) -> PredictResult:
     """Predict every image of ``data`` and write the CSV (and probability maps) in submission order.
 
     ``batch`` network inputs go through the model per forward pass (images for resize models,
@@ -116,7 +117,9 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
     the images of ``data`` (e.g. a fold's held-out images). ``probs_format``: see
     :data:`~handseg.core.ensemble.PROBS_FORMATS`. ``keep_largest`` (one flag per class) keeps only the
     largest connected component of the flagged classes (:mod:`handseg.core.postprocess`), on runs;
-    the Dice on labelled data is that of the masks written.
+    the Dice on labelled data is that of the masks written. ``context_source`` gives a cascade's
+    stage-1 maps per image (:class:`~handseg.core.cascade.ContextSource`) instead of running stage 1;
+    ``distributed=False`` keeps a torchrun process to its own work (no shards, no gather).
     """
     import torch
 
@@ -140,7 +143,9 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
         raise HandsegError(f"two images share the basename {dup}; submission rows could not tell them apart", data)
     predictor = Predictor.load(checkpoints, device, amp, batch)
     thr = check_thresholds(thresholds if thresholds is not None else predictor.thresholds)
-    d = dist_env()
+    from handseg.core.distributed import Dist
+
+    d = dist_env() if distributed else Dist()
     if tune and d.world > 1:
         raise HandsegError("--tune-thresholds runs on one process; run it without torchrun")
     shard = samples[d.rank :: d.world]
@@ -167,7 +172,11 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
                 for truth, p in zip(truths, probs):
                     dice_sum[t.name] += dice_masks(truth, (p > thr_device).cpu().numpy())
 
-            merged = predictor.predict(images, transforms, merge, score if labelled and len(transforms) > 1 else None)
+            contexts = None
+            if context_source is not None:
+                contexts = [context_source.full(s.name, image.shape) for s, image in group]
+            merged = predictor.predict(images, transforms, merge, score if labelled and len(transforms) > 1 else None,
+                                       contexts=contexts)
             for (s, _), truth, p in zip(group, truths, merged):
                 # thresholds, runs and quantisation on the device: only run boundaries (and uint8 maps
                 # when asked for) cross to the host, not 29 float maps of the image's full size

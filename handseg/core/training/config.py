@@ -56,10 +56,13 @@ class TrainConfig:
     logger: str = "none"
     oof_tta: str = ""
     """Test-time transforms of the out-of-fold maps written at the end (``""``: none; e.g. ``hflip``)."""
+    context: list[Path] = field(default_factory=list)
+    """A cascade's stage 1: run folders of whole-image models whose maps become extra input channels."""
+
 
     def to_json(self) -> dict:
         d = asdict(self)
-        return {k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if k == "extra" else v)
+        return {k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if k in ("extra", "context") else v)
                 for k, v in d.items()}
 
     def validated(self) -> TrainConfig:
@@ -75,6 +78,9 @@ class TrainConfig:
         from handseg.core.losses import parse_loss_spec
 
         parse_loss_spec(values["loss"])
+        if values["context"] and values["crop"] is None:
+            raise HandsegError("--context needs --crop: a cascade's stage 2 trains on full-resolution crops, with "
+                               "stage 1's maps of the whole image as context")
         return replace(self, **values)
 
 
@@ -194,5 +200,5 @@ _RULES = {
     "unify_hands": _bool, "val_every": _int(1), "amp": _choice(AMP_CHOICES), "channels_last": _bool,
     "compile": _bool, "accum": _int(1), "workers": _int(0), "device": _text, "out": _path(), "resume": _bool,
     "extra": _paths, "cache": _path(optional=True), "seed": _int(0), "max_steps": _int(1, optional=True),
-    "logger": _choice(LOGGERS), "oof_tta": _tta_spec,
+    "logger": _choice(LOGGERS), "oof_tta": _tta_spec, "context": _paths,
 }

@@ -35,10 +35,12 @@ NOISE_STD = (0.01, 0.03)
 quantum noise of a hand radiograph (albumentations' default, 0.2-0.44, is 50-110 grey levels)."""
 
 
-def augmenter(preset: str, unify_hands: bool):
+def augmenter(preset: str, unify_hands: bool, context: bool = False):
     """The albumentations pipeline of a preset (``None`` for ``none``).
 
-    Geometric transforms move masks with nearest-neighbour interpolation, so bit-packed masks stay exact.
+    Geometric transforms move masks with nearest-neighbour interpolation, so bit-packed masks stay
+    exact. With ``context`` a cascade's stage-1 maps travel as a second mask target (``context``):
+    moved with the image, never brightened.
     """
     import albumentations as A
 
@@ -46,11 +48,12 @@ def augmenter(preset: str, unify_hands: bool):
         raise HandsegError(f"unknown augmentation preset {preset!r}; valid: {', '.join(AUGMENT_PRESETS)}")
     if preset == "none":
         return None
+    targets = {"additional_targets": {"context": "mask"}} if context else {}
     # a flip would undo --unify-hands (it turns a right hand into a left one)
     flip = [] if unify_hands else [A.HorizontalFlip(p=0.5)]
     light = [A.RandomBrightnessContrast(0.15, 0.15, p=0.5)]
     if preset == "light":
-        return A.Compose(flip + light)
+        return A.Compose(flip + light, **targets)
     ops = flip + [
         A.Affine(rotate=(-10, 10), scale=(0.92, 1.08), translate_percent=(-0.03, 0.03), p=0.6, border_mode=0),
         A.RandomBrightnessContrast(0.2, 0.2, p=0.6),
@@ -59,7 +62,7 @@ def augmenter(preset: str, unify_hands: bool):
     ]
     if preset == "strong":
         ops += [A.ElasticTransform(alpha=20, sigma=6, p=0.2), A.GaussNoise(std_range=NOISE_STD, p=0.2)]
-    return A.Compose(ops)
+    return A.Compose(ops, **targets)
 
 
 @dataclass(frozen=True)
@@ -162,18 +165,25 @@ def _flip_crops(crops: BoneCrops, width: int) -> BoneCrops:
     return [(c, crop[:, ::-1], r0, width - c0 - crop.shape[1]) for c, crop, r0, c0 in crops]
 
 
+FOREGROUND_SHARE = 0.5
+"""Crops centred on a bone pixel (the rest land uniformly on the canvas): a 1024 px window of a
+2048 px X-ray otherwise often shows mostly background (nnU-Net oversamples foreground the same way)."""
+
+
 class SegmentationDataset:
     """Training samples: ``(image (C, S, S) float32, masks (S, S, 4) uint8 bit-packed)`` tensors.
 
     The masks are made from the bones' crops, never at full size, and stay bit-packed through
     augmentation and the copy to the device. The image is resized with
-    :func:`~handseg.core.data.resize_image`, the resize that prediction uses too.
+    :func:`~handseg.core.data.resize_image`, the resize that prediction uses too. With ``context`` (a
+    cascade's stage 2) the 29 stage-1 maps of the window follow the image as extra channels.
     """
 
     def __init__(self, items: list[Item], cfg: TrainConfig, train: bool = True, in_channels: int = 1,
-                 seed: int | None = None):
+                 seed: int | None = None, context=None):
         self.items, self.cfg, self.train, self.in_channels = items, cfg, train, in_channels
-        self.augment = augmenter(cfg.augment, cfg.unify_hands) if train else None
+        self.context = context
+        self.augment = augmenter(cfg.augment, cfg.unify_hands, context is not None) if train else None
         self.reseed(cfg.seed if seed is None else seed)
 
     def reseed(self, seed: int) -> None:
@@ -187,31 +197,55 @@ class SegmentationDataset:
     def __len__(self) -> int:
         return len(self.items)
 
+    def window(self, shape: tuple[int, int], crops: BoneCrops, side: int) -> tuple[int, int]:
+        """The top-left corner of a training crop: centred near a random bone pixel (a share
+        :data:`FOREGROUND_SHARE` of the time, when training), else uniform over the image."""
+        h, w = shape
+        if self.train and crops and self.rng.random() < FOREGROUND_SHARE:
+            _, bone, r0, c0 = crops[int(self.rng.integers(len(crops)))]
+            ys, xs = np.nonzero(bone)
+            if ys.size:
+                k = int(self.rng.integers(ys.size))
+                r = r0 + int(ys[k]) - int(self.rng.integers(side))
+                c = c0 + int(xs[k]) - int(self.rng.integers(side))
+                return min(max(r, 0), max(h - side, 0)), min(max(c, 0), max(w - side, 0))
+        return int(self.rng.integers(0, max(h - side, 0) + 1)), int(self.rng.integers(0, max(w - side, 0) + 1))
+
     def __getitem__(self, index: int):
         import torch
 
-        image, crops = load_item_crops(self.items[index])
+        from handseg.core.cascade import render_context
+
+        item = self.items[index]
+        image, crops = load_item_crops(item)
+        mirrored = False
         if self.cfg.unify_hands and hand_side(crops=crops) == "left":
+            mirrored = True
             image, crops = image[:, ::-1], _flip_crops(crops, image.shape[1])
+        ctx = None
         if self.cfg.crop:
             crop = self.cfg.crop
-            h, w = image.shape
-            r = int(self.rng.integers(0, max(h - crop, 0) + 1))
-            c = int(self.rng.integers(0, max(w - crop, 0) + 1))
+            r, c = self.window(image.shape, crops, crop)
             window = np.zeros((crop, crop), dtype=np.uint8)
             part = image[r : r + crop, c : c + crop]
             window[: part.shape[0], : part.shape[1]] = part
+            if self.context is not None:
+                ctx = render_context(self.context.crops(item.sample.name), (r, c, crop),
+                                     image.shape[1] if mirrored else None)
             image, hwc = window, render_masks(crops, image.shape, window=(r, c, crop))
         else:
             s = self.cfg.size
             hwc = render_masks(crops, image.shape, size=s)
             image = resize_image(image, (s, s))
         if self.augment is not None:
-            out = self.augment(image=image, mask=hwc)
-            image, hwc = out["image"], out["mask"]
+            out = self.augment(image=image, mask=hwc, **({"context": ctx} if ctx is not None else {}))
+            image, hwc, ctx = out["image"], out["mask"], out.get("context", ctx)
         x = torch.from_numpy(np.require(image, np.uint8, ['C', 'W'])).float().div_(255.0)
-        x = ((x - DEFAULT_NORM["mean"]) / DEFAULT_NORM["std"]).expand(self.in_channels, *x.shape).clone()
-        return x, torch.from_numpy(np.ascontiguousarray(hwc))
+        channels = self.in_channels - (0 if ctx is None else ctx.shape[-1])
+        x = ((x - DEFAULT_NORM["mean"]) / DEFAULT_NORM["std"]).expand(channels, *x.shape)
+        if ctx is not None:
+            x = torch.cat([x, torch.from_numpy(np.ascontiguousarray(ctx.transpose(2, 0, 1))).float().div_(255.0)])
+        return x.clone(), torch.from_numpy(np.ascontiguousarray(hwc))
 
 
 def seed_worker(worker_id: int) -> None:

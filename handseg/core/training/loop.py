@@ -101,7 +101,13 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
     d = setup_distributed(device)  # pick_device already gave each torchrun process its own GPU
     arch, encoder = resolve_arch(cfg.arch), resolve_encoder(cfg.encoder)
     size_flag = "--crop" if cfg.crop else "--size"
-    plan = plan_model(arch, encoder, cfg.crop or cfg.size, size_flag=size_flag)  # says why it cannot run, now
+    in_channels = 1
+    if cfg.context:
+        from handseg.core.cascade import CONTEXT_CHANNELS, stage1_checkpoints
+
+        stage1 = stage1_checkpoints(cfg.context)  # stage 1 exists and sees whole images: checked now
+        in_channels += CONTEXT_CHANNELS
+    plan = plan_model(arch, encoder, cfg.crop or cfg.size, in_channels, size_flag)  # says why it cannot run, now
     loss_fn = build_loss(cfg.loss, torch.tensor(cfg.class_weights, dtype=torch.float32)
                          if cfg.class_weights else None)
     out = Path(cfg.out)
@@ -116,9 +122,15 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
         if not out.exists():
             check_output(out, kind="dir")
     card = ModelCard(arch=arch, encoder=encoder, size=cfg.size, crop=cfg.crop, norm=dict(DEFAULT_NORM),
-                     unify_hands=cfg.unify_hands)
+                     unify_hands=cfg.unify_hands, in_channels=in_channels)
 
     train_items, val_items = split_items(cfg)
+    context = None
+    if cfg.context:
+        from handseg.core.cascade import context_refs
+
+        card.context = context_refs(stage1, out)
+        context = _cascade_context(cfg, train_items + val_items, device, d, log)
     start_epoch, step, best, resume_state = 0, 0, -1.0, None
     if cfg.resume:
         resume_path, last_card = find_resume(out)
@@ -134,7 +146,7 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
         if start_epoch >= cfg.epochs:
             shutdown(d)
             if val_items and not (out / OOF_DIR / "manifest.json").is_file():
-                write_oof(cfg, out, val_items, device, log)  # the run finished, its out-of-fold maps did not
+                write_oof(cfg, out, val_items, device, log, context)  # the run finished, its oof maps did not
             else:
                 log(f"nothing to do: {out} has finished all {start_epoch} epochs (pass a larger --epochs to train on)")
             return {"best_dice": best if best >= 0 else None, "last_dice": last_card.score, "epochs": 0,
@@ -146,7 +158,7 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
     torch.manual_seed(cfg.seed)
 
     # each rank its own crops and augmentations (workers reseed from the generator)
-    dataset = SegmentationDataset(train_items, cfg, train=True, seed=seed)
+    dataset = SegmentationDataset(train_items, cfg, train=True, in_channels=in_channels, seed=seed, context=context)
     sampler = DistributedSampler(dataset, d.world, d.rank, shuffle=True, seed=cfg.seed) if d.world > 1 else None
     generator = torch.Generator()
     generator.manual_seed(seed)
@@ -160,8 +172,8 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
     # the workers start now and prepare the first batches while the model is built
     pending_iter = iter(loader) if cfg.workers > 0 else None
 
-    model = build_model(arch, encoder, cfg.encoder_weights, size=cfg.crop or cfg.size, plan=plan,
-                        size_flag=size_flag).to(device)
+    model = build_model(arch, encoder, cfg.encoder_weights, in_channels=in_channels, size=cfg.crop or cfg.size,
+                        plan=plan, size_flag=size_flag).to(device)
     card.plan = plan.to_dict()
     if cuda and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -260,7 +272,7 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
             t_val = time.perf_counter()
             if val_items and ((epoch + 1) % cfg.val_every == 0 or last_epoch):
                 broadcast_buffers(model, d)
-                per_class = validate(unwrap(run_model), card, val_items, device, dtype, d, cfg.batch_size)
+                per_class = validate(unwrap(run_model), card, val_items, device, dtype, d, cfg.batch_size, context)
                 last_dice = float(per_class.mean())
             val_seconds = time.perf_counter() - t_val
             epochs_run += 1
@@ -291,7 +303,7 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
                 break
     shutdown(d)
     if val_items:
-        write_oof(cfg, out, val_items, device, log)
+        write_oof(cfg, out, val_items, device, log, context)
     return {"best_dice": best if best >= 0 else None, "last_dice": last_dice, "epochs": epochs_run,
             "steps": step, "out": str(out)}
 
@@ -299,7 +311,28 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
 OOF_DIR = "oof"
 
 
-def write_oof(cfg: TrainConfig, out: Path, val_items: list, device: str, log=print) -> None:
+def _cascade_context(cfg: TrainConfig, items: list, device: str, d, log):
+    """The stage-1 maps of every training and validation image (see :mod:`handseg.core.cascade`); under
+    torchrun rank 0 predicts what is missing while the others wait, then every rank reads the cache."""
+    from handseg.core.cache import default_cache_dir, find_cache
+    from handseg.core.cascade import build_context
+    from handseg.core.data import resolve_data
+    from handseg.core.distributed import barrier
+
+    data = resolve_data(cfg.data, "train").root
+    cache_root = find_cache(data, cfg.cache) or Path(cfg.cache or default_cache_dir(data))
+    samples = [i.sample for i in items]
+    if d.world > 1 and not d.main:
+        barrier(d)
+        return build_context(cfg.context, samples, cache_root, device, cfg.batch_size, log=lambda *a: None)
+    source = build_context(cfg.context, samples, cache_root, device, cfg.batch_size, log)
+    barrier(d)
+    log(f"stage-1 context: {source.out_of_fold} images out-of-fold, {source.in_sample} from the mean of the "
+        "stage-1 models")
+    return source
+
+
+def write_oof(cfg: TrainConfig, out: Path, val_items: list, device: str, log=print, context=None) -> None:
     """The fold's out-of-fold maps: its validation images predicted by the best checkpoint (with
     ``--oof-tta``) into ``RUN/oof/`` in the ``predict --probs`` format, with the manifest
     ``handseg select`` reads. Built beside its destination and moved into place when complete."""
@@ -322,7 +355,8 @@ def write_oof(cfg: TrainConfig, out: Path, val_items: list, device: str, log=pri
         n_folds = read_splits(cfg.splits)["n_folds"]
     with atomic_dir(out / OOF_DIR, overwrite=True, main=main) as tmp:
         result = run_predictions([best], data, tmp / "oof.csv", tmp, transforms, "mean", device=device,
-                                 amp=cfg.amp != "off", batch=cfg.batch_size, samples=[i.sample for i in val_items])
+                                 amp=cfg.amp != "off", batch=cfg.batch_size, samples=[i.sample for i in val_items],
+                                 context_source=context)
         if main:
             write_oof_manifest(tmp, cfg.fold, asdict(read_card(best)), data, [t.name for t in transforms], "mean",
                                n_folds=n_folds or 5, splits=cfg.splits, checkpoint=best)

@@ -31,13 +31,15 @@ def dice_sums_from_crops(pred, crops: BoneCrops):
     return (2.0 * inter + DICE_EPS) / (truth_area + pred_area + DICE_EPS)
 
 
-def validate(model, card: ModelCard, items: list[Item], device: str, dtype, d: Dist, batch: int = 4) -> np.ndarray:
+def validate(model, card: ModelCard, items: list[Item], device: str, dtype, d: Dist, batch: int = 4,
+             context=None) -> np.ndarray:
     """Leaderboard Dice per class over the validation items, at each image's full size: ``(29,)``.
 
     Predictions go through :class:`~handseg.core.inference.Predictor`, exactly as ``predict`` makes
     them (with ``unify_hands``, the hand's side comes from the prediction, never from the labels),
     ``batch`` images per forward pass; images and labels come from the prep cache; the Dice is summed
-    on the device, and under torchrun
+    on the device (a cascade's stage 2 gets the images' stage-1 maps from ``context``, out-of-fold
+    where stage 1 provides them), and under torchrun
     each rank validates its share and the sums are reduced.
     """
     import torch
@@ -51,8 +53,12 @@ def validate(model, card: ModelCard, items: list[Item], device: str, dtype, d: D
     mine = items[d.rank :: d.world]
     group = 1 if card.crop else max(1, batch)  # several images per forward pass (sliding windows batch windows)
     for start in range(0, len(mine), group):
-        loaded = [load_item_crops(item) for item in mine[start : start + group]]
-        probs = predictor.predict([image for image, _ in loaded])
+        chunk = mine[start : start + group]
+        loaded = [load_item_crops(item) for item in chunk]
+        contexts = None
+        if context is not None:
+            contexts = [context.full(item.sample.name, image.shape) for item, (image, _) in zip(chunk, loaded)]
+        probs = predictor.predict([image for image, _ in loaded], contexts=contexts)
         for (_, crops), p in zip(loaded, probs):
             sums[:NUM_CLASSES] += dice_sums_from_crops(p > thresholds, crops)
             sums[NUM_CLASSES] += 1
