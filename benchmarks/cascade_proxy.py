@@ -1,0 +1,154 @@
+"""Full resolution with global context, on a small proxy: the cascade against a resize model, same time.
+
+    python benchmarks/cascade_proxy.py                              (CPU: 512 px X-rays, a few minutes a model)
+    python benchmarks/cascade_proxy.py --image-size 2048 --size 1024 --stage1 512 --crop 1024 \\
+        --arch unetplusplus --encoder hrnet_w48 --ids 60 --test-ids 10 --budget 1800 --device cuda   (the GPU goal)
+
+Both recipes train from random weights on the same synthetic train split for the same wall-clock
+budget of training, and are scored with the leaderboard Dice on the held-out labelled test split at
+full size:
+
+- resize: ``handseg train --size SIZE`` on every train image;
+- cascade: stage 1 ``handseg train --size STAGE1`` as two folds of a 2-fold split (so that every
+  train image has an out-of-fold stage-1 map), then stage 2 ``handseg train --crop CROP --context
+  <both folds>`` on every train image; ``predict`` runs stage 1 (both folds averaged) then stage 2.
+
+The epochs of each model are set from a timed forward and backward pass so that each recipe fills
+the budget (stage 1 gets ``--stage1-share`` of the cascade's); the table reports the training time
+each recipe actually took, and the Dice of every finger class (the classes a crop alone confuses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+FINGERS = [f"finger-{i}" for i in range(1, 20)]
+
+
+def seconds_per_sample(arch: str, encoder: str, side: int, device: str, batch: int, in_channels: int = 1) -> float:
+    """One forward and backward pass of a batch at ``side`` px, timed after a warm-up step, per sample."""
+    import torch
+
+    from handseg.core.models import build_model
+
+    model = build_model(arch, encoder, "none", size=side, in_channels=in_channels).to(device)
+    x = torch.randn(batch, in_channels, side, side, device=device)
+    t = 0.0
+    for i in range(3):
+        if i == 1:
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+        model(x).float().mean().backward()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / (2 * batch)
+
+
+def _epochs(budget: float, per_sample: float, samples: int) -> int:
+    return max(1, round(budget / (per_sample * samples)))
+
+
+def run(args) -> dict:
+    from handseg.core.cache import build_cache
+    from handseg.core.data import discover
+    from handseg.core.inference import pick_device
+    from handseg.core.kfold import make_splits
+    from handseg.core.prediction import run_predictions
+    from handseg.core.synth import make_dataset
+    from handseg.core.training import TrainConfig, train
+
+    device = pick_device(args.device)
+    common = dict(arch=args.arch, encoder=args.encoder, encoder_weights="none", batch_size=args.batch,
+                  workers=args.workers, device=device, augment="default", lr=args.lr)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = tmp / "data"
+        make_dataset(data, ids=args.ids, test_ids=args.test_ids, size=args.image_size, seed=args.seed)
+        for kind in ("masks", "images"):
+            build_cache(kind, data / "train", data / "train" / "cache")
+        n = len(discover(data / "train", labels="required"))
+        splits = tmp / "splits.json"
+        splits.write_text(json.dumps(make_splits(data / "train", n_folds=2, seed=0)))
+
+        def timed_train(cfg) -> float:
+            t0 = time.perf_counter()
+            train(cfg, log=lambda *a: None)
+            return time.perf_counter() - t0
+
+        results = {}
+        per = seconds_per_sample(args.arch, args.encoder, args.size, device, args.batch)
+        epochs = _epochs(args.budget, per, n)
+        seconds = timed_train(TrainConfig(data=data / "train", fold=-1, size=args.size, epochs=epochs,
+                                          out=tmp / "resize", val_every=epochs, **common))
+        results["resize"] = {"epochs": epochs, "seconds": seconds, "runs": [tmp / "resize"]}
+
+        per1 = seconds_per_sample(args.arch, args.encoder, args.stage1, device, args.batch)
+        per2 = seconds_per_sample(args.arch, args.encoder, args.crop, device, args.batch, in_channels=30)
+        stage1_budget = args.budget * args.stage1_share
+        e1 = _epochs(stage1_budget / 2, per1, n // 2)  # two folds, each on half the images
+        e2 = _epochs(args.budget - stage1_budget, per2, n)
+        seconds = 0.0
+        stage1_runs = []
+        for fold in (0, 1):
+            out = tmp / f"stage1_f{fold}"
+            seconds += timed_train(TrainConfig(data=data / "train", splits=splits, fold=fold, size=args.stage1,
+                                               epochs=e1, out=out, val_every=e1, **common))
+            stage1_runs.append(out)
+        seconds += timed_train(TrainConfig(data=data / "train", fold=-1, size=args.stage1, crop=args.crop,
+                                           context=stage1_runs, epochs=e2, out=tmp / "cascade", val_every=e2,
+                                           **common))
+        results["cascade"] = {"epochs": f"{e1}+{e1} / {e2}", "seconds": seconds, "runs": [tmp / "cascade"]}
+
+        for name, r in results.items():
+            pred = run_predictions(r.pop("runs"), data / "test_gt", tmp / f"{name}.csv", device=device,
+                                   batch=args.batch)
+            r["dice"] = pred.dice["identity"]
+            r["per_class"] = pred.per_class
+    return {"device": device, "train_images": n, "test_images": 2 * args.test_ids, "args": vars(args), **results}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image-size", type=int, default=512, help="side of the synthetic X-rays")
+    parser.add_argument("--size", type=int, default=256, help="the resize model's size")
+    parser.add_argument("--stage1", type=int, default=128, help="stage 1's whole-image size")
+    parser.add_argument("--crop", type=int, default=256, help="stage 2's full-resolution crops")
+    parser.add_argument("--arch", default="unet")
+    parser.add_argument("--encoder", default="resnet34")
+    parser.add_argument("--ids", type=int, default=16, help="synthetic train patients (two hands each)")
+    parser.add_argument("--test-ids", type=int, default=4, help="held-out labelled patients")
+    parser.add_argument("--budget", type=float, default=300, help="training seconds of each recipe")
+    parser.add_argument("--stage1-share", type=float, default=0.25, help="share of the cascade's budget for stage 1")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    r = run(parser.parse_args(argv))
+    a = r["args"]
+    print(f"{r['train_images']} synthetic train images at {a['image_size']} px, {r['test_images']} held-out test "
+          f"images; {a['arch']}/{a['encoder']}, {a['budget']:.0f} s of training per recipe on {r['device']}")
+    print("| recipe | epochs | train time (s) | mean Dice | finger mean | worst finger | carpal mean |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    labels = {"resize": f"resize {a['size']} px", "cascade": f"cascade: {a['stage1']} px whole image + "
+                                                             f"{a['crop']} px crops"}
+    for name in ("resize", "cascade"):
+        x = r[name]
+        pc = x["per_class"]
+        fingers = [pc[c] for c in FINGERS]
+        worst = min(FINGERS, key=lambda c: pc[c])
+        carpals = [v for c, v in pc.items() if not c.startswith("finger") and c not in ("Radius", "Ulna")]
+        print(f"| {labels[name]} | {x['epochs']} | {x['seconds']:.0f} | {x['dice']:.4f} | "
+              f"{sum(fingers) / len(fingers):.4f} | {worst} {pc[worst]:.3f} | {sum(carpals) / len(carpals):.4f} |")
+    worse = [c for c in FINGERS if r["cascade"]["per_class"][c] < r["resize"]["per_class"][c]]
+    print(f"finger classes where the cascade is below the resize model: {', '.join(worse) or 'none'}")
+    return r
+
+
+if __name__ == "__main__":
+    main()
