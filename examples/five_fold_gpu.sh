@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The winning teams' recipe: 5 patient-grouped folds at 1024 px (HRNet-W48 UNet++), each fold
-# predicted with horizontal-flip TTA, then a hard vote across folds and a diverse second model.
+# The winning teams' loop, without the notebooks: two diverse configurations x 5 patient-grouped folds,
+# each fold writing its out-of-fold maps; `select` chooses the ensemble, class-wise picks, per-class
+# thresholds and keep-largest on those maps; `predict --recipe` applies the choice to the test set.
 set -euo pipefail
 DATA=${DATA:-data}            # holds train/ and test/ in the competition layout
 handseg prep json2npy --data "$DATA/train" --workers 8
@@ -8,13 +9,15 @@ handseg prep png2npy --data "$DATA/train" --workers 8
 handseg kfold --data "$DATA/train" --folds 5 --stratify bend -o splits.json --overwrite
 for FOLD in 0 1 2 3 4; do
   handseg train --data "$DATA/train" --splits splits.json --fold "$FOLD" --arch unetplusplus --encoder hrnet_w48 \
-    --size 1024 --epochs 60 --batch-size 4 --loss bce:0.5,dice:0.5 --augment default --out "runs/hr48_f$FOLD"
-  handseg tta "runs/hr48_f$FOLD" --data "$DATA/test" -o "pred/hr48_f$FOLD.csv" --transforms hflip \
-    --probs "probs/hr48_f$FOLD"
+    --size 1024 --epochs 60 --batch-size 4 --loss bce:0.5,dice:0.5 --oof-tta hflip --out "runs/hr48_f$FOLD"
+  handseg train --data "$DATA/train" --splits splits.json --fold "$FOLD" --arch upernet \
+    --encoder swin_base_patch4_window7_224 --size 1024 --epochs 60 --batch-size 4 --oof-tta hflip \
+    --out "runs/swinb_f$FOLD"
 done
-# a second, different model on full-resolution crops (sliding window at predict time)
-handseg train --data "$DATA/train" --splits splits.json --fold 0 --arch unet --encoder efficientnet_b4 \
-  --crop 1024 --epochs 60 --out runs/effb4_crop
-handseg tta runs/effb4_crop --data "$DATA/test" -o pred/effb4_crop.csv --transforms hflip
-handseg vote hard pred/hr48_f*.csv pred/effb4_crop.csv -o submission.csv
-handseg compare pred/hr48_f*.csv pred/effb4_crop.csv submission.csv --data "$DATA/test" --out report/ --overwrite
+handseg select runs/hr48_f* runs/swinb_f* -o recipe.json --overwrite
+handseg predict --recipe recipe.json --data "$DATA/test" -o submission.csv --overwrite
+handseg predict --recipe recipe.json --oof --data "$DATA/train" -o oof.csv --overwrite   # select's Dice again
+handseg predict runs/hr48_f0 runs/hr48_f1 runs/hr48_f2 runs/hr48_f3 runs/hr48_f4 --data "$DATA/test" \
+  -o hr48_folds.csv --overwrite
+handseg compare submission.csv hr48_folds.csv --data "$DATA/test" --out report/ --overwrite
+handseg export --recipe recipe.json -o model.zip --overwrite                          # one file for elsewhere

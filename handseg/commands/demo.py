@@ -10,11 +10,12 @@ import typer
 
 
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Work folder (replaced if it holds a demo).")] = Path("demo"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Work folder.")] = Path("demo"),
     ids: Annotated[int, typer.Option("--ids", min=4, help="Synthetic train patients.")] = 10,
     size: Annotated[int, typer.Option("--size", min=64, help="Synthetic image size.")] = 256,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 12,
     device: Annotated[str, typer.Option("--device")] = "cpu",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing work folder as a whole.")] = False,
 ) -> None:
     """Run the whole chain on synthetic data on a CPU, and say where the results are.
 
@@ -28,11 +29,13 @@ def demo(
     from handseg.commands import compare, eda, kfold, predict, prep, pseudo, synth, vote
     from handseg.console import stdout
     from handseg.core.errors import HandsegError
+    from handseg.core.files import check_output
     from handseg.core.training import TrainConfig
     from handseg.core.training import train as run_training
 
+    check_output(out, overwrite, "dir")
     if out.exists():
-        if not (out / "data" / "manifest.json").is_file():
+        if any(out.iterdir()) and not (out / "data" / "manifest.json").is_file():
             raise HandsegError("folder exists and is not a handseg demo; choose another --out", out)
         shutil.rmtree(out)
     d, runs = out / "data", out / "runs"

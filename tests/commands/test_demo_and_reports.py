@@ -41,6 +41,9 @@ def test_demo_runs_the_whole_chain(tmp_path, capsys):
     for row in rows:
         assert all((out / "report" / row["diffs"][f"csv{k}"]["full"]).is_file() for k in range(1, 6))
     assert len(_page_data(out / "eda")["rows"]) == len(discover(out / "data" / "train"))
+    # the one overwrite rule: a second demo into the same folder needs --overwrite
+    code, _, err = run_cli(["demo", "--out", out, "--ids", 5, "--size", 64, "--epochs", 1], capsys)
+    assert code == 2 and "already exists; pass --overwrite" in err and (out / "scores.json").exists()
 
 
 def test_compare_report_numbers(synth_data, tmp_path, capsys):
