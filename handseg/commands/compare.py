@@ -65,10 +65,11 @@ def compare(
     to_stdout = json_out == "-"
     json_path = None if json_out is None or to_stdout else Path(json_out)
     # every output is checked before the work, and every input before any progress is shown
+    sources = [*csvs, gt, data]
     if json_path is not None:
-        check_output(json_path, overwrite, "file")
+        check_output(json_path, overwrite, "file", sources)
     if out is not None:
-        check_output(out, overwrite, "dir")
+        check_output(out, overwrite, "dir", sources)
         if json_path is not None and json_path.resolve().is_relative_to(out.resolve()):
             raise HandsegError("--json must not lie inside --out (the report folder is replaced as a whole)", json_path)
     inputs = read_compare_inputs(csvs, gt, data)
@@ -79,7 +80,7 @@ def compare(
     if out is not None:
         from handseg.core.reports import compare_report
 
-        with atomic_dir(out, overwrite) as tmp:
+        with atomic_dir(out, overwrite, inputs=sources) as tmp:
             with progress_task("report", transient=True) as tick:
                 compare_report(result, tmp, progress=tick)
             write_manifest(tmp, "compare", {"gt": str(gt) if gt else None, "data": str(data) if data else None},

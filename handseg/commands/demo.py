@@ -19,14 +19,15 @@ def demo(
 ) -> None:
     """Run the whole chain on synthetic data on a CPU, and say where the results are.
 
-    synth, prep, kfold, train (2 folds), predict, tta, vote, pseudo, compare and eda: each step
-    runs the same code as the command it prints, which a shell script would call the same way.
+    synth, prep, kfold, train (2 folds, each writing its out-of-fold maps), select, predict (by
+    folds, and by the selected recipe), tta, vote, pseudo, compare and eda: each step runs the same
+    code as the command it prints, which a shell script would call the same way.
 
     Example: handseg demo --out demo
     """
     import shutil
 
-    from handseg.commands import compare, eda, kfold, predict, prep, pseudo, synth, vote
+    from handseg.commands import compare, eda, kfold, predict, prep, pseudo, select, synth, vote
     from handseg.console import stdout
     from handseg.core.errors import HandsegError
     from handseg.core.files import check_output
@@ -55,10 +56,15 @@ def demo(
          lambda: synth.synth(d, ids=ids, test_ids=3, size=size, seed=0)),
         (["prep", "json2npy", "--data", d / "train"], lambda: prep.json2npy(d / "train", None, None)),
         (["prep", "png2npy", "--data", d / "train"], lambda: prep.png2npy(d / "train", None, None)),
-        (["kfold", "--data", d / "train", "--folds", 5, "--stratify", "bend", "-o", out / "splits.json"],
-         lambda: kfold.kfold(d / "train", folds=5, seed=0, stratify="bend", meta=None, out=out / "splits.json")),
+        (["kfold", "--data", d / "train", "--folds", 2, "--stratify", "bend", "-o", out / "splits.json"],
+         lambda: kfold.kfold(d / "train", folds=2, seed=0, stratify="bend", meta=None, out=out / "splits.json")),
         (["train", *train_flags, "--fold", 0, "--out", f0], lambda: train_fold(0)),
         (["train", *train_flags, "--fold", 1, "--out", f1], lambda: train_fold(1)),
+        (["select", f0, f1, "-o", out / "recipe.json"], lambda: select.select([f0, f1], out / "recipe.json")),
+        (["predict", "--recipe", out / "recipe.json", "--data", d / "test", "-o", out / "pred_recipe.csv",
+          "--device", device],
+         lambda: predict.predict(None, d / "test", out / "pred_recipe.csv", recipe=out / "recipe.json",
+                                 device=device)),
         (["predict", f0, "--data", d / "test", "-o", out / "pred_fold0.csv", "--probs", out / "probs_fold0",
           "--device", device],
          lambda: predict.predict([f0], d / "test", out / "pred_fold0.csv", out / "probs_fold0", device=device)),
@@ -80,10 +86,11 @@ def demo(
         (["pseudo", out / "probs_fold0", "--data", d / "test", "--out", out / "pseudo"],
          lambda: pseudo.pseudo(out / "probs_fold0", d / "test", out / "pseudo")),
         (["compare", out / "pred_fold0.csv", out / "pred_fold1.csv", out / "pred_2folds.csv", out / "vote_hard.csv",
-          out / "vote_soft.csv", "--gt", d / "test_gt", "--json", out / "scores.json", "--out", out / "report"],
+          out / "vote_soft.csv", out / "pred_recipe.csv", "--gt", d / "test_gt", "--json", out / "scores.json",
+          "--out", out / "report"],
          lambda: compare.compare([out / "pred_fold0.csv", out / "pred_fold1.csv", out / "pred_2folds.csv",
-                                  out / "vote_hard.csv", out / "vote_soft.csv"], gt=d / "test_gt",
-                                 json_out=out / "scores.json", out=out / "report")),
+                                  out / "vote_hard.csv", out / "vote_soft.csv", out / "pred_recipe.csv"],
+                                 gt=d / "test_gt", json_out=out / "scores.json", out=out / "report")),
         (["eda", "--data", d / "train", "--out", out / "eda"], lambda: eda.eda(d / "train", out=out / "eda")),
     ]
     t0 = time.perf_counter()
@@ -91,7 +98,7 @@ def demo(
         stdout.print(f"\n[bold cyan]$ handseg {' '.join(str(a) for a in shown)}[/bold cyan]")
         run()
     stdout.print(f"\n[bold green]demo done in {time.perf_counter() - t0:.0f}s[/bold green]")
-    stdout.print(f"  scores:      {out / 'scores.json'}")
+    stdout.print(f"  scores:      {out / 'scores.json'}   recipe: {out / 'recipe.json'}")
     stdout.print(f"  compare:     {out / 'report' / 'index.html'}")
     stdout.print(f"  data report: {out / 'eda' / 'index.html'}")
     stdout.print(f"  runs:        {runs}   pseudo labels: {out / 'pseudo'}")

@@ -33,9 +33,10 @@ def eda(
     from handseg.core.reports import eda_report, read_eda_inputs
 
     # the output and every input are checked before any work or progress
-    check_output(out, overwrite, "dir")
+    sources = [data, pred, meta]
+    check_output(out, overwrite, "dir", sources)
     inputs = read_eda_inputs(data, pred, meta)
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, inputs=sources) as tmp:
         # transient: a label file found broken midway leaves its one-line error, not a half bar
         with progress_task("eda", transient=True) as tick:
             eda_report(inputs, tmp, progress=tick)

@@ -33,7 +33,7 @@ def export(
     from handseg.core.export import export_models
     from handseg.core.files import check_output
 
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=[*(runs or []), recipe])
     index = export_models(list(runs or []), out, recipe)
     what = f"{len(index['models'])} checkpoints" + (" and the recipe" if index["recipe"] else "")
     stdout.print(f"{what} -> {out} ({out.stat().st_size / 2**20:.1f} MiB)")

@@ -43,7 +43,7 @@ def kfold(
     from handseg.core.kfold import make_splits
 
     stratify = Stratify(stratify).value
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=[data, meta])
     source = resolve_data(data, "train")
     say_data(source)
     data = source.root

@@ -159,12 +159,13 @@ def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, dev
         raise HandsegError("give one or more run folders or checkpoints (or --recipe recipe.json with predict)")
     keep = parse_keep_largest(keep_largest)
     # every output is checked before any work: a bad path fails now, not after predicting everything
+    sources = [*checkpoints, data, splits, thresholds]
     if main:
-        check_output(out, overwrite)
+        check_output(out, overwrite, inputs=sources)
         if tune:
-            check_output(out.with_name(f"{out.stem}.thresholds.json"), overwrite)
+            check_output(out.with_name(f"{out.stem}.thresholds.json"), overwrite, inputs=sources)
         if probs is not None:
-            check_output(probs, overwrite, "dir")
+            check_output(probs, overwrite, "dir", sources)
     resolved = [resolve_checkpoint(c) for c in checkpoints]
     transform_list = parse_transforms(transforms)
     thr = read_thresholds(thresholds) if thresholds else None
@@ -180,7 +181,8 @@ def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, dev
         if main:
             say_data(source)
         data = source.root
-    probs_folder = atomic_dir(probs, overwrite, main=main) if probs is not None else contextlib.nullcontext(None)
+    probs_folder = (atomic_dir(probs, overwrite, main=main, inputs=sources) if probs is not None
+                    else contextlib.nullcontext(None))
     with probs_folder as probs_tmp:
         with progress_task(stage) as tick:
             result = run_predictions(resolved, data, out, probs_tmp, transform_list, merge, thr, tune, device, amp,
@@ -228,9 +230,10 @@ def _run_recipe(checkpoints, recipe, oof, data, out, probs, batch_size, device, 
                            "--tune-thresholds, --splits, --fold and --keep-largest")
     if dist_env().world > 1:
         raise HandsegError("--recipe runs in one process; run it without torchrun")
-    check_output(out, overwrite)
+    sources = [recipe, data]
+    check_output(out, overwrite, inputs=sources)
     if probs is not None:
-        check_output(probs, overwrite, "dir")
+        check_output(probs, overwrite, "dir", sources)
     if data is None and oof:
         from handseg.core.files import read_json
 
@@ -240,7 +243,7 @@ def _run_recipe(checkpoints, recipe, oof, data, out, probs, batch_size, device, 
     source = resolve_data(Path(data) if data is not None else Path("data/test"), "train" if oof else "test")
     say_data(source)
     if probs is not None:
-        maps = atomic_dir(probs, overwrite)
+        maps = atomic_dir(probs, overwrite, inputs=[recipe, source.root])
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         maps = tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.maps-")

@@ -36,7 +36,7 @@ def pseudo(
 
     # built beside --out and moved into place complete: a crash leaves no half data set, and
     # --overwrite replaces the previous run as a whole
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, inputs=[source, data]) as tmp:
         with progress_task("pseudo") as tick:
             result = make_pseudo(source, data, tmp, min_confidence, progress=tick)
         write_manifest(tmp / "cache" / "masks", "pseudo", {"min_confidence": min_confidence},

@@ -43,7 +43,7 @@ def select(
     from handseg.core.files import check_output
     from handseg.core.selection import candidates_table, select_recipe
 
-    check_output(out, overwrite, "file")
+    check_output(out, overwrite, "file", [*runs, data])
     with progress_task("select", transient=True) as tick:
         result = select_recipe(runs, out, data, progress=tick, workers=workers or default_workers(),
                                choose=Choose(choose).value)

@@ -69,6 +69,8 @@ def train(
     device: Device = "auto",
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("runs/run"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run folder as a whole (kept "
+                                            "until the new run's first checkpoint).")] = False,
     extra: Annotated[list[Path] | None, typer.Option("--extra", help="More labelled data (e.g. pseudo labels) "
                                                      "added to training; repeatable.")] = None,
     cache: Annotated[Path | None, typer.Option("--cache", help="Prep cache (default: DATA/cache if present).")] = None,
@@ -154,7 +156,7 @@ def _apply_config(ctx: typer.Context, params: dict, path: Path) -> dict:
     if not isinstance(doc, dict):
         raise HandsegError("config must be a mapping of option: value", path)
     if doc.get("stage") == "train" and isinstance(doc.get("options"), dict):
-        doc = {k: v for k, v in doc["options"].items() if k != "resume"}  # a run's manifest: replay its options
+        doc = {k: v for k, v in doc["options"].items() if k not in ("resume", "overwrite")}  # replay a run
     for key, value in doc.items():
         name = str(key).replace("-", "_")
         if name not in params:

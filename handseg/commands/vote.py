@@ -56,7 +56,7 @@ def hard(
     from handseg.core.files import check_output
 
     keep, keep_text = _keep(keep_largest)
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=[*csvs, data])
     with progress_task("vote hard", transient=True) as tick:
         n = hard_vote(csvs, out, min_votes, progress=tick, data=data, keep_largest=keep)
     _finish("vote-hard", out, {"min_votes": min_votes or len(csvs) // 2 + 1, "keep_largest": keep_text},
@@ -89,7 +89,7 @@ def soft(
     w = check_weights(w, len(folders)) if len(folders) > 1 else w
     check_threshold(threshold)
     keep, keep_text = _keep(keep_largest)
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=[*folders, data])
     with progress_task("vote soft", transient=True) as tick:
         n = soft_vote(folders, out, w, threshold, progress=tick, data=data, keep_largest=keep)
     _finish("vote-soft", out, {"weights": w, "threshold": threshold, "keep_largest": keep_text},
@@ -113,7 +113,7 @@ def classwise(
 
     keep, keep_text = _keep(keep_largest)
     mapping = read_class_map(class_map)
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=[class_map, *mapping.values(), data])
     n = classwise_vote(mapping, out, data, keep_largest=keep)
     _finish("vote-classwise", out, {"map": {k: str(v) for k, v in mapping.items()}, "keep_largest": keep_text},
             {"map": str(class_map), "data": str(data) if data else None}, n)

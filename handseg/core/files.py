@@ -12,7 +12,7 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -82,7 +82,8 @@ def read_json(path: str | Path, what: str) -> Any:
 OutputKind = Literal["file", "dir"]
 
 
-def check_output(path: str | Path, overwrite: bool = False, kind: OutputKind = "file") -> Path:
+def check_output(path: str | Path, overwrite: bool = False, kind: OutputKind = "file",
+                 inputs: Iterable[str | Path | None] = ()) -> Path:
     """The one rule for every output a command writes, checked before any work starts.
 
     An existing output is replaced only with ``--overwrite``; a file path must not be a folder (nor a
@@ -93,6 +94,14 @@ def check_output(path: str | Path, overwrite: bool = False, kind: OutputKind = "
         HandsegError: naming the path and what is wrong with it.
     """
     path = Path(path)
+    target = path.resolve()
+    for source in inputs:
+        if source is None:
+            continue
+        source = Path(source).resolve()
+        if source == target or target in source.parents:
+            what = "is" if source == target else "holds"
+            raise HandsegError(f"{what} an input of this command ({source}); write the output elsewhere", path)
     if path.is_dir() and kind == "file":
         raise HandsegError("is a folder; give a file name", path)
     if path.exists() and not path.is_dir() and kind == "dir":
@@ -132,7 +141,8 @@ def partial_dir(dest: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_dir(dest: str | Path, overwrite: bool = False, main: bool = True) -> Iterator[Path]:
+def atomic_dir(dest: str | Path, overwrite: bool = False, main: bool = True,
+               inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
     """Build a folder output beside ``dest`` and move it into place only when the block succeeds.
 
     A failed or interrupted command leaves neither a partial folder nor a half-replaced old one:
@@ -148,7 +158,7 @@ def atomic_dir(dest: str | Path, overwrite: bool = False, main: bool = True) -> 
     """
     dest = Path(dest)
     if main:
-        check_output(dest, overwrite, "dir")
+        check_output(dest, overwrite, "dir", inputs)
     tmp = partial_dir(dest)
     tmp.mkdir(parents=True, exist_ok=not main or "TORCHELASTIC_RUN_ID" in os.environ)
     try:

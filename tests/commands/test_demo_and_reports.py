@@ -32,14 +32,16 @@ def test_demo_runs_the_whole_chain(tmp_path, capsys):
                  "pred_tta.csv", "pseudo/manifest.json", "runs/fold0/best.safetensors", "runs/fold1/last.safetensors"):
         assert (out / path).exists(), path
     scores = json.loads((out / "scores.json").read_text())
-    assert 0.0 <= scores["mean_dice"] <= 1.0 and len(scores["results"]) == 5
+    assert 0.0 <= scores["mean_dice"] <= 1.0 and len(scores["results"]) == 6
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert 0.0 <= recipe["cv_dice"] <= 1.0 and recipe["candidates"]
     _only_embedded_images((out / "report" / "index.html").read_text())
     _only_embedded_images((out / "eda" / "index.html").read_text())
-    # every test image in the comparison's table, with its differences from the ground truth for all 5 CSVs
+    # every test image in the comparison's table, with its differences from the ground truth for all 6 CSVs
     rows = _page_data(out / "report")["rows"]
     assert len(rows) == len(discover(out / "data" / "test_gt", labels="required"))
     for row in rows:
-        assert all((out / "report" / row["diffs"][f"csv{k}"]["full"]).is_file() for k in range(1, 6))
+        assert all((out / "report" / row["diffs"][f"csv{k}"]["full"]).is_file() for k in range(1, 7))
     assert len(_page_data(out / "eda")["rows"]) == len(discover(out / "data" / "train"))
     # the one overwrite rule: a second demo into the same folder needs --overwrite
     code, _, err = run_cli(["demo", "--out", out, "--ids", 5, "--size", 64, "--epochs", 1], capsys)

@@ -49,6 +49,7 @@ class TrainConfig:
     device: str = "auto"
     out: Path = Path("runs/run")
     resume: bool = False
+    overwrite: bool = False
     extra: list[Path] = field(default_factory=list)
     cache: Path | None = None
     seed: int = 0
@@ -199,6 +200,7 @@ _RULES = {
     "loss": _text, "class_weights": parse_class_weights, "augment": _choice(AUGMENT_PRESETS),
     "unify_hands": _bool, "val_every": _int(1), "amp": _choice(AMP_CHOICES), "channels_last": _bool,
     "compile": _bool, "accum": _int(1), "workers": _int(0), "device": _text, "out": _path(), "resume": _bool,
+    "overwrite": _bool,
     "extra": _paths, "cache": _path(optional=True), "seed": _int(0), "max_steps": _int(1, optional=True),
     "logger": _choice(LOGGERS), "oof_tta": _tta_spec, "context": _paths,
 }

@@ -30,10 +30,12 @@ from handseg.core.training.state import (
     RESUME_GLOB,
     CheckpointWriter,
     check_same_model,
+    check_same_run,
     find_resume,
     read_resume,
     restore,
     resume_payload,
+    run_identity,
 )
 from handseg.core.training.validation import validate
 
@@ -114,13 +116,13 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
     if d.main:
         from handseg.core.files import check_output
 
-        if out.exists() and not out.is_dir():
-            check_output(out, kind="dir")  # a file where the run folder should be: one line
-        if (out / LAST).exists() and not cfg.resume:
-            raise HandsegError("run folder already has a checkpoint; pass --resume to continue it or "
+        check_output(out, True, "dir", [cfg.data, cfg.splits, cfg.cache, *cfg.extra, *cfg.context])
+        if out.is_dir() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
+            what = "already has a checkpoint" if (out / LAST).exists() else "exists and is not empty"
+            raise HandsegError(f"run folder {what}; pass --resume to continue it, --overwrite to replace it, or "
                                "choose another --out", out)
-        if not out.exists():
-            check_output(out, kind="dir")
+        if cfg.resume and cfg.overwrite:
+            raise HandsegError("--resume continues the run in --out and --overwrite replaces it: choose one")
     card = ModelCard(arch=arch, encoder=encoder, size=cfg.size, crop=cfg.crop, norm=dict(DEFAULT_NORM),
                      unify_hands=cfg.unify_hands, in_channels=in_channels)
 
@@ -137,6 +139,7 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
         resume_state = read_resume(resume_path)
         tensors, header = resume_state
         check_same_model(header, card, resume_path)
+        check_same_run(header, run_identity(cfg), resume_path)
         if header["epoch"] != last_card.epoch or header["step"] != last_card.step:
             raise HandsegError(f"resume state is at epoch {header['epoch']} (step {header['step']}) but {LAST} at "
                                f"epoch {last_card.epoch} (step {last_card.step})", resume_path)
@@ -161,11 +164,19 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
     dataset = SegmentationDataset(train_items, cfg, train=True, in_channels=in_channels, seed=seed, context=context)
     sampler = DistributedSampler(dataset, d.world, d.rank, shuffle=True, seed=cfg.seed) if d.world > 1 else None
     generator = torch.Generator()
-    generator.manual_seed(seed)
+
+    def seed_epoch(epoch: int) -> None:
+        """Each epoch's order, crops and augmentations come from (seed, rank, epoch) alone, so a resumed
+        run draws exactly what the uninterrupted run would have (workers start afresh each epoch)."""
+        epoch_seed = (seed * 1_000_003 + epoch) % 2**62
+        generator.manual_seed(epoch_seed)
+        dataset.reseed(epoch_seed)
+
+    seed_epoch(start_epoch)
     cuda = device.startswith("cuda")
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
                         num_workers=cfg.workers, pin_memory=cuda, drop_last=len(dataset) > cfg.batch_size,
-                        persistent_workers=cfg.workers > 0, generator=generator,
+                        persistent_workers=False, generator=generator,
                         worker_init_fn=seed_worker if cfg.workers > 0 else None)
     if sampler is not None:
         sampler.set_epoch(start_epoch)
@@ -198,7 +209,8 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
 
     # only now: a run that fails to start, or fails before its first checkpoint, leaves no folder
     writer = CheckpointWriter(out) if d.main else None
-    with _run_folder(out, d.main, writer):
+    identity = run_identity(cfg)
+    with _run_folder(out, d.main, writer, replace=cfg.overwrite):
         logger = _make_logger(cfg, out) if d.main else None
         if d.main:
             write_manifest(out, "train", cfg.to_json(), inputs={"data": str(cfg.data), "splits": str(cfg.splits)},
@@ -215,6 +227,8 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
         for epoch in range(start_epoch, cfg.epochs):
             if sampler is not None:
                 sampler.set_epoch(epoch)
+            if pending_iter is None:
+                seed_epoch(epoch)
             batches_iter = pending_iter if pending_iter is not None else iter(loader)
             pending_iter = None
             t0, seen, batches, waited = time.perf_counter(), 0, 0, 0.0
@@ -283,7 +297,7 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
                     best = last_dice
                 writer.wait_seconds = 0.0
                 writer.save_epoch(model, card, improved,
-                                  resume_payload(optimizer, scheduler, scaler, epoch + 1, step, best, card))
+                                  resume_payload(optimizer, scheduler, scaler, epoch + 1, step, best, card, identity))
                 row = {"epoch": epoch + 1, "step": step, "train_loss": round(train_loss, 6),
                        "lr": scheduler.get_last_lr()[0], "images_per_s": round(images_per_s, 3),
                        "seconds": round(seconds, 2), "data_wait": round(data_wait, 4),
@@ -367,26 +381,38 @@ def write_oof(cfg: TrainConfig, out: Path, val_items: list, device: str, log=pri
 
 
 @contextlib.contextmanager
-def _run_folder(out: Path, main: bool, writer: CheckpointWriter | None):
+def _run_folder(out: Path, main: bool, writer: CheckpointWriter | None, replace: bool = False):
     """Create the run folder (rank 0) and finish the checkpoint writes whatever happens; if the run
-    fails before its first checkpoint, remove the folder again."""
+    fails before its first checkpoint, remove the folder again. With ``replace`` (``--overwrite``) an
+    existing folder is set aside, restored if the new run never reaches a checkpoint, and removed
+    once it ends."""
+    old = None
+    if main and replace and out.is_dir() and any(out.iterdir()):
+        old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+        os.replace(out, old)
     created = main and not out.exists()
     if main:
         out.mkdir(parents=True, exist_ok=True)
     try:
         yield
+        if writer is not None:
+            writer.close()
     except BaseException:
         if writer is not None:
             with contextlib.suppress(BaseException):
                 writer.close()  # the epoch being saved is completed: last and its resume file stay a pair
         if created and not (out / LAST).exists():
             shutil.rmtree(out, ignore_errors=True)
+            if old is not None:
+                os.replace(old, out)
+                old = None
         elif main:
             for tmp in out.glob("*.tmp-*"):
                 tmp.unlink(missing_ok=True)
         raise
-    if writer is not None:
-        writer.close()
+    finally:
+        if old is not None and old.exists() and (out / LAST).exists():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def append_metrics(path: Path, row: dict) -> None:

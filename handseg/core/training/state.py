@@ -63,8 +63,8 @@ def _json_safe(value: Any, where: str) -> Any:
     raise TypeError(f"{where}: cannot store {type(value).__name__} in resume state")
 
 
-def resume_payload(optimizer, scheduler, scaler, epoch: int, step: int, best: float, card: ModelCard
-                   ) -> tuple[dict, dict]:
+def resume_payload(optimizer, scheduler, scaler, epoch: int, step: int, best: float, card: ModelCard,
+                   run: dict | None = None) -> tuple[dict, dict]:
     """The resume state as ``(tensors, header)``, copied to the host now (training goes on meanwhile)."""
     import torch
 
@@ -85,6 +85,7 @@ def resume_payload(optimizer, scheduler, scaler, epoch: int, step: int, best: fl
     header = {
         "epoch": epoch, "step": step, "best": best,
         "model": {k: asdict(card)[k] for k in MODEL_KEYS},
+        "run": run or {},
         "optimizer": {"param_groups": _json_safe(opt["param_groups"], "optimizer"), "scalars": scalars},
         "scheduler": _json_safe(scheduler.state_dict(), "scheduler"),
         "scaler": _json_safe(scaler.state_dict(), "scaler"),
@@ -188,6 +189,38 @@ def check_same_model(header: dict, card: ModelCard, path: Path) -> None:
             flag = "--" + key.replace("_", "-")
             raise HandsegError(f"the run was trained with {flag} {saved[key]}, not {now[key]}; --resume continues "
                                "the same model (drop the flag, or start a new run with another --out)", path)
+
+
+def run_identity(cfg) -> dict:
+    """What a resumed run must share with the run it continues besides the model: the data, the
+    splits (by content), the fold, the extra data and the stage-1 context. Training on with another
+    fold would show the model its former validation images and make its out-of-fold maps in-sample."""
+    import hashlib
+
+    from handseg.core.data import resolve_data
+
+    def real(p) -> str:
+        return str(Path(p).resolve())
+
+    splits = None
+    if cfg.splits is not None and Path(cfg.splits).is_file():
+        splits = hashlib.sha256(Path(cfg.splits).read_bytes()).hexdigest()
+    return {"data": real(resolve_data(cfg.data, "train").root), "splits": splits, "fold": cfg.fold,
+            "extra": sorted(real(p) for p in cfg.extra), "context": sorted(real(p) for p in cfg.context),
+            "seed": cfg.seed}
+
+
+_RUN_FLAGS = {"data": "--data", "splits": "--splits (its content)", "fold": "--fold", "extra": "--extra",
+              "context": "--context", "seed": "--seed"}
+
+
+def check_same_run(header: dict, identity: dict, path: Path) -> None:
+    """Refuse to resume with other data, splits, fold, extra data, context or seed."""
+    saved = header.get("run") or {}
+    for key, flag in _RUN_FLAGS.items():
+        if key in saved and saved[key] != identity.get(key):
+            raise HandsegError(f"the run was trained with another {flag} ({saved[key]!r}, now {identity.get(key)!r}); "
+                               "--resume continues the same run (start a new one with another --out)", path)
 
 
 def stale_resume_files(out: Path, keep: int) -> list[Path]:
