@@ -107,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("handseg: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        if os.environ.get("HANDSEG_DEBUG") == "1":
+            raise
+        print("handseg: error: out of memory: use a smaller --size, --crop or --batch-size", file=sys.stderr)
+        return 2
     except Exception as e:
         if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):  # not a click usage error: a bug
             raise

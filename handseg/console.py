@@ -30,7 +30,9 @@ def is_main_process() -> bool:
 
 
 def progress_enabled() -> bool:
-    return os.environ.get("HANDSEG_NO_PROGRESS", "") == "" and sys.stderr is not None and is_main_process()
+    """Progress bars on a terminal only (a log file gets no bar, and an error stays its one line)."""
+    return (os.environ.get("HANDSEG_NO_PROGRESS", "") == "" and sys.stderr is not None and console.is_terminal
+            and is_main_process())
 
 
 def make_progress(transient: bool = False) -> Progress:

@@ -387,3 +387,16 @@ def test_a_malformed_model_card_is_one_line(tmp_path):
 def test_the_resolved_training_configuration_is_checked_in_one_place(field, value, message):
     with pytest.raises(HandsegError, match=message.replace("(", r"\(")):
         TrainConfig(**{field: value}).validated()
+
+
+def test_a_resumed_run_trains_exactly_as_the_uninterrupted_one(synth_data, tmp_path):
+    import csv
+
+    data = _copy_train(synth_data, tmp_path)
+    kw = dict(epochs=3, augment="default", workers=0)
+    train(_cfg(data, tmp_path / "whole", **kw), log=lambda *a: None)
+    train(_cfg(data, tmp_path / "parts", **kw, max_steps=4), log=lambda *a: None)  # stops after epoch 2
+    train(_cfg(data, tmp_path / "parts", **kw, resume=True), log=lambda *a: None)
+    whole = [float(r["train_loss"]) for r in csv.DictReader(open(tmp_path / "whole" / "metrics.csv"))]
+    parts = [float(r["train_loss"]) for r in csv.DictReader(open(tmp_path / "parts" / "metrics.csv"))]
+    assert parts == pytest.approx(whole, rel=1e-5)

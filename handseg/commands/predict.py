@@ -37,7 +37,8 @@ BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Network inp
                                         "whole resized images, or windows of --crop models.")]
 NoAmp = Annotated[bool, typer.Option("--no-amp", help="Run in fp32 on GPU.")]
 Splits = Annotated[Path | None, typer.Option("--splits", help="splits.json: predict the held-out images of "
-                                             "--fold (out-of-fold maps for `handseg select`).")]
+                                             "--fold with runs that held it out (e.g. to compare or vote a fold; "
+                                             "`train --fold K` writes the RUN/oof/ maps `select` reads).")]
 Fold = Annotated[int | None, typer.Option("--fold", min=0, help="With --splits: the fold whose images to predict.")]
 
 
@@ -73,11 +74,17 @@ def predict(
       handseg predict --recipe recipe.json --data data/test -o submission.csv
     """
     with _model_zip(checkpoints, out, overwrite) as bundle:
+        where = "--recipe"
         if bundle is not None:  # a model zip from `handseg export`: its checkpoints, or its recipe
-            checkpoints, recipe = bundle.checkpoints, bundle.recipe or recipe
+            if recipe is not None:
+                from handseg.core.errors import HandsegError
+
+                raise HandsegError("give a model zip or --recipe, not both (a zip holds its own models and recipe)")
+            checkpoints, recipe = bundle.checkpoints, bundle.recipe
+            where = "this model zip's recipe"
         if recipe is not None:
             _run_recipe(checkpoints, recipe, oof, data, out, probs, batch_size, device, not no_amp, overwrite,
-                        [thresholds, tune_thresholds, splits, fold, keep_largest])
+                        [thresholds, tune_thresholds, splits, fold, keep_largest], where)
             return
         _run(checkpoints, data, out, probs, "", Merge.mean, thresholds, tune_thresholds, device, not no_amp,
              "predict", batch_size, overwrite, splits, fold, probs_format, keep_largest)
@@ -175,7 +182,7 @@ def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, dev
     if splits is not None:
         from handseg.core.kfold import fold_samples
 
-        data, samples = fold_samples(splits, fold, data, checkpoints[0])
+        data, samples = fold_samples(splits, fold, data, checkpoints)
     else:
         source = resolve_data(data if data is not None else Path("data/test"), "test")
         if main:
@@ -212,7 +219,8 @@ def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, dev
     stdout.print(f"{result.images} images -> {out}" + (f" (probabilities in {probs})" if probs else ""))
 
 
-def _run_recipe(checkpoints, recipe, oof, data, out, probs, batch_size, device, amp, overwrite, not_with):
+def _run_recipe(checkpoints, recipe, oof, data, out, probs, batch_size, device, amp, overwrite, not_with,
+                where="--recipe"):
     import tempfile
 
     from handseg.commands.options import say_data
@@ -226,7 +234,7 @@ def _run_recipe(checkpoints, recipe, oof, data, out, probs, batch_size, device, 
     if checkpoints:
         raise HandsegError("give run folders or --recipe, not both (the recipe names its runs)")
     if any(v not in (None, False) for v in not_with):
-        raise HandsegError("--recipe sets thresholds, folds and keep-largest itself; drop --thresholds, "
+        raise HandsegError(f"{where} sets thresholds, folds and keep-largest itself; drop --thresholds, "
                            "--tune-thresholds, --splits, --fold and --keep-largest")
     if dist_env().world > 1:
         raise HandsegError("--recipe runs in one process; run it without torchrun")

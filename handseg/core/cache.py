@@ -227,17 +227,25 @@ def build_cache(kind: str, data_dir: str | Path, cache_dir: str | Path, workers:
     if progress:
         progress(total=len(jobs))
     results = []
-    if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=workers, initializer=collect_only) as pool:
-            for r in pool.map(_cache_one, jobs, chunksize=max(1, len(jobs) // (workers * 8))):
-                results.append(r)
+    try:
+        if workers > 1 and len(jobs) > 1:
+            with ProcessPoolExecutor(max_workers=workers, initializer=collect_only) as pool:
+                for r in pool.map(_cache_one, jobs, chunksize=max(1, len(jobs) // (workers * 8))):
+                    results.append(r)
+                    if progress:
+                        progress()
+        else:
+            for job in jobs:
+                results.append(_cache_one(job))
                 if progress:
                     progress()
-    else:
-        for job in jobs:
-            results.append(_cache_one(job))
-            if progress:
-                progress()
+    except BaseException:
+        if results:  # what finished stays usable; the rest is rebuilt next time
+            done = {r[0]["path"] for r in results}
+            kept = [r[0] for r in results] + [e for rel, e in index.items() if rel not in done]
+            write_manifest(folder, f"prep-{kind}", {"workers": workers}, inputs={"data": str(data_dir)},
+                           format="packed-bbox-v1" if kind == MASKS else "npy-uint8", samples=kept, complete=False)
+        raise
     for _, _, notes in results:
         for key, text in notes:
             notice(key, text)
@@ -248,26 +256,36 @@ def build_cache(kind: str, data_dir: str | Path, cache_dir: str | Path, workers:
     return CacheResult(folder, entries, written, len(results) - written)
 
 
-def check_cache_fresh(cache_dir: str | Path, samples: list[Sample]) -> None:
-    """Refuse to train from cache files that were made from other sources than today's.
+def check_cache_fresh(cache_dir: str | Path, samples: list[Sample]) -> set[str]:
+    """Check the cache files of ``samples`` against what they were made from; returns the samples
+    (by ``rel``) whose cache files can be used.
+
+    A file made from other sources than today's, or changed since, is an error naming it; a file the
+    manifest does not record (a prep that stopped midway, an older handseg) is not used, and the
+    sample is read from its PNG and JSON (said once).
 
     Raises:
-        HandsegError: naming the label or image that changed since ``handseg prep`` (or a cache file
-            with no record of its sources, or with another size than recorded).
+        HandsegError: naming the label or image that changed since ``handseg prep``, or the cache file
+            that has another size than recorded.
     """
+    from handseg.core.notices import notice
+
+    usable = {s.rel for s in samples}
     for kind, command in ((MASKS, "json2npy"), (IMAGES, "png2npy")):
         folder = Path(cache_dir) / kind
         if not folder.is_dir():
             continue
         index = read_cache_index(folder)
+        unrecorded = []
         for s in samples:
             target = _npy_bytes_path(folder, s)
             if not target.is_file():
                 continue  # not cached: read from the PNG and JSON themselves
             entry = index.get(s.rel)
             if entry is None or "sources" not in entry:
-                raise HandsegError(f"cache file has no record of its sources (made by an older handseg, or "
-                                   f"not by prep?); run `handseg prep {command}` again", target)
+                unrecorded.append(target)
+                usable.discard(s.rel)
+                continue
             if target.stat().st_size != entry.get("bytes"):
                 raise HandsegError(f"cache file was changed or truncated since prep; run `handseg prep {command}` "
                                    "again", target)
@@ -278,6 +296,11 @@ def check_cache_fresh(cache_dir: str | Path, samples: list[Sample]) -> None:
                     if now.get("sha256") != recorded[role].get("sha256"):
                         raise HandsegError(f"changed since the cache was made; run `handseg prep {command}` "
                                            "again", path)
+        if unrecorded:
+            notice(("unrecorded", str(folder)), f"{len(unrecorded)} files of {folder} have no record of their "
+                                                f"sources (a prep that stopped, or an older handseg) and are not "
+                                                f"used; run `handseg prep {command}` again (e.g. {unrecorded[0].name})")
+    return usable
 
 
 def load_cached_image(cache_dir: str | Path, sample: Sample, mmap: bool = True) -> np.ndarray:

@@ -67,29 +67,37 @@ def context_refs(checkpoints: list[Path], run_dir: Path) -> list[str]:
     return refs
 
 
-def resolve_context(refs: list[str], checkpoint: Path) -> list[Path]:
-    """The stage-1 checkpoints a stage-2 card names, found relative to the stage-2 checkpoint's folder.
+def resolve_context(refs: list[str], checkpoint: Path, sha256: list[str] | None = None) -> list[Path]:
+    """The stage-1 checkpoints a stage-2 card names, found relative to the stage-2 checkpoint's folder
+    (and checked against the SHA-256 the card pins them by).
 
     Raises:
-        HandsegError: one line naming a stage-1 checkpoint that is missing.
+        HandsegError: one line naming a stage-1 checkpoint that is missing or another file.
     """
+    from handseg.core.checkpoint import checkpoint_sha256
+
     out = []
-    for ref in refs:
+    for i, ref in enumerate(refs):
         p = Path(ref)
         p = p if p.is_absolute() else (Path(checkpoint).parent / p)
         if not p.is_file():
             raise HandsegError(f"its model card names the stage-1 checkpoint {ref}, which is missing (looked for "
                                f"{p}); keep the stage-1 runs beside the stage-2 run, or `handseg export` both",
                                checkpoint)
+        if sha256 and i < len(sha256) and checkpoint_sha256(p) != sha256[i]:
+            raise HandsegError(f"the stage-1 checkpoint {ref} is not the one this cascade was trained with (its "
+                               "SHA-256 changed)", checkpoint)
         out.append(p)
     return out
 
 
 def _key(checkpoints: list[Path]) -> str:
+    """The cache key of a stage-1 set: its checkpoints' contents."""
+    from handseg.core.checkpoint import checkpoint_sha256
+
     h = hashlib.sha256()
-    for p in sorted(Path(c).resolve() for c in checkpoints):
-        st = p.stat()
-        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    for digest in sorted(checkpoint_sha256(c) for c in checkpoints):
+        h.update(digest.encode())
     return h.hexdigest()[:16]
 
 

@@ -41,6 +41,8 @@ class ModelCard:
     context: list[str] | None = None
     """A cascade's stage 2: the stage-1 checkpoints whose maps are its extra input channels (paths
     relative to this checkpoint's folder, or absolute); see :mod:`handseg.core.cascade`."""
+    context_sha256: list[str] | None = None
+    """The stage-1 checkpoints' SHA-256: another file at a stage-1 path is refused, not used."""
     plan: dict | None = None
     """How the model was built (:class:`handseg.core.models.ModelPlan`: input size, encoder options);
     filled from the model when saved. Cards written before it existed rebuild from arch, encoder and size."""
@@ -87,6 +89,9 @@ def _check_card(card: ModelCard) -> None:
     if card.context is not None and not (isinstance(card.context, list) and card.context
                                          and all(isinstance(c, str) for c in card.context)):
         raise ValueError("context must be a list of stage-1 checkpoint paths")
+    if card.context_sha256 is not None and not (isinstance(card.context_sha256, list)
+                                                and all(isinstance(c, str) for c in card.context_sha256)):
+        raise ValueError("context_sha256 must be a list of SHA-256 strings")
 
 
 def checkpoint_bytes(weights: dict, card: ModelCard) -> bytes:
@@ -135,6 +140,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not path.is_file():
         raise HandsegError("checkpoint not found", path)
     return path
+
+
+def checkpoint_sha256(path: str | Path) -> str:
+    """The SHA-256 of a checkpoint file: what a recipe or a cascade pins its models by."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_card(path: str | Path) -> ModelCard:

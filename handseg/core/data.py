@@ -122,26 +122,46 @@ def resolve_data(data_dir: str | Path, role: Role = "train") -> DataSource:
     raise HandsegError(f"{what} here{hint}", data_dir)
 
 
-def _walk_files(root: Path):
-    """Files under ``root`` (symlinks included, dangling ones too), skipping hidden entries and caches."""
+def _walk_files(root: Path, skipped: list | None = None):
+    """Files under ``root`` (symlinks included, dangling ones too), skipping hidden entries (``.DS_Store``,
+    macOS ``._x.png`` copies, ``.git``); with ``skipped``, the hidden files are listed there."""
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "cache")
+        if skipped is not None:
+            skipped += [Path(dirpath) / d for d in dirnames if d.startswith(".")]
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if not name.startswith("."):
                 yield Path(dirpath) / name
+            elif skipped is not None:
+                skipped.append(Path(dirpath) / name)
+
+
+OTHER_IMAGE_EXTENSIONS = (".tif", ".tiff", ".bmp", ".dcm", ".dicom", ".webp", ".jp2")
 
 
 def _image_files(root: Path) -> list[Path]:
-    """Every image file under ``root``; a broken link with an image name is an error naming it."""
-    images = []
-    for path in _walk_files(root):
+    """Every image file under ``root``; a broken link with an image name is an error naming it, and
+    what is not read (hidden entries, images in formats handseg does not read) is said once."""
+    from handseg.core.notices import notice
+
+    images, skipped, other = [], [], []
+    for path in _walk_files(root, skipped):
         if not is_image_file(path):
+            if path.suffix.lower() in OTHER_IMAGE_EXTENSIONS:
+                other.append(path)
             continue
         if not path.exists():
             raise HandsegError("broken link: the image it points to does not exist", path)
         if not path.is_file():
             raise HandsegError("not a regular file", path)
         images.append(path)
+    if other:
+        kinds = ", ".join(sorted({p.suffix.lower() for p in other}))
+        notice(("other-images", str(root)), f"{len(other)} files of {root} are not read ({kinds}; handseg reads PNG "
+                                            f"and JPEG), e.g. {other[0]}")
+    if skipped:
+        notice(("hidden", str(root)), f"{len(skipped)} hidden files or folders under {root} are not read, e.g. "
+                                      f"{skipped[0]}")
     return images
 
 

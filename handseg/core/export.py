@@ -46,6 +46,7 @@ def export_models(runs: list[Path], out: Path, recipe: Path | None = None) -> di
     if recipe is not None and runs:
         raise HandsegError("export either run folders or --recipe (which names its own runs), not both")
     entries: list[tuple[str, Path]] = []
+    pinned: dict[str, tuple[dict, str]] = {}
     recipe_doc = None
     if recipe is not None:
         from handseg.core.files import read_json
@@ -59,10 +60,17 @@ def export_models(runs: list[Path], out: Path, recipe: Path | None = None) -> di
                 name = f"models/{_safe(cfg.name)}/fold{fold}"
                 entries.append((name, resolve_checkpoint(run)))
                 new_runs[str(fold)] = name
+                pinned[name] = (doc_cfg, str(fold))
             doc_cfg["runs"] = new_runs
     for run in runs:
         entries.append((f"models/{_safe(Path(run).name)}", resolve_checkpoint(run)))
     entries = _with_context(entries)
+    for name, path in entries:  # a cascade's rewritten card changes its bytes: the recipe pins the new ones
+        if isinstance(path, bytes) and name in pinned:
+            import hashlib
+
+            doc_cfg, fold = pinned[name]
+            doc_cfg.setdefault("sha256", {})[fold] = hashlib.sha256(path).hexdigest()
     names = [n for n, _ in entries]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
@@ -110,7 +118,7 @@ def _with_context(entries: list[tuple[str, Path]]) -> list:
         if not card.context:
             out.append((name, path))
             continue
-        stage1 = resolve_context(card.context, path)
+        stage1 = resolve_context(card.context, path, card.context_sha256)
         refs = [f"context/{i}/{BEST}" for i in range(len(stage1))]
         out.append((name, with_card(path, replace(card, context=refs))))
         out += [(f"{name}/context/{i}", p) for i, p in enumerate(stage1)]

@@ -71,7 +71,10 @@ def to_input(images, card: ModelCard, device: str):
     (``C``: the model's image channels; a cascade's context channels are added by the caller)."""
     import torch
 
-    x = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+    if not isinstance(images, torch.Tensor):
+        array = np.asarray(images)
+        images = torch.from_numpy(array if array.flags.writeable else array.copy())
+    x = images
     x = x.to(device, non_blocking=True)
     if x.ndim == 2:
         x = x.unsqueeze(0)
@@ -192,7 +195,8 @@ class Predictor:
             if card.context:
                 from handseg.core.cascade import resolve_context
 
-                refs = tuple(str(q.resolve()) for q in resolve_context(card.context, resolve_checkpoint(p)))
+                refs = tuple(str(q.resolve()) for q in resolve_context(card.context, resolve_checkpoint(p),
+                                                                       card.context_sha256))
                 if refs not in shared:
                     shared[refs] = cls.load(list(refs), device, amp, batch)
                 stage1[len(models)] = shared[refs]

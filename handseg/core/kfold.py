@@ -106,24 +106,40 @@ def read_splits(path: str | Path) -> dict:
 
 
 def fold_samples(splits_path: str | Path, fold: int, data: str | Path | None = None,
-                 run: str | Path | None = None) -> tuple[Path, list[Sample]]:
+                 runs: list | None = None) -> tuple[Path, list[Sample]]:
     """The held-out images of ``fold``: ``(data folder, samples)`` in submission order.
 
-    ``data`` defaults to the folder the run was trained on (its manifest), else the one the splits
-    were made from.
+    Every run must have held that fold out (its manifest's fold and splits): otherwise its
+    "out-of-fold" maps would be predictions on its own training images. ``data`` defaults to the
+    folder the first run was trained on (its manifest), else the one the splits were made from.
 
     Raises:
-        HandsegError: the splits do not name that fold, or its images are not in the data folder.
+        HandsegError: the splits do not name that fold, a run was trained with another fold or other
+            splits, or the fold's images are not in the data folder.
     """
+    import hashlib
+
     from handseg.core.files import MANIFEST_NAME, read_json
 
     splits = read_splits(splits_path)
     if not 0 <= fold < splits["n_folds"]:
         raise HandsegError(f"--fold {fold} but the splits have {splits['n_folds']} folds", splits_path)
-    if data is None and run is not None:
+    wanted_sha = hashlib.sha256(Path(splits_path).read_bytes()).hexdigest()
+    for run in runs or []:
         folder = Path(run) if Path(run).is_dir() else Path(run).parent
-        if (folder / MANIFEST_NAME).is_file():
-            data = (read_json(folder / MANIFEST_NAME, "manifest").get("inputs") or {}).get("data")
+        if not (folder / MANIFEST_NAME).is_file():
+            raise HandsegError(f"has no manifest to show it held fold {fold} out; give run folders", run)
+        doc = read_json(folder / MANIFEST_NAME, "manifest")
+        options, inputs = doc.get("options") or {}, doc.get("inputs") or {}
+        if options.get("fold") != fold:
+            raise HandsegError(f"was trained with --fold {options.get('fold')}, so fold {fold}'s images are among its "
+                               "training images", run)
+        used = inputs.get("splits")
+        if used in (None, "None") or not Path(used).is_file() or \
+                hashlib.sha256(Path(used).read_bytes()).hexdigest() != wanted_sha:
+            raise HandsegError(f"was not trained with these splits ({used}), so its fold {fold} may differ", run)
+        if data is None:
+            data = inputs.get("data")
     if data is None:
         data = ((splits.get("manifest") or {}).get("inputs") or {}).get("data")
     if data is None:

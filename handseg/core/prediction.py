@@ -141,7 +141,16 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise HandsegError(f"two images share the basename {dup}; submission rows could not tell them apart", data)
+    if probs_dir is not None:
+        from handseg.core.ensemble import probs_name
+
+        stems = [probs_name(n) for n in names]
+        if len(set(stems)) != len(stems):
+            dup = next(n for n, m in zip(names, stems) if stems.count(m) > 1)
+            raise HandsegError(f"two images share the name {Path(dup).stem} (e.g. {dup}); their probability maps "
+                               "would be one file", data)
     predictor = Predictor.load(checkpoints, device, amp, batch)
+    _say_idle_scales(predictor, transforms)
     thr = check_thresholds(thresholds if thresholds is not None else predictor.thresholds)
     from handseg.core.distributed import Dist
 
@@ -241,6 +250,37 @@ class RecipeRun:
     per_class: dict[str, float] = field(default_factory=dict)
 
 
+def _say_idle_scales(predictor: Predictor, transforms: list[Transform]) -> None:
+    """A scale that rounds to the identity's input size adds nothing but weight in the merge: say so."""
+    from handseg.core.inference import run_side
+    from handseg.core.notices import notice
+
+    for model, card in zip(predictor.models, predictor.cards):
+        if card.crop:
+            continue
+        base = run_side(model, card)
+        for t in transforms:
+            if t.scale != 1.0 and run_side(model, card, t.scale) == base:
+                notice(("idle-scale", t.name, card.size), f"TTA {t.name} runs the {card.size} px model at {base} px, "
+                                                          "the identity's size: it repeats the identity")
+
+
+def _accumulating(progress):
+    """A progress callback whose ``total=`` calls add up (one bar over several prediction passes)."""
+    if progress is None:
+        return None
+    total = [0]
+
+    def tick(total_: int | None = None) -> None:
+        if total_ is None:
+            progress()
+        else:
+            total[0] += total_
+            progress(total=total[0])
+
+    return tick
+
+
 def _folder_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.@+-]+", "_", name).strip("_") or "config"
 
@@ -265,9 +305,17 @@ def run_recipe(recipe_path: Path, data: Path, out_csv: Path, maps_dir: Path, dev
 
     recipe = read_recipe(recipe_path)
     members = recipe.members()
-    for m in members:  # every checkpoint is found before any work
-        for run in recipe.config(m).checkpoints:
-            resolve_checkpoint(run)
+    progress = _accumulating(progress)
+    from handseg.core.checkpoint import checkpoint_sha256
+
+    for m in members:  # every checkpoint is found, and is the one select scored, before any work
+        cfg = recipe.config(m)
+        for fold, run in sorted(cfg.runs.items()):
+            path = resolve_checkpoint(run)
+            want = cfg.sha256.get(fold)
+            if want is not None and checkpoint_sha256(path) != want:
+                raise HandsegError("is not the checkpoint the recipe was chosen with (its SHA-256 changed); run "
+                                   "`handseg select` again", path)
     if samples is None:
         samples = discover(data, labels="optional", role="train" if oof else "test")
     by_name = {s.name: s for s in samples}

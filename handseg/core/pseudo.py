@@ -85,6 +85,9 @@ def make_pseudo(source: Path, data: Path, out: Path, min_confidence: float | Non
     if unknown:
         raise HandsegError(f"{len(unknown)} predicted images are not in {data} (e.g. {unknown[0]})", source)
     shapes = {name: image_size(by_name[name].image_path) for name in names}
+    cuts = np.full(NUM_CLASSES, 127.5)  # p > 0.5 on the uint8 scale p * 255
+    if from_probs:
+        cuts = 255.0 * _recorded_thresholds(Path(source))
     if not from_probs:  # every RLE is checked before anything is written
         for name in names:
             for c, runs in enumerate(preds.runs[name]):
@@ -105,7 +108,7 @@ def make_pseudo(source: Path, data: Path, out: Path, min_confidence: float | Non
                 got = pm.crop(c)
                 if got is not None:
                     q, r0, c0 = got
-                    m = q > 127  # p > 0.5 on the uint8 scale p * 255
+                    m = q > cuts[c]
                     fg_sum += float(q[m].sum(dtype=np.int64)) / 255.0
                     fg_count += int(m.sum())
                     crops.append((c, m, r0, c0))
@@ -139,7 +142,31 @@ def make_pseudo(source: Path, data: Path, out: Path, min_confidence: float | Non
         entries.append(cache_entry(MASKS, Sample(s.patient, image, label, s.folder), target, shape))
         kept.append(s.rel)
         _progress(progress)
+    if not kept:
+        first = next(iter(dropped.items()), ("", ""))
+        raise HandsegError(f"no image passed (all {len(dropped)} dropped, e.g. {first[0]}: {first[1]}); nothing to "
+                           "train on", source)
     return PseudoResult(kept, dropped, entries)
+
+
+def _recorded_thresholds(folder: Path) -> np.ndarray:
+    """The per-class thresholds a probability folder's predict used (its manifest), else 0.5: pseudo
+    labels cut the maps where the submission would."""
+    from handseg.core.files import MANIFEST_NAME, read_json
+    from handseg.core.notices import notice
+
+    manifest = folder / MANIFEST_NAME
+    thresholds = None
+    if manifest.is_file():
+        doc = read_json(manifest, "manifest")
+        thresholds = (doc.get("options") or {}).get("thresholds") if isinstance(doc, dict) else None
+    if not (isinstance(thresholds, list) and len(thresholds) == NUM_CLASSES
+            and all(isinstance(t, int | float) and 0 < t < 1 for t in thresholds)):
+        return np.full(NUM_CLASSES, 0.5)
+    if any(t != 0.5 for t in thresholds):
+        notice("pseudo-thresholds", f"pseudo labels use the per-class thresholds {folder} was predicted with "
+                                    f"({min(thresholds):.2f}..{max(thresholds):.2f})")
+    return np.asarray(thresholds, dtype=np.float64)
 
 
 def _progress(progress):

@@ -190,7 +190,14 @@ def _card_from_checkpoint(run: Path) -> dict:
 
 
 def _config_key(r: OofRun) -> str:
-    card = {k: v for k, v in r.card.items() if k not in _PER_FOLD_CARD_FIELDS}
+    from dataclasses import asdict
+
+    from handseg.core.checkpoint import ModelCard
+
+    # cards from other handseg versions: missing fields take their defaults; the build plan follows from
+    # arch, encoder and size, so it is not part of what makes a configuration
+    full = {**asdict(ModelCard("", "", 0)), **r.card}
+    card = {k: v for k, v in full.items() if k not in _PER_FOLD_CARD_FIELDS + ("plan",)}
     return json.dumps({"card": card, "transforms": r.transforms, "merge": r.merge}, sort_keys=True)
 
 
@@ -760,6 +767,8 @@ class RecipeConfig:
     transforms: list[str]
     merge: str
     card: dict
+    sha256: dict[int, str] = field(default_factory=dict)
+    """Each fold's checkpoint pinned by its SHA-256 (what select scored)."""
 
     @property
     def checkpoints(self) -> list[Path]:
@@ -820,7 +829,8 @@ def recipe_from_json(doc: dict, base: Path | None = None, where: Path | None = N
             configs.append(RecipeConfig(str(c["name"]), {k: p if p.is_absolute() or base is None else base / p
                                                          for k, p in runs.items()},
                                         list(tta.get("transforms", ["identity"])), str(tta.get("merge", "mean")),
-                                        dict(c.get("card") or {})))
+                                        dict(c.get("card") or {}),
+                                        {int(k): str(v) for k, v in (c.get("sha256") or {}).items()}))
         except (KeyError, TypeError, ValueError, AttributeError):
             raise bad('each configuration needs "name" and "runs" {fold: run folder}') from None
     if not configs:
@@ -1064,7 +1074,9 @@ class Selection:
 def build_recipe(configs: Sequence[Configuration], scores: OptionScores, chosen: Candidate,
                  candidates: Sequence[Candidate], out: Path, data: Path, choose: str = "oof") -> dict:
     """The recipe document for the chosen candidate (``cv_dice`` still that of the histogram pass; the
-    caller replaces it by :func:`apply_recipe`'s)."""
+    caller replaces it by :func:`apply_recipe`'s). Each run's checkpoint is pinned by its SHA-256."""
+    from handseg.core.checkpoint import checkpoint_sha256, resolve_checkpoint
+
     base = out.resolve().parent
     space = scores.space
     return {
@@ -1079,6 +1091,7 @@ def build_recipe(configs: Sequence[Configuration], scores: OptionScores, chosen:
         "paths": "run folders are relative to this file's folder",
         "configurations": [
             {"name": c.name, "runs": {str(f): os.path.relpath(r.run.resolve(), base) for f, r in c.runs.items()},
+             "sha256": {str(f): checkpoint_sha256(resolve_checkpoint(r.run)) for f, r in c.runs.items()},
              "tta": c.tta(), "card": c.card}
             for c in configs
         ],

@@ -171,6 +171,10 @@ def submission_order(image_lists: list[list[str]], sources: list[Path], data: Pa
             only = sorted(names - set(order)) or sorted(set(order) - names)
             raise HandsegError(f"holds other images than the inputs (e.g. {only[0]})", folder)
     if all(lst == image_lists[0] for lst in image_lists[1:]):
+        from handseg.core.notices import notice
+
+        notice("order-from-inputs", "no data folder is known (--data, or a manifest beside the inputs): rows follow "
+                                    "the inputs' common order, and runs are not checked against image sizes")
         return list(image_lists[0]), {}
     raise HandsegError("the inputs list their images in different orders; pass --data DIR (the X-rays they "
                        "predict) so the output follows the submission order")

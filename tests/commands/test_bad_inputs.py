@@ -63,8 +63,11 @@ def test_output_paths_are_checked_before_any_work(run, synth_data, tmp_path, cap
         _fails(capsys, args, needle)
     a = tmp_path / "a.csv"
     _csv(a, ["x.png"])
-    _fails(capsys, ["vote", "hard", a, a, "-o", a], "already exists; pass --overwrite")
-    assert read_predictions(a).images == ["x.png"]  # untouched
+    _fails(capsys, ["vote", "hard", a, a, "-o", a], "is an input of this command")
+    b = tmp_path / "b.csv"
+    _csv(b, ["x.png"])
+    _fails(capsys, ["vote", "hard", a, a, "-o", b], "already exists; pass --overwrite")
+    assert read_predictions(a).images == ["x.png"] and read_predictions(b).images == ["x.png"]  # untouched
 
 
 def test_existing_outputs_need_overwrite_everywhere(run, synth_data, tmp_path, capsys):
@@ -291,3 +294,58 @@ def test_ctrl_c_says_interrupted_and_leaves_a_resumable_run(synth_data, tmp_path
 
     epoch = read_card(out / "last.safetensors").epoch
     assert (out / f"resume-{epoch:04d}.safetensors").is_file()
+
+
+def test_outputs_that_would_destroy_inputs_are_refused(run, synth_data, tmp_path, capsys):
+    data = tmp_path / "victim"
+    shutil.copytree(synth_data, data)
+    _fails(capsys, ["eda", "--data", data / "train", "--out", data, "--overwrite"], "holds an input of this command")
+    _fails(capsys, ["predict", run, "--data", data / "test", "-o", tmp_path / "p.csv", "--probs", data / "test",
+                    "--overwrite"], "is an input of this command")
+    assert len(discover(data / "train")) == len(discover(synth_data / "train"))  # untouched
+
+
+def test_train_refuses_a_used_folder_and_another_fold_on_resume(synth_data, tmp_path, capsys):
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "notes.txt").write_text("mine")
+    base = ["train", "--data", synth_data / "train", "--arch", "unet", "--encoder", "resnet18", "--encoder-weights",
+            "none", "--size", 64, "--epochs", 1, "--workers", 0, "--device", "cpu", "--augment", "none"]
+    _fails(capsys, [*base, "--out", used], "exists and is not empty; pass --resume", "--overwrite")
+    assert run_cli([*base, "--out", used, "--overwrite"], capsys)[0] == 0
+    assert not (used / "notes.txt").exists() and (used / "last.safetensors").exists()
+    _fails(capsys, [*base, "--out", used, "--resume", "--fold", 1, "--epochs", 2], "another --fold (0, now 1)")
+    _fails(capsys, [*base, "--out", tmp_path / "big", "--size", 100000], "--size 100000: larger than the largest")
+
+
+def test_prediction_inputs_that_cannot_be_told_apart_or_are_not_read(run, synth_data, tmp_path, capsys):
+    folder = tmp_path / "odd"
+    images = [s.image_path for s in discover(synth_data / "test")]
+    (folder / "p1").mkdir(parents=True)
+    (folder / "p2").mkdir()
+    shutil.copy(images[0], folder / "p1" / "x.png")
+    import cv2
+
+    cv2.imwrite(str(folder / "p2" / "x.jpg"), cv2.imread(str(images[1]), cv2.IMREAD_GRAYSCALE))
+    _fails(capsys, ["predict", run, "--data", folder, "-o", tmp_path / "p.csv", "--probs", tmp_path / "pr"],
+           "two images share the name x", output=tmp_path / "pr")
+    shutil.rmtree(folder / "p2")
+    shutil.copy(images[1], folder / "p1" / ".hidden.png")
+    (folder / "p1" / "scan.tif").write_bytes(b"II*\0")
+    code, _, err = run_cli(["predict", run, "--data", folder, "-o", tmp_path / "q.csv", "--device", "cpu"], capsys)
+    assert code == 0 and "1 files of" in err and ".tif" in err and "hidden" in err
+
+
+def test_a_pseudo_set_with_nothing_kept_is_an_error(synth_data, tmp_path, capsys):
+    images = [s.name for s in discover(synth_data / "test")]
+    empty = tmp_path / "empty.csv"
+    write_predictions(empty, [(im, [""] * 29) for im in images])
+    _fails(capsys, ["pseudo", empty, "--data", synth_data / "test", "--out", tmp_path / "ps"], "no image passed",
+           output=tmp_path / "ps")
+
+
+def test_fold_predictions_need_runs_that_held_the_fold_out(run, synth_data, tmp_path, capsys):
+    splits = tmp_path / "splits.json"
+    assert run_cli(["kfold", "--data", synth_data / "train", "--folds", 2, "-o", splits], capsys)[0] == 0
+    _fails(capsys, ["predict", run, "--splits", splits, "--fold", 1, "-o", tmp_path / "f.csv"],
+           "was trained with --fold 0")

@@ -75,3 +75,13 @@ def test_train_oof_select_and_predict_recipe(synth_data, tmp_path, capsys):
     (tmp_path / "junk.zip").write_bytes(b"PK\x03\x04 not really")
     code, _, err = run_cli(["predict", tmp_path / "junk.zip", "-o", tmp_path / "j.csv"], capsys)
     assert code == 2 and "junk.zip: not a handseg model zip" in err
+
+    # a recipe pins its checkpoints: another file at a run's path is refused, not used
+    code, _, err = run_cli(["predict", elsewhere / "model.zip", "--recipe", recipe, "-o", tmp_path / "y.csv"], capsys)
+    assert code == 2 and "not both" in err
+    import shutil
+
+    shutil.copy(runs[1] / "best.safetensors", runs[0] / "best.safetensors")
+    code, _, err = run_cli(["predict", "--recipe", recipe, "--data", synth_data / "test", "-o", tmp_path / "w.csv",
+                            "--device", "cpu"], capsys)
+    assert code == 2 and "SHA-256 changed" in err and "select` again" in err

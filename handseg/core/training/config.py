@@ -79,6 +79,12 @@ class TrainConfig:
         from handseg.core.losses import parse_loss_spec
 
         parse_loss_spec(values["loss"])
+        from handseg.core.data import max_pixels
+
+        for flag, side in (("--size", values["size"]), ("--crop", values["crop"])):
+            if side is not None and side * side > max_pixels():
+                raise HandsegError(f"{flag} {side}: larger than the largest image handseg reads ({max_pixels():,} "
+                                   "pixels; HANDSEG_MAX_PIXELS)")
         if values["context"] and values["crop"] is None:
             raise HandsegError("--context needs --crop: a cascade's stage 2 trains on full-resolution crops, with "
                                "stage 1's maps of the whole image as context")

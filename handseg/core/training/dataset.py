@@ -279,8 +279,7 @@ def split_items(cfg: TrainConfig) -> tuple[list[Item], list[Item]]:
     data = resolve_data(cfg.data, "train").root
     samples = discover(data, labels="required")
     cache = find_cache(data, cfg.cache)
-    if cache is not None:
-        check_cache_fresh(cache, samples)
+    usable = check_cache_fresh(cache, samples) if cache is not None else set()
     if cfg.splits is not None:
         splits = read_splits(cfg.splits)
     elif cfg.fold < 0:  # everything is train: no folds needed (nor enough patients for them)
@@ -295,18 +294,39 @@ def split_items(cfg: TrainConfig) -> tuple[list[Item], list[Item]]:
     if missing:
         raise HandsegError(f"{len(missing)} images are not in the splits (e.g. {missing[0]}); re-run kfold",
                            cfg.splits)
-    train = [Item(s, cache) for s in samples if fold_of[s.rel] != cfg.fold]
-    val = [Item(s, cache) for s in samples if fold_of[s.rel] == cfg.fold]
+    train = [Item(s, cache if s.rel in usable else None) for s in samples if fold_of[s.rel] != cfg.fold]
+    val = [Item(s, cache if s.rel in usable else None) for s in samples if fold_of[s.rel] == cfg.fold]
     for extra in cfg.extra:
         check_extra_complete(extra)
         extra_samples = discover(extra, labels="required")
         extra_cache = find_cache(extra)
-        if extra_cache is not None:
-            check_cache_fresh(extra_cache, extra_samples)
-        train += [Item(s, extra_cache) for s in extra_samples]
+        extra_usable = check_cache_fresh(extra_cache, extra_samples) if extra_cache is not None else set()
+        train += [Item(s, extra_cache if s.rel in extra_usable else None) for s in extra_samples]
+    check_labels([i for i in train + val if i.cache is None or not cache_has_masks(i)])
     if not train:
         raise HandsegError("no training images left after taking out the validation fold")
+    names = [i.sample.name for i in val]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise HandsegError(f"two validation images share the basename {dup}: the fold's out-of-fold maps and CSV "
+                           "rows could not tell them apart; rename them", data)
     return train, val
+
+
+def cache_has_masks(item: Item) -> bool:
+    from handseg.core.cache import mask_path
+
+    return item.cache is not None and mask_path(item.cache, item.sample).is_file()
+
+
+def check_labels(items: list[Item]) -> None:
+    """Read every label that no cache holds, before training starts: a bad label file is its one-line
+    error now, not in the middle of an epoch."""
+    from handseg.core.data import image_size
+
+    for item in items:
+        polygon_crops(read_polygons(item.sample.label_path), image_size(item.sample.image_path),
+                      item.sample.label_path)
 
 
 def check_extra_complete(folder: Path) -> None:

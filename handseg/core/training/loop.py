@@ -130,8 +130,10 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
     context = None
     if cfg.context:
         from handseg.core.cascade import context_refs
+        from handseg.core.checkpoint import checkpoint_sha256
 
         card.context = context_refs(stage1, out)
+        card.context_sha256 = [checkpoint_sha256(p) for p in stage1]
         context = _cascade_context(cfg, train_items + val_items, device, d, log)
     start_epoch, step, best, resume_state = 0, 0, -1.0, None
     if cfg.resume:
