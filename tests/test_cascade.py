@@ -146,3 +146,18 @@ def test_context_needs_crops_and_whole_image_stage1(stage1, tmp_path):
     with pytest.raises(HandsegError, match="stage 1 must see whole images"):
         train(_cfg(data, tmp_path / "b", crop=64, context=[crop_run]), log=lambda *a: None)
     assert isinstance(ContextSource(), ContextSource)
+
+
+def test_the_cascade_proxy_benchmark_runs_tiny(capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import cascade_proxy
+
+    r = cascade_proxy.main(["--image-size", "64", "--size", "32", "--stage1", "32", "--crop", "32", "--ids", "3",
+                            "--test-ids", "1", "--budget", "1", "--encoder", "resnet18", "--workers", "0",
+                            "--device", "cpu"])
+    for recipe in ("resize", "cascade"):
+        assert 0.0 <= r[recipe]["dice"] <= 1.0 and len(r[recipe]["per_class"]) == 29
+    assert "finger mean" in capsys.readouterr().out

@@ -57,6 +57,11 @@ def test_torchrun_training_shards_data_and_reduces_validation(synth_data, tmp_pa
     fold = copy_default_val_fold(synth_data / "train", tmp_path / "fold0")
     single = run_predictions([run / "last.safetensors"], fold, tmp_path / "single.csv", device="cpu")
     assert card.score == pytest.approx(single.dice["identity"], rel=1e-6, abs=1e-9)
+    # the out-of-fold maps are written by both ranks inside the process group, each validation image once
+    assert (run / "oof" / "manifest.json").is_file()
+    assert len(json.loads((run / "oof" / "index.json").read_text())["images"]) == n_val
+    assert len(list((run / "oof").glob("*.npy"))) == n_val
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no partial folder left behind
 
 
 def test_torchrun_predict_writes_the_single_process_csv(synth_data, tmp_path):

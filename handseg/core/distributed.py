@@ -44,6 +44,17 @@ def setup_distributed(device: str) -> Dist:
     return d
 
 
+def join_group(device: str) -> bool:
+    """Join the process group if this process is not in it yet; True if this call created it (and
+    its caller should leave it with :func:`shutdown`), False if it was already joined (e.g. ``train``
+    writing its out-of-fold maps inside its own group)."""
+    import torch.distributed as dist
+
+    created = not dist.is_initialized()
+    setup_distributed(device)
+    return created
+
+
 def shutdown(d: Dist) -> None:
     """Wait for every rank, then leave the process group."""
     if d.world > 1:

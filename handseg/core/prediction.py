@@ -18,7 +18,7 @@ import numpy as np
 
 from handseg.core.constants import CLASSES, NUM_CLASSES
 from handseg.core.data import Sample, class_masks, discover, read_image, read_polygons
-from handseg.core.distributed import all_gather, dist_env, setup_distributed, shutdown
+from handseg.core.distributed import all_gather, dist_env, join_group, shutdown
 from handseg.core.errors import HandsegError
 from handseg.core.files import atomic_write_json, read_json
 from handseg.core.inference import IDENTITY, Predictor, Transform, masks_to_runs
@@ -217,9 +217,10 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
         rows = {n: [per_class[c][best[c]] for c in range(NUM_CLASSES)] for n, per_class in rows.items()}
 
     if d.world > 1:  # every rank's rows and Dice sums to rank 0
-        setup_distributed(predictor.device)
+        created = join_group(predictor.device)
         gathered = all_gather((rows, dice_sum), d)
-        shutdown(d)
+        if created:
+            shutdown(d)
         if not d.main:
             return PredictResult(len(shard), thr.tolist(), main=False)
         rows = {name: r for part, _ in gathered for name, r in part.items()}
@@ -269,14 +270,14 @@ def _accumulating(progress):
     """A progress callback whose ``total=`` calls add up (one bar over several prediction passes)."""
     if progress is None:
         return None
-    total = [0]
+    seen = [0]
 
-    def tick(total_: int | None = None) -> None:
-        if total_ is None:
+    def tick(total: int | None = None) -> None:
+        if total is None:
             progress()
         else:
-            total[0] += total_
-            progress(total=total[0])
+            seen[0] += total
+            progress(total=seen[0])
 
     return tick
 

@@ -1075,8 +1075,6 @@ def build_recipe(configs: Sequence[Configuration], scores: OptionScores, chosen:
                  candidates: Sequence[Candidate], out: Path, data: Path, choose: str = "oof") -> dict:
     """The recipe document for the chosen candidate (``cv_dice`` still that of the histogram pass; the
     caller replaces it by :func:`apply_recipe`'s). Each run's checkpoint is pinned by its SHA-256."""
-    from handseg.core.checkpoint import checkpoint_sha256, resolve_checkpoint
-
     base = out.resolve().parent
     space = scores.space
     return {
@@ -1091,7 +1089,7 @@ def build_recipe(configs: Sequence[Configuration], scores: OptionScores, chosen:
         "paths": "run folders are relative to this file's folder",
         "configurations": [
             {"name": c.name, "runs": {str(f): os.path.relpath(r.run.resolve(), base) for f, r in c.runs.items()},
-             "sha256": {str(f): checkpoint_sha256(resolve_checkpoint(r.run)) for f, r in c.runs.items()},
+             "sha256": {str(f): h for f, r in c.runs.items() if (h := _pin(r.run)) is not None},
              "tta": c.tta(), "card": c.card}
             for c in configs
         ],
@@ -1106,6 +1104,17 @@ def build_recipe(configs: Sequence[Configuration], scores: OptionScores, chosen:
         "folds": sorted(set(scores.folds.tolist())),
         "grid": [float(v) for v in space.cuts[0]],
     }
+
+
+def _pin(run: Path) -> str | None:
+    """The SHA-256 of the checkpoint ``predict`` will take from a run (None: the run holds out-of-fold
+    maps but no checkpoint, and predict will say so)."""
+    from handseg.core.checkpoint import checkpoint_sha256, resolve_checkpoint
+
+    try:
+        return checkpoint_sha256(resolve_checkpoint(run))
+    except HandsegError:
+        return None
 
 
 def _ensemble_kind(space: OptionSpace, choice: np.ndarray) -> str:

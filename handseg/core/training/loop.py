@@ -20,7 +20,7 @@ import numpy as np
 
 from handseg.core.checkpoint import BEST, LAST, ModelCard, read_card, unwrap
 from handseg.core.constants import CLASSES
-from handseg.core.distributed import all_reduce_sum, broadcast_buffers, setup_distributed, shutdown
+from handseg.core.distributed import all_reduce_sum, barrier, broadcast_buffers, setup_distributed, shutdown
 from handseg.core.errors import HandsegError
 from handseg.core.files import atomic_open, write_manifest
 from handseg.core.models import DEFAULT_NORM
@@ -149,11 +149,11 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
         best = read_card(out / BEST).score if (out / BEST).is_file() else -1.0
         best = -1.0 if best is None else best
         if start_epoch >= cfg.epochs:
-            shutdown(d)
             if val_items and not (out / OOF_DIR / "manifest.json").is_file():
                 write_oof(cfg, out, val_items, device, log, context)  # the run finished, its oof maps did not
             else:
                 log(f"nothing to do: {out} has finished all {start_epoch} epochs (pass a larger --epochs to train on)")
+            shutdown(d)
             return {"best_dice": best if best >= 0 else None, "last_dice": last_card.score, "epochs": 0,
                     "steps": step, "out": str(out), "finished": True}
 
@@ -317,9 +317,10 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
                         "or `handseg prep` caches would help")
             if cfg.max_steps and step >= cfg.max_steps:
                 break
-    shutdown(d)
-    if val_items:
+    if val_items:  # inside the process group: each rank predicts a shard, rank 0 gathers
+        barrier(d)  # rank 0's writer has finished the last checkpoint before anyone reads it
         write_oof(cfg, out, val_items, device, log, context)
+    shutdown(d)
     return {"best_dice": best if best >= 0 else None, "last_dice": last_dice, "epochs": epochs_run,
             "steps": step, "out": str(out)}
 
@@ -333,7 +334,6 @@ def _cascade_context(cfg: TrainConfig, items: list, device: str, d, log):
     from handseg.core.cache import default_cache_dir, find_cache
     from handseg.core.cascade import build_context
     from handseg.core.data import resolve_data
-    from handseg.core.distributed import barrier
 
     data = resolve_data(cfg.data, "train").root
     cache_root = find_cache(data, cfg.cache) or Path(cfg.cache or default_cache_dir(data))
