@@ -28,10 +28,11 @@ def test_vote_benchmark_agrees_with_baseline(capsys):
 def test_train_throughput_runs_tiny_on_cpu(capsys):
     import train_throughput
 
-    rows = train_throughput.main(["--size", "64", "--image-size", "128", "--steps", "2", "--device", "cpu",
-                                  "--configs", "unet/resnet34", "--workers", "1", "--baseline-workers", "0"])
+    rows = train_throughput.main(["--size", "64", "--image-size", "128", "--steps", "1", "--batch", "4",
+                                  "--device", "cpu", "--configs", "unet/resnet18", "--workers", "1",
+                                  "--baseline-workers", "1"])
     r = rows[0]
-    assert r["workers"] == 1 and r["baseline_workers"] == 0
+    assert r["workers"] == 1 and r["baseline_workers"] == 1 and r["batch"] == 4
     for key in ("baseline_img_s", "device_img_s", "handseg_img_s", "baseline_loader_img_s", "handseg_loader_img_s",
                 "baseline_gib", "device_gib", "handseg_gib"):
         assert r[key] > 0, key
