@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import tempfile
 import time
@@ -220,6 +221,7 @@ def run(checkpoint: Path | None, data: Path | None, arch: str, encoder: str, siz
         if data is None:
             make_dataset(tmp / "data", ids=0, test_ids=max(1, (images + 1) // 2), size=image_size, seed=0)
             data = tmp / "data" / "test_gt"  # labelled, so the masks can be scored; timed without labels
+        os.sync()  # the training's checkpoints and the data reach the disk now, not during the timed loops
         samples = discover(data, labels="optional", role="test")[:images]
         unlabelled = [type(s)(s.patient, s.image_path, None, s.rel_dir) for s in samples]
         for use_tta in (False, True) if tta else (False,):
