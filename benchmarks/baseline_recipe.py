@@ -1,13 +1,14 @@
 """A short training run: handseg's recipe against the official baseline recipe, same data, same time.
 
-    python benchmarks/baseline_recipe.py --budget 600 --image-size 1024 --ids 24 --test-ids 6
+    python benchmarks/baseline_recipe.py --budget 600 --image-size 1024 --ids 24 --test-ids 6 --workers 14
     python benchmarks/baseline_recipe.py --budget 2 --image-size 128 --size 64 --ids 3 --test-ids 1  (tests)
 
 Baseline, as the competition's official baseline notebook trains: torchvision FCN-ResNet50, images
 resized to 512 px, 3-channel input scaled to [0, 1], BCE with logits, Adam at 1e-4, batch 8, PNG and
-JSON decoded in the data set's __getitem__, fp32. handseg: ``handseg train --arch unet --encoder
-resnet34 --size 512`` with its defaults (BCE + Dice, AdamW at 1e-3 with warm-up and cosine decay,
-the default augmentation, the prep cache, AMP on GPU). Both start from random weights (nothing is
+JSON decoded in the data set's __getitem__ by ``--baseline-workers`` DataLoader workers (as the
+notebook ran it), fp32. handseg: ``handseg train --arch unet --encoder resnet34 --size 512`` with
+its defaults (BCE + Dice, AdamW at 1e-3 with warm-up and cosine decay, the default augmentation,
+the prep cache, AMP on GPU). Both start from random weights (nothing is
 downloaded), train on the same synthetic train split for the same wall-clock budget, and are scored
 with the leaderboard Dice on the held-out labelled test split at each image's full size.
 """
@@ -40,26 +41,44 @@ def _baseline_input(image: np.ndarray, size: int):
     return torch.from_numpy(rgb.transpose(2, 0, 1))
 
 
-def train_baseline(samples, size: int, budget_s: float, device: str, batch: int = 8, seed: int = 0):
-    """The official recipe for ``budget_s`` seconds (checked after every step); returns (model, steps, seconds)."""
+class RecipeDataset:
+    """The official baseline's XRayDataset (a map-style torch Dataset): PNG and JSON decoded per item,
+    29 full-size masks rasterised, image and masks resized. Items: ``(image (3, S, S), masks (29, S, S))``."""
+
+    def __init__(self, samples: list, size: int):
+        self.samples, self.size = samples, size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        import torch
+
+        s = self.samples[index]
+        image, masks = baseline_load(s.image_path, s.label_path)
+        return _baseline_input(image, self.size), torch.from_numpy(baseline_masks_resized(masks, self.size))
+
+
+def train_baseline(samples, size: int, budget_s: float, device: str, batch: int = 8, seed: int = 0,
+                   workers: int = 0):
+    """The official recipe for ``budget_s`` seconds (checked after every step), its data loaded by a
+    DataLoader with ``workers`` workers as the notebook ran it; returns (model, steps, seconds)."""
     import torch
+    from torch.utils.data import DataLoader
 
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
     model = _baseline_model(29).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     criterion = torch.nn.BCEWithLogitsLoss()
     batch = min(batch, len(samples))
+    loader = DataLoader(RecipeDataset(samples, size), batch_size=batch, shuffle=True, num_workers=workers,
+                        pin_memory=device.startswith("cuda"), drop_last=True, generator=generator)
     t0, steps = time.perf_counter(), 0
     while time.perf_counter() - t0 < budget_s:
-        order = rng.permutation(len(samples))
-        for start in range(0, len(order) - batch + 1, batch):
-            xs, ys = [], []
-            for i in order[start : start + batch]:
-                image, masks = baseline_load(samples[i].image_path, samples[i].label_path)
-                xs.append(_baseline_input(image, size))
-                ys.append(torch.from_numpy(baseline_masks_resized(masks, size)))
-            x, y = torch.stack(xs).to(device), torch.stack(ys).float().to(device)
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True).float()
             loss = criterion(model(x)["out"], y)
             optimizer.zero_grad()
             loss.backward()
@@ -105,7 +124,8 @@ def _seconds_per_image(arch: str, encoder: str, size: int, device: str, batch: i
     return (time.perf_counter() - t) / batch
 
 
-def run(budget: float, image_size: int, size: int, ids: int, test_ids: int, device: str, workers: int) -> dict:
+def run(budget: float, image_size: int, size: int, ids: int, test_ids: int, device: str, workers: int,
+        baseline_workers: int | None = None) -> dict:
     from handseg.core.cache import build_cache
     from handseg.core.data import discover
     from handseg.core.inference import pick_device
@@ -120,7 +140,8 @@ def run(budget: float, image_size: int, size: int, ids: int, test_ids: int, devi
         train_samples = discover(data / "train", labels="required")
         test_samples = discover(data / "test_gt", labels="required")
 
-        base_model, base_steps, base_s = train_baseline(train_samples, size, budget, device)
+        baseline_workers = workers if baseline_workers is None else baseline_workers
+        base_model, base_steps, base_s = train_baseline(train_samples, size, budget, device, workers=baseline_workers)
         base_dice = score_baseline(base_model, test_samples, size, device)
         del base_model
 
@@ -139,7 +160,8 @@ def run(budget: float, image_size: int, size: int, ids: int, test_ids: int, devi
         ours_s = time.perf_counter() - t0
         ours = run_predictions([Path(tmp) / "run" / "last.safetensors"], data / "test_gt", Path(tmp) / "p.csv",
                                device=device)
-    return {"device": device, "train_images": len(train_samples), "test_images": len(test_samples),
+    return {"device": device, "workers": workers, "baseline_workers": baseline_workers,
+            "train_images": len(train_samples), "test_images": len(test_samples),
             "image_size": image_size, "size": size, "budget_s": budget,
             "baseline": {"steps": base_steps, "images": base_steps * min(8, len(train_samples)), "seconds": base_s,
                          "dice": base_dice},
@@ -156,12 +178,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--test-ids", type=int, default=6, help="held-out labelled patients")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=0, help="handseg DataLoader workers")
+    parser.add_argument("--baseline-workers", type=int, help="the baseline's DataLoader workers (default: --workers)")
     args = parser.parse_args(argv)
-    r = run(args.budget, args.image_size, args.size, args.ids, args.test_ids, args.device, args.workers)
+    r = run(args.budget, args.image_size, args.size, args.ids, args.test_ids, args.device, args.workers,
+            args.baseline_workers)
     b, h = r["baseline"], r["handseg"]
     print(f"same budget ({r['budget_s']:.0f} s of training each) on {r['device']}: {r['train_images']} synthetic "
           f"train images at {r['image_size']} px, trained at {r['size']} px; mean Dice on {r['test_images']} "
-          "held-out images at full size")
+          f"held-out images at full size; DataLoader workers: baseline {r['baseline_workers']}, handseg {r['workers']}")
     print("| recipe | steps | images seen | train time (s) | mean Dice |")
     print("|---|---:|---:|---:|---:|")
     print(f"| official baseline: FCN-ResNet50, BCE, Adam 1e-4, batch 8 | {b['steps']} | {b['images']} | "

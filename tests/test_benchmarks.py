@@ -28,36 +28,94 @@ def test_vote_benchmark_agrees_with_baseline(capsys):
 def test_train_throughput_runs_tiny_on_cpu(capsys):
     import train_throughput
 
-    rows = train_throughput.main(["--size", "64", "--image-size", "128", "--steps", "2", "--device", "cpu",
-                                  "--configs", "unet/resnet34",
-                                  "--workers", "1"])
-    for key in ("baseline_img_s", "device_img_s", "handseg_img_s", "loader_img_s"):
-        assert rows[0][key] > 0, key
-    assert "handseg / on-device" in capsys.readouterr().out
+    rows = train_throughput.main(["--size", "64", "--image-size", "128", "--steps", "1", "--batch", "4",
+                                  "--device", "cpu", "--configs", "unet/resnet18", "--workers", "1",
+                                  "--baseline-workers", "1"])
+    r = rows[0]
+    assert r["workers"] == 1 and r["baseline_workers"] == 1 and r["batch"] == 4
+    for key in ("baseline_img_s", "device_img_s", "handseg_img_s", "baseline_loader_img_s", "handseg_loader_img_s",
+                "baseline_gib", "device_gib", "handseg_gib"):
+        assert r[key] > 0, key
+    # both loaders train on the same bones: the seed-style masks (PNG + JSON, fillPoly, nearest resize)
+    # and handseg's (prep cache, area resize) of the same images overlap except at the edges
+    assert r["mask_agreement"] > 0.8
+    # the default run: fold 0 validated, so validation took time; the parts add up to the call's wall time
+    wall = r["wall"]
+    assert wall["epochs"] == 2 and r["epoch_steps"] >= 2
+    assert wall["loops"] > 0 and wall["val"] > 0 and wall["save"] >= 0
+    assert wall["loops"] + wall["val"] + wall["save"] + wall["other"] == pytest.approx(wall["seconds"])
+    out = capsys.readouterr().out
+    assert "handseg / on-device" in out and "training loops" in out
 
 
-@pytest.mark.slow
-def test_predict_throughput_loops_predict_the_same_masks(tmp_path, capsys):
-    import predict_throughput
+def test_train_throughput_baseline_dataset_decodes_png_and_json(synth_data):
+    import numpy as np
+    import train_throughput
+    from bench_loading import baseline_load
+
+    from handseg.core.data import discover
+
+    samples = discover(synth_data / "train", labels="required")
+    data = train_throughput.BaselineDataset(samples, 64, length=len(samples) + 1)
+    x, y = data[len(samples)]  # item n is sample 0 again
+    image, masks = baseline_load(samples[0].image_path, samples[0].label_path)
+    assert x.shape == (1, 64, 64) and y.shape == (29, 64, 64)
+    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    # a class present at full size is present after the resize, in the same place (top or bottom half)
+    for c in range(29):
+        rows = np.flatnonzero(masks[c].any(axis=1))
+        small = np.flatnonzero(y[c].numpy().any(axis=1))
+        assert abs(rows.mean() / image.shape[0] - small.mean() / 64) < 0.05, c
+
+
+def _unbiased_checkpoint(path, size: int):
+    """A random UNet whose head is not biased towards background, so its masks are not empty."""
     import torch
 
     from handseg.core.checkpoint import ModelCard, save_checkpoint
     from handseg.core.models import build_model
 
-    # a random model whose head is not biased towards background, so its masks are not empty; the
-    # images are the model's size, so neither loop resizes and their masks must agree
+    torch.manual_seed(0)
     model = build_model("unet", "resnet18", "none")
     for m in model.segmentation_head.modules():
         if isinstance(m, torch.nn.Conv2d):
             torch.nn.init.zeros_(m.bias)
-    save_checkpoint(tmp_path / "m.safetensors", model, ModelCard(arch="unet", encoder="resnet18", size=64))
-    rows = predict_throughput.main(["--checkpoint", str(tmp_path / "m.safetensors"), "--image-size", "64",
-                                    "--images", "3", "--device", "cpu"])
-    assert [r["tta"] for r in rows] == ["none", "hflip"]
+    save_checkpoint(path, model, ModelCard(arch="unet", encoder="resnet18", size=size))
+    return path
+
+
+@pytest.mark.slow
+def test_predict_throughput_loops_predict_the_same_masks(tmp_path, capsys):
+    import predict_throughput
+
+    ckpt = _unbiased_checkpoint(tmp_path / "m.safetensors", 64)
+    # images larger than the model: both loops resize down (INTER_AREA) and the logits back up
+    info = predict_throughput.main(["--checkpoint", str(ckpt), "--image-size", "96", "--images", "3", "--batch", "2",
+                                    "--baseline-workers", "1", "--tta", "--device", "cpu"])
+    rows = info["rows"]
+    assert info["trained"] is None and [r["tta"] for r in rows] == ["none", "hflip"]
     for r in rows:
         assert r["images"] == 3 and r["baseline_img_s"] > 0 and r["handseg_img_s"] > 0
+        assert r["handseg_pixels"] > 0  # not two empty CSVs agreeing
         assert r["agreement"] > 0.99
-    assert "agreement" in capsys.readouterr().out
+        assert r["pieces_agree"] == pytest.approx(1.0)  # the pieces, timed alone, make the same CSV
+        assert set(r["pieces"]) == {"load", "decode", "forward", "runs", "rle", "csv"}
+        assert all(v >= 0 for v in r["pieces"].values())
+        assert 0.0 <= r["truth_dice"] <= 1.0
+    out = capsys.readouterr().out
+    assert "agreement" in out and "sum of the pieces" in out
+
+
+@pytest.mark.slow
+def test_predict_throughput_trains_a_model_when_given_none(capsys):
+    import predict_throughput
+
+    info = predict_throughput.main(["--arch", "unet", "--encoder", "resnet18", "--size", "64", "--image-size", "128",
+                                    "--images", "2", "--batch", "2", "--baseline-workers", "0", "--train-steps", "2",
+                                    "--device", "cpu"])
+    assert info["trained"]["steps"] == 2 and [r["tta"] for r in info["rows"]] == ["none"]
+    assert info["rows"][0]["images"] == 2 and info["rows"][0]["agreement"] > 0.99
+    assert "trained 2 steps" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -65,7 +123,7 @@ def test_baseline_recipe_runs_tiny(capsys):
     import baseline_recipe
 
     r = baseline_recipe.main(["--budget", "1", "--image-size", "128", "--size", "64", "--ids", "3", "--test-ids", "1",
-                              "--device", "cpu"])
+                              "--baseline-workers", "1", "--device", "cpu"])
     for recipe in ("baseline", "handseg"):
         assert r[recipe]["steps"] >= 1 and 0.0 <= r[recipe]["dice"] <= 1.0
-    assert r["test_images"] == 2 and "official baseline" in capsys.readouterr().out
+    assert r["baseline_workers"] == 1 and r["test_images"] == 2 and "official baseline" in capsys.readouterr().out
