@@ -70,7 +70,7 @@ def predict(
     Examples:
       handseg predict runs/fold0 runs/fold1 runs/fold2 --data data/test -o pred.csv --probs probs/
       handseg predict runs/fold0 --splits splits.json --fold 0 --probs oof/fold0 -o oof0.csv
-      handseg predict runs/fold0 --data my_xrays/ -o pred.csv       (any folder of PNG/JPEG files)
+      handseg predict runs/fold0 --data my_xrays/ -o pred.csv       (any folder of PNG/JPEG/DICOM files)
       handseg predict --recipe recipe.json --data data/test -o submission.csv
     """
     with _model_zip(checkpoints, out, overwrite) as bundle:

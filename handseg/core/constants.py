@@ -29,7 +29,7 @@ DEFAULT_THRESHOLD: float = 0.5
 CARPALS: tuple[str, ...] = CLASSES[19:27]
 WRIST_CLASSES: tuple[str, ...] = CLASSES[19:]
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg")
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")  # DICOM: handseg[dicom]
 """X-ray files by extension, matched in any case."""
 DEFAULT_MAX_PIXELS = 8192 * 8192
 """Images above this many pixels are refused unless ``HANDSEG_MAX_PIXELS`` says otherwise."""

@@ -92,14 +92,14 @@ class DataSource:
 
 
 def is_image_file(path: Path) -> bool:
-    """An X-ray file by its extension (any case): PNG or JPEG."""
+    """An X-ray file by its extension (any case): PNG, JPEG or DICOM."""
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
 def resolve_data(data_dir: str | Path, role: Role = "train") -> DataSource:
     """Turn what a user points ``--data`` at into the folder to read: a split holding ``DCM/``, the data
     set's root (``ROOT/train`` for training stages, ``ROOT/test`` for prediction), or, for prediction
-    only, any folder of X-rays (PNG or JPEG, flat or nested).
+    only, any folder of X-rays (PNG, JPEG or DICOM, flat or nested).
 
     Raises:
         HandsegError: the folder is missing, or holds nothing this role can read.
@@ -118,7 +118,7 @@ def resolve_data(data_dir: str | Path, role: Role = "train") -> DataSource:
         return DataSource(data_dir, "folder")
     others = [p for p in ("train", "test", "test_gt") if (data_dir / p / IMAGES_DIR).is_dir()]
     hint = f" (it holds {', '.join(str(data_dir / p) for p in others)})" if others else ""
-    what = f"no {IMAGES_DIR}/ folder" + (" and no PNG or JPEG images" if role == "test" else "")
+    what = f"no {IMAGES_DIR}/ folder" + (" and no PNG, JPEG or DICOM images" if role == "test" else "")
     raise HandsegError(f"{what} here{hint}", data_dir)
 
 
@@ -136,7 +136,7 @@ def _walk_files(root: Path, skipped: list | None = None):
                 skipped.append(Path(dirpath) / name)
 
 
-OTHER_IMAGE_EXTENSIONS = (".tif", ".tiff", ".bmp", ".dcm", ".dicom", ".webp", ".jp2")
+OTHER_IMAGE_EXTENSIONS = (".tif", ".tiff", ".bmp", ".webp", ".jp2")
 
 
 def _image_files(root: Path) -> list[Path]:
@@ -157,8 +157,8 @@ def _image_files(root: Path) -> list[Path]:
         images.append(path)
     if other:
         kinds = ", ".join(sorted({p.suffix.lower() for p in other}))
-        notice(("other-images", str(root)), f"{len(other)} files of {root} are not read ({kinds}; handseg reads PNG "
-                                            f"and JPEG), e.g. {other[0]}")
+        notice(("other-images", str(root)), f"{len(other)} files of {root} are not read ({kinds}; handseg reads PNG, "
+                                            f"JPEG and DICOM), e.g. {other[0]}")
     if skipped:
         notice(("hidden", str(root)), f"{len(skipped)} hidden files or folders under {root} are not read, e.g. "
                                       f"{skipped[0]}")
@@ -171,7 +171,7 @@ def discover(data_dir: str | Path, labels: LabelPolicy = "optional", role: Role 
     Args:
         data_dir: what ``--data`` points at (see :func:`resolve_data`): a folder holding ``DCM/`` and,
             for labelled data, ``outputs_json/``; a data set's root; or, for ``role="test"``, any
-            folder of PNG/JPEG X-rays.
+            folder of PNG/JPEG/DICOM X-rays.
         labels: ``required``: every image must have a JSON (and every JSON an image);
             ``optional``: use JSONs where present; ``ignore``: do not look for them.
         role: which split of a data set's root to read (``train`` or ``test``).
@@ -185,7 +185,7 @@ def discover(data_dir: str | Path, labels: LabelPolicy = "optional", role: Role 
     image_root = data_dir / IMAGES_DIR if source.layout == "competition" else data_dir
     images = _image_files(image_root)
     if not images:
-        raise HandsegError(f"no PNG or JPEG images under {image_root.name}/", data_dir)
+        raise HandsegError(f"no PNG, JPEG or DICOM images under {image_root.name}/", data_dir)
     rels = [p.relative_to(image_root) for p in images]
 
     label_root = data_dir / LABELS_DIR
@@ -334,16 +334,19 @@ def _read_bytes(path: Path) -> bytes:
 def read_image(path: str | Path) -> np.ndarray:
     """Read an X-ray as an ``(H, W)`` uint8 array.
 
-    PNG (8 or 16 bits, grey or colour) and JPEG. Colour is converted to grey. A 16-bit image is
+    PNG (8 or 16 bits, grey or colour), JPEG, and DICOM (see :mod:`handseg.core.dicom`). Colour is
+    converted to grey. A 16-bit image is
     scaled by its depth: the ``sBIT`` bits it declares, else the smallest of 8, 10, 12, 14 or 16 bits
     that holds its largest value (a 12-bit X-ray, 0..4095, becomes 0..255; ``>> 8`` would make it
     black); this is said once per run.
 
     Raises:
         HandsegError: the file is missing, a broken link, larger than :func:`max_pixels`, corrupt
-            or truncated, or not a PNG/JPEG.
+            or truncated, or not a PNG/JPEG/DICOM (or DICOM without the ``dicom`` extra).
     """
     import cv2
+
+    from handseg.core.dicom import is_dicom, read_dicom
 
     path = Path(path)
     data = _read_bytes(path)
@@ -352,8 +355,10 @@ def read_image(path: str | Path) -> np.ndarray:
         png = read_png_header(data, path)
     elif data[:2] == _JPEG_SOI:
         _jpeg_size(data, path)
+    elif is_dicom(data, path):
+        return read_dicom(data, path)
     else:
-        raise HandsegError("not a PNG or JPEG image", path)
+        raise HandsegError("not a PNG, JPEG or DICOM image", path)
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None:
         raise HandsegError("cannot decode image (corrupt file)", path)
@@ -396,6 +401,10 @@ def image_size(path: str | Path) -> tuple[int, int]:
     if head[:8] == _PNG_SIGNATURE:
         header = read_png_header(head, path, verify=False)
         return header.height, header.width
+    from handseg.core.dicom import dicom_size, is_dicom
+
+    if is_dicom(head, path):
+        return dicom_size(path)
     return read_image(path).shape  # type: ignore[return-value]
 
 
