@@ -48,8 +48,8 @@ def run(args) -> dict:
     device = pick_device(args.device)
     common = dict(arch=args.arch, encoder=args.encoder, encoder_weights="none", batch_size=args.batch,
                   workers=args.workers, device=device, augment="default", lr=args.lr)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = Path(args.keep or scratch)
         data = tmp / "data"
         make_dataset(data, ids=args.ids, test_ids=args.test_ids, size=args.image_size, seed=args.seed)
         for kind in ("masks", "images"):
@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--keep", help="a folder to keep the data, runs and predictions in (default: a temporary one)")
     r = run(parser.parse_args(argv))
     a = r["args"]
     print(f"{r['train_images']} synthetic train images at {a['image_size']} px, {r['test_images']} held-out test "

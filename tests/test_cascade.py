@@ -161,3 +161,21 @@ def test_the_cascade_proxy_benchmark_runs_tiny(capsys):
     for recipe in ("resize", "cascade"):
         assert 0.0 <= r[recipe]["dice"] <= 1.0 and len(r[recipe]["per_class"]) == 29
     assert "finger mean" in capsys.readouterr().out
+
+
+def test_stage_2_starts_from_a_stage_1_checkpoint_with_zero_context_filters(tmp_path):
+    """``--encoder-weights runs/low_f0/best.safetensors`` for a stage 2: the X-ray filters of the first
+    convolution are stage 1's, the 29 context filters start at zero, every other encoder tensor is copied."""
+    from safetensors.torch import save_file
+
+    from handseg.core.cascade import CONTEXT_CHANNELS
+    from handseg.core.models import build_model
+
+    stage1 = build_model("unet", "resnet18", "none", in_channels=1, size=64)
+    path = tmp_path / "stage1.safetensors"
+    save_file({k: v.contiguous() for k, v in stage1.state_dict().items()}, str(path))
+    stage2 = build_model("unet", "resnet18", str(path), in_channels=1 + CONTEXT_CHANNELS, size=64)
+    first = stage2.encoder.conv1.weight
+    assert first.shape[1] == 1 + CONTEXT_CHANNELS
+    assert torch.equal(first[:, :1], stage1.encoder.conv1.weight) and not first[:, 1:].any()
+    assert torch.equal(stage2.encoder.layer4[1].conv2.weight, stage1.encoder.layer4[1].conv2.weight)

@@ -92,6 +92,9 @@ def test_a_truncated_image_cache_file_is_rebuilt_and_refused(synth_data, tmp_pat
     victim.write_bytes(victim.read_bytes()[:200])
     with pytest.raises(HandsegError, match="changed or truncated since prep"):
         check_cache_fresh(data / "cache", discover(data, labels="required"))
+    # an image cache without a mask cache is used by train too (and so checked), not passed over
+    with pytest.raises(HandsegError, match=f"{victim.name}: cache file was changed or truncated"):
+        train(_cfg(data, tmp_path / "run", epochs=1), log=lambda *a: None)
     assert build_cache("images", data, data / "cache").written == 1
 
 

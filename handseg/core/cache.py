@@ -347,9 +347,10 @@ def default_cache_dir(data_dir: str | Path) -> Path:
 
 
 def find_cache(data_dir: str | Path, cache_dir: str | Path | None = None) -> Path | None:
-    """The mask cache to train from: ``cache_dir`` or ``DATA/cache``, if it holds masks; else None."""
+    """The prep cache to train from: ``cache_dir`` or ``DATA/cache``, if it holds masks or images (either
+    kind alone is used, the other read from the PNGs or JSONs); else None."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(data_dir)
-    return cache if (cache / MASKS).is_dir() else None
+    return cache if (cache / MASKS).is_dir() or (cache / IMAGES).is_dir() else None
 
 
 def default_workers() -> int:

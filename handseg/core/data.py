@@ -460,7 +460,7 @@ def read_polygons(path: str | Path, require_all: bool = True) -> Polygons:
             raise HandsegError(f"annotation {i} ({label}) needs at least 3 [x, y] points", path)
         if not np.isfinite(points).all() or np.abs(points).max() > MAX_COORDINATE:
             bad = points[~(np.isfinite(points) & (np.abs(points) <= MAX_COORDINATE))][0]
-            raise HandsegError(f"annotation {i} ({label}) has a coordinate out of range ({bad!r}; the limit is "
+            raise HandsegError(f"annotation {i} ({label}) has a coordinate out of range ({float(bad):g}; the limit is "
                                f"{MAX_COORDINATE:,} pixels)", path)
         polygons[label] = np.rint(points).astype(np.int32)
     if require_all:

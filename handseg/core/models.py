@@ -579,6 +579,14 @@ def _fit(key: str, value, want, what: str):
     if value.ndim == 4 and want.ndim == 4 and want.shape[1] == 1 and value.shape[1] == 3 and \
             value.shape[0] == want.shape[0] and value.shape[2:] == want.shape[2:]:
         out = value.sum(dim=1, keepdim=True)  # RGB filters -> one grayscale filter
+    elif value.ndim == 4 and want.ndim == 4 and value.shape[1] in (1, 3) and want.shape[1] > 3 and \
+            value.shape[0] == want.shape[0] and value.shape[2:] == want.shape[2:]:
+        # a cascade's stage 2 (one X-ray channel, then stage 1's maps) from weights made for the X-ray
+        # alone (e.g. its stage-1 checkpoint): the X-ray filters as they are, the context's start at zero
+        import torch
+
+        image = _fit(key, value, want[:, :1], what)
+        out = torch.cat([image, image.new_zeros((want.shape[0], want.shape[1] - 1, *want.shape[2:]))], dim=1)
     elif "pos_embed" in leaf and value.ndim == 3 and want.ndim == 3 and value.shape[2] == want.shape[2]:
         out = _resample_tokens(value, want.shape[1])  # (1, prefix + H*W, C)
     elif "pos_embed" in leaf and value.ndim == 4 and want.ndim == 4 and value.shape[:2] == want.shape[:2]:

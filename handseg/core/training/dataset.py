@@ -78,14 +78,14 @@ def load_item_crops(item: Item) -> tuple[np.ndarray, BoneCrops]:
     mask is made."""
     from handseg.core import cache as cache_mod
 
-    if item.cache is None or not cache_mod.mask_path(item.cache, item.sample).is_file():
-        image = read_image(item.sample.image_path)
-        return image, polygon_crops(read_polygons(item.sample.label_path), image.shape, item.sample.label_path)
-    shape, crops = cache_mod.load_cached_crops(item.cache, item.sample)
-    if cache_mod.image_path(item.cache, item.sample).is_file():
+    cached = item.cache is not None
+    if cached and cache_mod.image_path(item.cache, item.sample).is_file():
         image = np.asarray(cache_mod.load_cached_image(item.cache, item.sample))
     else:
         image = read_image(item.sample.image_path)
+    if not cached or not cache_mod.mask_path(item.cache, item.sample).is_file():
+        return image, polygon_crops(read_polygons(item.sample.label_path), image.shape, item.sample.label_path)
+    shape, crops = cache_mod.load_cached_crops(item.cache, item.sample)
     if image.shape != tuple(shape):
         raise HandsegError(f"cached masks are {shape[1]}x{shape[0]} but the image is "
                            f"{image.shape[1]}x{image.shape[0]}; re-run prep", item.sample.image_path)
