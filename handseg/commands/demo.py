@@ -13,7 +13,9 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Work folder.")] = Path("demo"),
     ids: Annotated[int, typer.Option("--ids", min=4, help="Synthetic train patients.")] = 10,
     size: Annotated[int, typer.Option("--size", min=64, help="Synthetic image size.")] = 256,
-    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 12,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Epochs of each fold's model.")] = 50,
+    train_size: Annotated[int | None, typer.Option("--train-size", min=32, help="The models' input size "
+                                                   "[default: half of --size].", show_default=False)] = None,
     device: Annotated[str, typer.Option("--device")] = "cpu",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing work folder as a whole.")] = False,
 ) -> None:
@@ -40,13 +42,14 @@ def demo(
             raise HandsegError("folder exists and is not a handseg demo; choose another --out", out)
         shutil.rmtree(out)
     d, runs = out / "data", out / "runs"
+    train_size = train_size or max(32, size // 64 * 32)
     train_flags = ["--data", d / "train", "--splits", out / "splits.json", "--arch", "unet", "--encoder", "resnet18",
-                   "--encoder-weights", "none", "--size", size, "--epochs", epochs, "--batch-size", 4, "--lr", "3e-3",
-                   "--workers", 0, "--device", device, "--augment", "light"]
+                   "--encoder-weights", "none", "--size", train_size, "--epochs", epochs, "--batch-size", 4,
+                   "--lr", "3e-3", "--workers", 0, "--device", device, "--augment", "light"]
 
     def train_fold(fold: int) -> None:
         cfg = TrainConfig(data=d / "train", splits=out / "splits.json", fold=fold, arch="unet", encoder="resnet18",
-                          encoder_weights="none", size=size, epochs=epochs, batch_size=4, lr=3e-3, workers=0,
+                          encoder_weights="none", size=train_size, epochs=epochs, batch_size=4, lr=3e-3, workers=0,
                           device=device, augment="light", out=runs / f"fold{fold}")
         run_training(cfg.validated(), log=stdout.print)
 
