@@ -118,3 +118,19 @@ def test_predict_reads_a_folder_of_dicom_files(synth_data, trained_checkpoint, t
                       for r in csv.DictReader(open(tmp_path / f"{name}.csv"))]
     assert len(rows["dcm"]) == 2 * 29 and rows["dcm"] == rows["png"]
     assert any(rle for _, _, rle in rows["dcm"])  # not a comparison of empty masks
+
+
+def test_a_voi_lut_is_applied_when_the_file_has_no_window(tmp_path, ramp):
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    lut = Dataset()
+    curve = np.sqrt(np.arange(4096) / 4095) * 65535  # a display curve: dark values spread out
+    lut.add_new(0x00283002, "US", [4096, 0, 16])  # LUT Descriptor: entries, first value, bits
+    lut.add_new(0x00283006, "US", curve.astype(np.uint16).tolist())  # LUT Data
+    path = tmp_path / "lut.dcm"
+    write_dicom(path, ramp, VOILUTSequence=Sequence([lut]))
+    image = read_image(path)
+    expected = np.rint(np.sqrt(ramp / 4095) * 255)
+    assert image.min() == 0 and image.max() == 255
+    assert np.abs(image.astype(int) - expected).max() <= 1

@@ -87,18 +87,21 @@ def read_dicom(data: bytes, path: Path) -> np.ndarray:
     if stored.ndim == 3:
         if photometric.startswith("MONOCHROME"):
             raise HandsegError(f"DICOM pixel array has shape {stored.shape}; expected one grey image", path)
+        if stored.dtype != np.uint8:
+            raise HandsegError(f"colour DICOM with {stored.dtype} samples; handseg reads grey radiographs and "
+                               "8-bit colour", path)
         import cv2  # RGB or YBR colour: pydicom gives RGB by default
 
-        stored = cv2.cvtColor(np.ascontiguousarray(stored).astype(np.uint8), cv2.COLOR_RGB2GRAY)
-        return stored
-    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+        return cv2.cvtColor(np.ascontiguousarray(stored), cv2.COLOR_RGB2GRAY)
+    modality = np.asarray(apply_modality_lut(stored, ds))
+    values = modality.astype(np.float64)
     if "WindowCenter" in ds and "WindowWidth" in ds and _first(ds.WindowWidth) >= 1:
         center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
         # DICOM PS3.3 C.11.2.1.2.1 (LINEAR): the window's bottom and top values
         low, high = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
         how = f"its window (centre {center:g}, width {width:g})"
     elif "VOILUTSequence" in ds:
-        values = np.asarray(apply_voi_lut(stored, ds), dtype=np.float64)
+        values = np.asarray(apply_voi_lut(modality, ds), dtype=np.float64)  # the VOI LUT maps modality values
         low, high = float(values.min()), float(values.max())
         how = "its VOI LUT"
     else:
