@@ -10,6 +10,14 @@ import pytest
 os.environ.setdefault("HANDSEG_NO_PROGRESS", "1")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_notices():
+    """Each test says its notes afresh (notes are said once per process otherwise)."""
+    from handseg.core import notices
+
+    notices.reset()
+
+
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory) -> Path:
     """6 train IDs + 2 test IDs at 128 px (train/, test/, test_gt/, meta_data.xlsx)."""

@@ -77,7 +77,7 @@ def test_strict_json_errors_name_the_file(tmp_path):
         read_polygons(points)
 
 
-def test_discover_order_and_layout(synth_data, tmp_path):
+def test_discover_order_and_layout(synth_data, tmp_path, capsys):
     samples = discover(synth_data / "train", labels="required")
     rels = [s.rel for s in samples]
     assert rels == sorted(rels)
@@ -87,9 +87,15 @@ def test_discover_order_and_layout(synth_data, tmp_path):
     assert all(s.label_path is None for s in test)
     with pytest.raises(HandsegError, match="has no labels|no outputs_json"):
         discover(synth_data / "test", labels="required")
-    # a data set's root: training stages read ROOT/train, prediction ROOT/test
+    # a data set's root: training stages read ROOT/train, prediction ROOT/test, scoring ROOT/test_gt;
+    # which one was read is said (once per folder)
+    capsys.readouterr()
     assert [s.rel for s in discover(synth_data)] == rels
     assert [s.rel for s in discover(synth_data, role="test")] == [s.rel for s in test]
+    gt = discover(synth_data, labels="required", role="test_gt")
+    assert gt and all(s.image_path.is_relative_to(synth_data / "test_gt") for s in gt)
+    err = capsys.readouterr().err
+    assert err.count("(the test_gt split)") == 1 and "(the test split)" in err
     (tmp_path / "root" / "test_gt" / "DCM").mkdir(parents=True)
     with pytest.raises(HandsegError, match="no DCM/ folder here .it holds .*test_gt"):
         discover(tmp_path / "root")

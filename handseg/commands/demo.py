@@ -15,7 +15,7 @@ def demo(
     size: Annotated[int, typer.Option("--size", min=64, help="Synthetic image size.")] = 256,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Epochs of each fold's model.")] = 50,
     train_size: Annotated[int | None, typer.Option("--train-size", min=32, help="The models' input size "
-                                                   "[default: half of --size].", show_default=False)] = None,
+                                                   "(default: half of --size).", show_default=False)] = None,
     device: Annotated[str, typer.Option("--device")] = "cpu",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing work folder as a whole.")] = False,
 ) -> None:

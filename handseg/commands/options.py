@@ -13,8 +13,8 @@ DataDir = Annotated[Path, typer.Option("--data", help="Data folder holding DCM/ 
                                                       "or the data set's root (its train/ split is used).")]
 TestData = Annotated[Path | None, typer.Option("--data", help="X-rays to predict: a folder holding DCM/, the data "
                                                               "set's root (its test/ split is used), or any folder "
-                                                              "of PNG/JPEG/DICOM files, flat or nested "
-                                                              "[default: data/test].",
+                                                              "of PNG/JPEG/DICOM files, flat or nested (default: "
+                                                              "data/test).",
                                                               show_default=False)]
 OutDir = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
 OutFile = Annotated[Path, typer.Option("--out", "-o", help="Output file.")]
@@ -39,6 +39,6 @@ class Merge(str, Enum):
 def say_data(source) -> None:
     """Tell the user which folder ``--data`` resolved to, when it was not the folder itself."""
     if source.note:
-        from handseg.console import console
+        from handseg.core.notices import notice
 
-        console.print(source.note)
+        notice(("data", str(source.root)), source.note)

@@ -7,12 +7,15 @@ from typing import Annotated
 
 import typer
 
-from handseg.commands.options import OutDir, Overwrite, TestData
+from handseg.commands.options import OutDir, Overwrite
 
 
 def pseudo(
     source: Annotated[Path, typer.Argument(help="PRED.csv, or a probability folder from `predict --probs`.")],
-    data: TestData = None,
+    data: Annotated[Path | None, typer.Option("--data", help="The X-rays the predictions are of: a folder holding "
+                                              "DCM/, the data set's root (its test/ split is used), or any folder "
+                                              "of PNG/JPEG/DICOM files (default: data/test). They become the "
+                                              "images of the pseudo-label set.", show_default=False)] = None,
     out: OutDir = Path("pseudo"),
     min_confidence: Annotated[float | None, typer.Option("--min-confidence", min=0.0, max=1.0, help="Keep images "
                                                          "whose mean "

@@ -136,7 +136,8 @@ def train(
     if result.get("finished"):
         return
     best = result["best_dice"]
-    summary = f"done: {result['epochs']} epochs, {result['steps']} steps in all"
+    summary = (f"done: {result['epochs']} epoch{'s' if result['epochs'] != 1 else ''}, {result['steps']} "
+               f"step{'s' if result['steps'] != 1 else ''} in all")
     say(f"{summary}; best val dice {best:.4f}" if best is not None else summary, f"-> {result['out']}")
 
 

@@ -24,7 +24,11 @@ def _keep(spec: str | None):
     keep = parse_keep_largest(spec)
     return keep, format_keep_largest(keep)
 
-app = typer.Typer(help="Ensemble predictions: hard (CSV runs), soft (probability maps), classwise.",
+app = typer.Typer(help="Ensemble predictions: hard (CSV runs), soft (probability maps), classwise.\n\n"
+                       "Examples:\n"
+                       "  handseg vote hard a.csv b.csv c.csv -o vote.csv --data data/test\n"
+                       "  handseg vote soft probs/a probs/b -o soft.csv --weights 2,1\n"
+                       "  handseg vote classwise --map map.json -o best.csv",
                   no_args_is_help=True)
 
 

@@ -110,7 +110,7 @@ def read_compare_inputs(csvs: list[Path], gt_dir: Path | None = None, data_dir: 
     sets = [read_predictions(p) for p in csvs]
     inputs = CompareInputs([Path(p) for p in csvs], sets, gt_dir, data_dir)
     if gt_dir is not None:
-        inputs.samples = _by_name(discover(gt_dir, labels="required"), gt_dir)
+        inputs.samples = _by_name(discover(gt_dir, labels="required", role="test_gt"), gt_dir)
         truth = PredictionSet(Path(gt_dir), images=list(inputs.samples))
         for s in sets:
             check_same_images(truth, s)

@@ -77,7 +77,7 @@ class Sample:
 
 
 LabelPolicy = Literal["required", "optional", "ignore"]
-Role = Literal["train", "test"]
+Role = Literal["train", "test", "test_gt"]
 
 
 @dataclass(frozen=True)
@@ -174,13 +174,18 @@ def discover(data_dir: str | Path, labels: LabelPolicy = "optional", role: Role 
             folder of PNG/JPEG/DICOM X-rays.
         labels: ``required``: every image must have a JSON (and every JSON an image);
             ``optional``: use JSONs where present; ``ignore``: do not look for them.
-        role: which split of a data set's root to read (``train`` or ``test``).
+        role: which split of a data set's root to read (``train``, ``test``, or ``test_gt`` for
+            labelled test images).
 
     Raises:
         HandsegError: the folder holds no images, an image file is a broken link, or images and
             labels do not match.
     """
     source = resolve_data(data_dir, role)
+    if source.note:
+        from handseg.core.notices import notice
+
+        notice(("data", str(source.root)), source.note)  # which split of a data set's root was read
     data_dir = source.root
     image_root = data_dir / IMAGES_DIR if source.layout == "competition" else data_dir
     images = _image_files(image_root)

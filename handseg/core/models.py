@@ -121,7 +121,7 @@ def resolve_encoder(name: str) -> str:
     timm_name = name[3:] if name.startswith("tu-") else name
     if timm.is_model(timm_name):
         return f"tu-{timm_name}"
-    close = difflib.get_close_matches(timm_name, smp_names + timm.list_models(), n=5, cutoff=0.6)
+    close = difflib.get_close_matches(timm_name, list(dict.fromkeys(smp_names + timm.list_models())), n=5, cutoff=0.6)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise HandsegError(f"unknown encoder {name!r}; valid: smp encoders ({', '.join(smp_names[:12])}, ... "
                        f"{len(smp_names)} in all) or any timm model name.{hint}")

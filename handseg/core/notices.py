@@ -32,3 +32,10 @@ def drain() -> list[tuple[Hashable, str]]:
     out = _pending[:]
     _pending.clear()
     return out
+
+
+def reset() -> None:
+    """Forget what was said: each command run in one process (the CLI's ``main``, a test) says its
+    notes afresh."""
+    _said.clear()
+    _pending.clear()
