@@ -152,7 +152,8 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
             if val_items and not (out / OOF_DIR / "manifest.json").is_file():
                 write_oof(cfg, out, val_items, device, log, context)  # the run finished, its oof maps did not
             else:
-                log(f"nothing to do: {out} has finished all {start_epoch} epochs (pass a larger --epochs to train on)")
+                log(f"nothing to do: {out} has finished all {start_epoch} epoch{'s' if start_epoch != 1 else ''} (pass "
+                    "a larger --epochs to train on)")
             shutdown(d)
             return {"best_dice": best if best >= 0 else None, "last_dice": last_card.score, "epochs": 0,
                     "steps": step, "out": str(out), "finished": True}
