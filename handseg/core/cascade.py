@@ -160,17 +160,12 @@ def build_context(stage1_runs: list[Path], samples: list, cache_root: Path, devi
 
             log(f"stage-1 context: {len(missing)} images that no stage-1 fold held out are predicted by the mean of "
                 f"{len(checkpoints)} stage-1 models (once; cached in {folder})")
-            with atomic_dir(folder.with_name(folder.name + "-new"), overwrite=True) as tmp:
+            with atomic_dir(folder, overwrite=True) as tmp:  # built beside the old cache, then swapped in
                 run_predictions(checkpoints, Path("."), tmp / "context.csv", tmp, device=device, batch=batch,
                                 samples=missing, distributed=False)
                 for name in cached:  # keep what was cached before
                     os.link(folder / probs_name(name), tmp / probs_name(name))
                 atomic_write_json(tmp / "index.json", {"images": sorted(cached | {s.name for s in missing})})
-            if folder.exists():
-                import shutil
-
-                shutil.rmtree(folder)
-            os.replace(folder.with_name(folder.name + "-new"), folder)
         for s in wanted:
             source.where[s.name] = folder / probs_name(s.name)
         source.in_sample = len(wanted)

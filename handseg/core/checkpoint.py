@@ -8,6 +8,7 @@ a checkpoint from someone else cannot run code when it is loaded.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -143,7 +144,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def checkpoint_sha256(path: str | Path) -> str:
-    """The SHA-256 of a checkpoint file: what a recipe or a cascade pins its models by."""
+    """The SHA-256 of a checkpoint file: what a recipe or a cascade pins its models by. Computed once
+    per file version in a process (a cascade's stage-1 checkpoints are pinned, keyed and checked by it)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    return _sha256_of(path, (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256_of(path: Path, version: tuple) -> str:
     import hashlib
 
     digest = hashlib.sha256()

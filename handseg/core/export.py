@@ -15,11 +15,11 @@ import shutil
 import tempfile
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from handseg import __version__
-from handseg.core.checkpoint import BEST, read_card, resolve_checkpoint
+from handseg.core.checkpoint import BEST, ModelCard, read_card, resolve_checkpoint
 from handseg.core.errors import HandsegError
 
 INDEX = "handseg_model.json"
@@ -30,7 +30,9 @@ MAX_MEMBER_BYTES = 16 * 2**30
 
 
 def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.@+-]+", "_", name).strip("._") or "model"
+    from handseg.core.files import safe_name
+
+    return safe_name(name, "model", "@+")
 
 
 def export_models(runs: list[Path], out: Path, recipe: Path | None = None) -> dict:
@@ -65,25 +67,24 @@ def export_models(runs: list[Path], out: Path, recipe: Path | None = None) -> di
     for run in runs:
         entries.append((f"models/{_safe(Path(run).name)}", resolve_checkpoint(run)))
     entries = _with_context(entries)
-    for name, path in entries:  # a cascade's rewritten card changes its bytes: the recipe pins the new ones
+    for name, path, _ in entries:  # a cascade's rewritten card changes its bytes: the recipe pins the new ones
         if isinstance(path, bytes) and name in pinned:
             import hashlib
 
             doc_cfg, fold = pinned[name]
             doc_cfg.setdefault("sha256", {})[fold] = hashlib.sha256(path).hexdigest()
-    names = [n for n, _ in entries]
+    names = [n for n, _, _ in entries]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise HandsegError(f"two runs would be stored as {dup}; give run folders with distinct names")
     if not entries:
         raise HandsegError("nothing to export: give run folders or --recipe")
-    cards = [_card_dict(p) for _, p in entries]
     index = {"format": FORMAT, "version": VERSION, "handseg_version": __version__,
-             "models": [{"name": n, "file": f"{n}/{BEST}", "card": card,
-                         "role": "stage-1" if "/context/" in n else "model"} for (n, _), card in zip(entries, cards)],
+             "models": [{"name": n, "file": f"{n}/{BEST}", "card": asdict(card),
+                         "role": "stage-1" if "/context/" in n else "model"} for n, _, card in entries],
              "recipe": "recipe.json" if recipe_doc is not None else None}
     with atomic_open(out, "wb") as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as z:
-        for name, path in entries:
+        for name, path, _ in entries:
             if isinstance(path, bytes):
                 z.writestr(f"{name}/{BEST}", path)
             else:
@@ -94,19 +95,10 @@ def export_models(runs: list[Path], out: Path, recipe: Path | None = None) -> di
     return index
 
 
-def _card_dict(path) -> dict:
-    import struct
-    from dataclasses import asdict
-
-    if isinstance(path, bytes):  # a rewritten checkpoint
-        (size,) = struct.unpack("<Q", path[:8])
-        return json.loads(json.loads(path[8 : 8 + size])["__metadata__"]["handseg"])
-    return asdict(read_card(path))
-
-
-def _with_context(entries: list[tuple[str, Path]]) -> list:
-    """A cascade's stage-2 checkpoint goes in with its stage-1 checkpoints (``NAME/context/I``), and its
-    card is rewritten to name them there."""
+def _with_context(entries: list[tuple[str, Path]]) -> list[tuple[str, Path | bytes, ModelCard]]:
+    """``(name, checkpoint file or its rewritten bytes, card)`` of every member: a cascade's stage-2
+    checkpoint goes in with its stage-1 checkpoints (``NAME/context/I``), and its card is rewritten to
+    name them there."""
     from dataclasses import replace
 
     from handseg.core.cascade import resolve_context
@@ -116,12 +108,12 @@ def _with_context(entries: list[tuple[str, Path]]) -> list:
     for name, path in entries:
         card = read_card(path)
         if not card.context:
-            out.append((name, path))
+            out.append((name, path, card))
             continue
         stage1 = resolve_context(card.context, path, card.context_sha256)
-        refs = [f"context/{i}/{BEST}" for i in range(len(stage1))]
-        out.append((name, with_card(path, replace(card, context=refs))))
-        out += [(f"{name}/context/{i}", p) for i, p in enumerate(stage1)]
+        card = replace(card, context=[f"context/{i}/{BEST}" for i in range(len(stage1))])
+        out.append((name, with_card(path, card), card))
+        out += [(f"{name}/context/{i}", p, read_card(p)) for i, p in enumerate(stage1)]
     return out
 
 

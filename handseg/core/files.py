@@ -10,6 +10,7 @@ import contextlib
 import datetime as _dt
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterable, Iterator
@@ -126,6 +127,12 @@ def _check_writable(folder: Path, target: Path) -> None:
     except OSError as e:
         raise HandsegError(f"cannot write in {folder} ({e.strerror or e})", target) from None
     probe.unlink()
+
+
+def safe_name(text: str, default: str, extra: str = "") -> str:
+    """A file-name part made of letters, digits, ``.``, ``_``, ``-`` and the characters in ``extra``
+    only (any other run becomes ``_``), never hidden or empty (``default`` then)."""
+    return re.sub(rf"[^A-Za-z0-9._{re.escape(extra)}-]+", "_", text).strip("._") or default
 
 
 def _run_token() -> str:

@@ -8,7 +8,6 @@ each transform alone and merged.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -283,7 +282,9 @@ def _accumulating(progress):
 
 
 def _folder_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.@+-]+", "_", name).strip("_") or "config"
+    from handseg.core.files import safe_name
+
+    return safe_name(name, "config", "@+")
 
 
 def run_recipe(recipe_path: Path, data: Path, out_csv: Path, maps_dir: Path, device: str = "auto", amp: bool = True,

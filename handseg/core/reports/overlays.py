@@ -24,7 +24,6 @@ of 288 images at 2048 px holds one image's masks at a time (and the few overlays
 from __future__ import annotations
 
 import os
-import re
 from collections import deque
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import numpy as np
 
 from handseg.core.constants import NUM_CLASSES
 from handseg.core.data import polygon_crops
+from handseg.core.files import safe_name
 from handseg.core.rle import Runs, runs_to_mask
 
 OVERLAYS_DIR = "overlays"
@@ -202,11 +202,6 @@ def thumbnail(image: np.ndarray | None, rgba: np.ndarray, width: int, alpha: flo
     return np.clip(out, 0, 255).astype(np.uint8)[..., ::-1].copy()
 
 
-def safe_name(text: str) -> str:
-    """A file-name part made of letters, digits, ``.``, ``_`` and ``-`` only."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "image"
-
-
 def _packed(bgra: np.ndarray) -> np.ndarray:
     """``(K, 4)`` uint8 BGRA colours as ``(K,)`` uint32 with the same bytes: one store paints a pixel."""
     return np.ascontiguousarray(bgra, dtype=np.uint8).view(np.uint32).reshape(-1)
@@ -268,7 +263,7 @@ class OverlayWriter:
 
     def prefix(self, patient: str, stem: str) -> str:
         """A unique file-name prefix for one image, e.g. ``ID001_image1661130828152_R``."""
-        base = safe_name(f"{patient}_{stem}")
+        base = safe_name(f"{patient}_{stem}", "image")
         name, n = base, 1
         while name in self._used:
             n += 1
