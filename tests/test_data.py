@@ -95,7 +95,7 @@ def test_discover_order_and_layout(synth_data, tmp_path, capsys):
     gt = discover(synth_data, labels="required", role="test_gt")
     assert gt and all(s.image_path.is_relative_to(synth_data / "test_gt") for s in gt)
     err = capsys.readouterr().err
-    assert err.count("(the test_gt split)") == 1 and "(the test split)" in err
+    assert err.count("(its test_gt split)") == 1 and "(its test split)" in err
     (tmp_path / "root" / "test_gt" / "DCM").mkdir(parents=True)
     with pytest.raises(HandsegError, match="no DCM/ folder here .it holds .*test_gt"):
         discover(tmp_path / "root")

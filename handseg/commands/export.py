@@ -35,5 +35,6 @@ def export(
 
     check_output(out, overwrite, inputs=[*(runs or []), recipe])
     index = export_models(list(runs or []), out, recipe)
-    what = f"{len(index['models'])} checkpoints" + (" and the recipe" if index["recipe"] else "")
+    n = len(index["models"])
+    what = f"{n} checkpoint{'s' if n != 1 else ''}" + (" and the recipe" if index["recipe"] else "")
     stdout.print(f"{what} -> {out} ({out.stat().st_size / 2**20:.1f} MiB)")

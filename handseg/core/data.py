@@ -113,7 +113,7 @@ def resolve_data(data_dir: str | Path, role: Role = "train") -> DataSource:
         return DataSource(data_dir, "competition")
     split = data_dir / role
     if (split / IMAGES_DIR).is_dir():
-        return DataSource(split, "competition", f"--data {data_dir}: using {split} (the {role} split)")
+        return DataSource(split, "competition", f"{data_dir} is a data set's root: using {split} (its {role} split)")
     if role == "test" and any(is_image_file(p) for p in _walk_files(data_dir)):
         return DataSource(data_dir, "folder")
     others = [p for p in ("train", "test", "test_gt") if (data_dir / p / IMAGES_DIR).is_dir()]
