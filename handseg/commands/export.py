@@ -31,9 +31,11 @@ def export(
     """
     from handseg.console import stdout
     from handseg.core.export import export_models
+    from handseg.core.cascade import model_inputs
     from handseg.core.files import check_output
+    from handseg.core.selection import recipe_inputs
 
-    check_output(out, overwrite, inputs=[*(runs or []), recipe])
+    check_output(out, overwrite, inputs=[*model_inputs(runs or []), *(recipe_inputs(recipe) if recipe else [])])
     index = export_models(list(runs or []), out, recipe)
     n = len(index["models"])
     what = f"{n} checkpoint{'s' if n != 1 else ''}" + (" and the recipe" if index["recipe"] else "")

@@ -140,7 +140,7 @@ def _model_zip(checkpoints, out: Path, overwrite: bool):
 
     if len(checkpoints) != 1:
         raise HandsegError("give a model zip alone (it holds every model it needs)")
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=zips)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open_model_zip(zips[0], out.parent) as bundle:
         yield bundle
@@ -152,6 +152,7 @@ def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, dev
 
     from handseg.commands.options import say_data
     from handseg.console import progress_task, stdout
+    from handseg.core.cascade import model_inputs
     from handseg.core.checkpoint import resolve_checkpoint
     from handseg.core.data import resolve_data
     from handseg.core.distributed import dist_env
@@ -166,7 +167,7 @@ def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, dev
         raise HandsegError("give one or more run folders or checkpoints (or --recipe recipe.json with predict)")
     keep = parse_keep_largest(keep_largest)
     # every output is checked before any work: a bad path fails now, not after predicting everything
-    sources = [*checkpoints, data, splits, thresholds]
+    sources = [*model_inputs(checkpoints), data if data is not None else Path("data/test"), splits, thresholds]
     if main:
         check_output(out, overwrite, inputs=sources)
         if tune:
@@ -230,6 +231,7 @@ def _run_recipe(checkpoints, recipe, oof, data, out, probs, batch_size, device, 
     from handseg.core.errors import HandsegError
     from handseg.core.files import atomic_dir, check_output, sidecar_manifest_path, write_manifest
     from handseg.core.prediction import run_recipe
+    from handseg.core.selection import recipe_inputs
 
     if checkpoints:
         raise HandsegError("give run folders or --recipe, not both (the recipe names its runs)")
@@ -238,7 +240,7 @@ def _run_recipe(checkpoints, recipe, oof, data, out, probs, batch_size, device, 
                            "--tune-thresholds, --splits, --fold and --keep-largest")
     if dist_env().world > 1:
         raise HandsegError("--recipe runs in one process; run it without torchrun")
-    sources = [recipe, data]
+    sources = [recipe, data if data is not None else Path("data/test"), *recipe_inputs(recipe)]
     check_output(out, overwrite, inputs=sources)
     if probs is not None:
         check_output(probs, overwrite, "dir", sources)
@@ -251,7 +253,7 @@ def _run_recipe(checkpoints, recipe, oof, data, out, probs, batch_size, device, 
     source = resolve_data(Path(data) if data is not None else Path("data/test"), "train" if oof else "test")
     say_data(source)
     if probs is not None:
-        maps = atomic_dir(probs, overwrite, inputs=[recipe, source.root])
+        maps = atomic_dir(probs, overwrite, inputs=[*sources, source.root])
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         maps = tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.maps-")

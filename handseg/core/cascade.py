@@ -91,6 +91,27 @@ def resolve_context(refs: list[str], checkpoint: Path, sha256: list[str] | None 
     return out
 
 
+def model_inputs(models: list[str | Path]) -> list[Path]:
+    """Every file and folder that predicting with ``models`` reads: each run folder (a checkpoint file's
+    own folder too) and, for a cascade, its stage-1 checkpoints and their folders. What a command's
+    outputs must stay out of (:func:`handseg.core.files.check_not_input`).
+
+    Raises:
+        HandsegError: a model is missing (as :func:`~handseg.core.checkpoint.resolve_checkpoint` says).
+    """
+    from handseg.core.checkpoint import read_card, resolve_checkpoint
+
+    out: list[Path] = []
+    for model in models:
+        path = resolve_checkpoint(model)
+        out += [Path(model), path, path.parent]
+        card = read_card(path)
+        if card.context:
+            for stage1 in resolve_context(card.context, path):
+                out += [stage1, stage1.parent]
+    return out
+
+
 def _key(checkpoints: list[Path]) -> str:
     """The cache key of a stage-1 set: its checkpoints' contents."""
     from handseg.core.checkpoint import checkpoint_sha256

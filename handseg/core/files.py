@@ -87,22 +87,19 @@ def check_output(path: str | Path, overwrite: bool = False, kind: OutputKind = "
                  inputs: Iterable[str | Path | None] = ()) -> Path:
     """The one rule for every output a command writes, checked before any work starts.
 
-    An existing output is replaced only with ``--overwrite``; a file path must not be a folder (nor a
+    The output must not be, hold, or lie inside any of ``inputs`` (run folders, map folders, data
+    folders, recipes; see :func:`check_not_input`). An existing output is replaced only with
+    ``--overwrite``; a file path must not be a folder (nor a
     folder path a file); the path must not lie under a file; and its folder must be writable (tried
     by creating and removing a probe file, which also works for root and read-only mounts).
 
     Raises:
         HandsegError: naming the path and what is wrong with it.
     """
-    path = Path(path)
-    target = path.resolve()
-    for source in inputs:
-        if source is None:
-            continue
-        source = Path(source).resolve()
-        if source == target or target in source.parents:
-            what = "is" if source == target else "holds"
-            raise HandsegError(f"{what} an input of this command ({source}); write the output elsewhere", path)
+    path, inputs = Path(path), list(inputs)
+    check_not_input(path, inputs)
+    if kind == "file":  # a CSV's manifest is written beside it: it must not replace an input either
+        check_not_input(sidecar_manifest_path(path), inputs, path)
     if path.is_dir() and kind == "file":
         raise HandsegError("is a folder; give a file name", path)
     if path.exists() and not path.is_dir() and kind == "dir":
@@ -118,6 +115,33 @@ def check_output(path: str | Path, overwrite: bool = False, kind: OutputKind = "
             return path  # an empty folder holds nothing to lose
         raise HandsegError("already exists; pass --overwrite to replace it", path)
     return path
+
+
+def check_not_input(path: str | Path, inputs: Iterable[str | Path | None], shown: str | Path | None = None) -> None:
+    """Refuse an output that is an input, holds one, or lies inside one (with or without --overwrite:
+    replacing a run's checkpoint or a map folder's index with an output destroys what it was made from).
+
+    Paths are compared after resolving symlinks and ``..``. ``shown`` is the path named in the error
+    (default ``path``).
+
+    Raises:
+        HandsegError: naming the output and the input it collides with.
+    """
+    target = Path(path).resolve()
+    for source in inputs:
+        if source is None:
+            continue
+        source = Path(source).resolve()
+        if source == target:
+            what = "is"
+        elif source in target.parents:
+            what = "lies inside"
+        elif target in source.parents:
+            what = "holds"
+        else:
+            continue
+        raise HandsegError(f"{what} an input of this command ({source}); write the output elsewhere",
+                           shown if shown is not None else path)
 
 
 def _check_writable(folder: Path, target: Path) -> None:

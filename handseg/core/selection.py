@@ -884,6 +884,19 @@ def read_recipe(path: str | Path) -> Recipe:
     return recipe_from_json(read_json(path, "recipe"), path.resolve().parent, path)
 
 
+def recipe_inputs(path: str | Path) -> list[Path]:
+    """What applying or exporting a recipe reads: the recipe, its runs and (for cascades) their stage-1
+    runs; a command's outputs must stay out of all of them.
+
+    Raises:
+        HandsegError: the recipe is not valid or names a run that is missing.
+    """
+    from handseg.core.cascade import model_inputs
+
+    recipe = read_recipe(path)
+    return [Path(path), *model_inputs([run for c in recipe.configs for run in c.checkpoints])]
+
+
 # ----------------------------------------------------------------------------------------------
 # applying a recipe
 

@@ -305,6 +305,41 @@ def test_outputs_that_would_destroy_inputs_are_refused(run, synth_data, tmp_path
     assert len(discover(data / "train")) == len(discover(synth_data / "train"))  # untouched
 
 
+def test_an_output_is_never_an_input_nor_inside_one(run, synth_data, tmp_path, capsys):
+    """Security: with or without --overwrite, no output replaces an input or writes into one."""
+    victim = tmp_path / "run"
+    shutil.copytree(run, victim)
+    before = {p.name: p.read_bytes() for p in victim.iterdir() if p.is_file()}
+    maps = tmp_path / "maps"
+    assert run_cli(["predict", victim, "--data", synth_data / "test", "-o", tmp_path / "p.csv", "--probs", maps,
+                    "--device", "cpu"], capsys)[0] == 0
+    index = (maps / "index.json").read_bytes()
+    test = synth_data / "test"
+    cases = [
+        (["export", victim, "-o", victim / "best.safetensors", "--overwrite"], None, "lies inside"),
+        (["export", victim / "best.safetensors", "-o", victim / "x.zip"], victim / "x.zip", "lies inside"),
+        (["predict", victim, "--data", test, "-o", victim / "pred.csv"], victim / "pred.csv", "lies inside"),
+        (["predict", victim, "--data", test, "-o", tmp_path / "q.csv", "--probs", victim / "maps"], victim / "maps",
+         "lies inside"),
+        (["predict", victim, "--data", test, "-o", test / "pred.csv"], test / "pred.csv", "lies inside"),
+        (["tta", victim, "--data", test, "-o", victim / "metrics.csv", "--overwrite"], None, "lies inside"),
+        (["vote", "soft", maps, "-o", maps / "index.json", "--overwrite"], None, "lies inside"),
+        (["select", victim, "-o", victim / "oof" / "manifest.json"], None, "lies inside"),
+        (["eda", "--data", test, "--out", test / "report"], test / "report", "lies inside"),
+        (["pseudo", maps, "--data", test, "--out", maps / "pseudo"], maps / "pseudo", "lies inside"),
+    ]
+    for args, output, needle in cases:
+        line = _fails(capsys, args, needle, "an input of this command", output=output)
+        named = output or args[args.index("-o") + 1]
+        assert line.startswith(f"handseg: error: {named}: "), line
+    assert {p.name: p.read_bytes() for p in victim.iterdir() if p.is_file()} == before
+    assert (maps / "index.json").read_bytes() == index
+    # the manifest written beside a CSV counts too: it may not replace an input
+    shutil.copy(tmp_path / "p.csv", tmp_path / "b.manifest.json")
+    _fails(capsys, ["vote", "hard", tmp_path / "p.csv", tmp_path / "b.manifest.json", "-o", tmp_path / "b.csv"],
+           "b.csv: is an input of this command", output=tmp_path / "b.csv")
+
+
 def test_train_refuses_a_used_folder_and_another_fold_on_resume(synth_data, tmp_path, capsys):
     used = tmp_path / "used"
     used.mkdir()

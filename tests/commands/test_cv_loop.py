@@ -36,6 +36,12 @@ def test_train_oof_select_and_predict_recipe(synth_data, tmp_path, capsys):
     assert len(doc["configurations"]) == 2 and doc["candidates"]
     assert doc["cv_dice"] >= max(c["cv_dice"] for c in doc["candidates"]) - 1e-12
 
+    # the recipe's runs are inputs: no output of export --recipe or predict --recipe goes into one
+    for args in (["export", "--recipe", recipe, "-o", runs[1] / "model.zip"],
+                 ["predict", "--recipe", recipe, "--data", synth_data / "test", "-o", runs[2] / "sub.csv"]):
+        code, _, err = run_cli(args, capsys)
+        assert code == 2 and "lies inside an input of this command" in err and not (args[-1]).exists(), err
+
     # every training image again, each by the fold models that did not see it: the Dice select reported
     code, out, err = run_cli(["predict", "--recipe", recipe, "--oof", "--data", train, "-o", tmp_path / "oof.csv",
                               "--device", "cpu"], capsys)
