@@ -30,8 +30,8 @@ def export(
       handseg predict model.zip --data data/test -o submission.csv
     """
     from handseg.console import stdout
-    from handseg.core.export import export_models
     from handseg.core.cascade import model_inputs
+    from handseg.core.export import export_models
     from handseg.core.files import check_output
     from handseg.core.selection import recipe_inputs
 
