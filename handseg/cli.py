@@ -47,7 +47,8 @@ app = typer.Typer(
     help="Hand-bone X-ray segmentation (29 classes): synthetic data, caches, folds, training, inference, "
     "ensembles and reports. Stages pass files to each other; chain them in shell scripts.",
     epilog="Environment: HANDSEG_DEBUG=1 shows tracebacks instead of one-line errors; HANDSEG_NO_PROGRESS=1 "
-    "hides progress bars; HANDSEG_MAX_PIXELS sets the largest image read (default 8192 x 8192).",
+    "hides progress bars; HANDSEG_MAX_PIXELS sets the largest image read (default 8192 x 8192); "
+    "HANDSEG_MAX_ZIP_BYTES the most a model zip may unpack to (default 8 GiB).",
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,

@@ -22,7 +22,8 @@ def export(
 
     The zip holds each checkpoint (weights and model card: architecture, encoder, size, thresholds,
     normalisation) and, with --recipe, the recipe with its run paths rewritten to point inside the zip.
-    Nothing in it is pickled.
+    Nothing in it is pickled; its index pins every checkpoint by SHA-256, and --recipe checks the
+    recipe's own pins before anything is zipped.
 
     Examples:
       handseg export runs/hr48_f0 runs/hr48_f1 runs/hr48_f2 -o hr48.zip

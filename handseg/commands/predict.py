@@ -84,10 +84,10 @@ def predict(
             where = "this model zip's recipe"
         if recipe is not None:
             _run_recipe(checkpoints, recipe, oof, data, out, probs, batch_size, device, not no_amp, overwrite,
-                        [thresholds, tune_thresholds, splits, fold, keep_largest], where)
+                        [thresholds, tune_thresholds, splits, fold, keep_largest], where, bundle)
             return
         _run(checkpoints, data, out, probs, "", Merge.mean, thresholds, tune_thresholds, device, not no_amp,
-             "predict", batch_size, overwrite, splits, fold, probs_format, keep_largest)
+             "predict", batch_size, overwrite, splits, fold, probs_format, keep_largest, bundle)
 
 
 def tta(
@@ -122,7 +122,7 @@ def tta(
                 raise HandsegError("this model zip holds a recipe, which sets its own TTA: use `handseg predict`")
             checkpoints = bundle.checkpoints
         _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune_thresholds, device, not no_amp, "tta",
-             batch_size, overwrite, splits, fold, probs_format, keep_largest)
+             batch_size, overwrite, splits, fold, probs_format, keep_largest, bundle)
 
 
 @contextlib.contextmanager
@@ -147,7 +147,7 @@ def _model_zip(checkpoints, out: Path, overwrite: bool):
 
 
 def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, device, amp, stage, batch_size,
-         overwrite, splits=None, fold=None, probs_format=ProbsFormat.packed, keep_largest=None):
+         overwrite, splits=None, fold=None, probs_format=ProbsFormat.packed, keep_largest=None, bundle=None):
     from rich.table import Table
 
     from handseg.commands.options import say_data
@@ -196,15 +196,18 @@ def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, dev
             result = run_predictions(resolved, data, out, probs_tmp, transform_list, merge, thr, tune, device, amp,
                                      progress=tick, batch=batch_size, samples=samples,
                                      probs_format=ProbsFormat(probs_format).value, keep_largest=keep)
-        options = {"checkpoints": [str(c) for c in resolved], "transforms": [t.name for t in transform_list],
+        # a model zip's checkpoints are named in it (ZIP:MEMBER), not in the temporary folder they ran from
+        label = bundle.label if bundle is not None else str
+        inputs = {"data": str(data), **(bundle.inputs() if bundle is not None else {})}
+        options = {"checkpoints": [label(c) for c in resolved], "transforms": [t.name for t in transform_list],
                    "merge": merge, "thresholds": result.thresholds, "tuned": result.tuned, "device": device,
                    "amp": amp, "batch_size": batch_size, "splits": str(splits) if splits else None, "fold": fold,
                    "probs_format": ProbsFormat(probs_format).value, "keep_largest": format_keep_largest(keep)}
         if probs_tmp is not None and result.main:
-            write_manifest(probs_tmp, stage, options, inputs={"data": str(data)}, images=result.images)
+            write_manifest(probs_tmp, stage, options, inputs=inputs, images=result.images)
     if not result.main:
         return  # under torchrun, rank 0 writes the manifest and prints
-    write_manifest(out.parent, stage, options, inputs={"data": str(data)},
+    write_manifest(out.parent, stage, options, inputs=inputs,
                    name=sidecar_manifest_path(out).name, output=str(out), images=result.images, dice=result.dice)
     if tune:
         path = out.with_name(f"{out.stem}.thresholds.json")
@@ -221,7 +224,7 @@ def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, dev
 
 
 def _run_recipe(checkpoints, recipe, oof, data, out, probs, batch_size, device, amp, overwrite, not_with,
-                where="--recipe"):
+                where="--recipe", bundle=None):
     import tempfile
 
     from handseg.commands.options import say_data
@@ -257,13 +260,15 @@ def _run_recipe(checkpoints, recipe, oof, data, out, probs, batch_size, device, 
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         maps = tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.maps-")
+    named = bundle.label(recipe) if bundle is not None else str(recipe)  # ZIP:recipe.json, not a temporary path
+    inputs = {"data": str(source.root), **(bundle.inputs() if bundle is not None else {})}
     with maps as folder, progress_task("predict --recipe") as tick:
         result = run_recipe(recipe, source.root, out, Path(folder), device, amp, batch_size, progress=tick, oof=oof)
         if probs is not None:
-            write_manifest(folder, "predict-recipe", {"recipe": str(recipe), "oof": oof},
-                           inputs={"data": str(source.root)}, members={m: p.name for m, p in result.members.items()})
-    write_manifest(out.parent, "predict-recipe", {"recipe": str(recipe), "oof": oof, "device": device, "amp": amp,
-                   "batch_size": batch_size}, inputs={"data": str(source.root)}, name=sidecar_manifest_path(out).name,
+            write_manifest(folder, "predict-recipe", {"recipe": named, "oof": oof},
+                           inputs=inputs, members={m: p.name for m, p in result.members.items()})
+    write_manifest(out.parent, "predict-recipe", {"recipe": named, "oof": oof, "device": device, "amp": amp,
+                   "batch_size": batch_size}, inputs=inputs, name=sidecar_manifest_path(out).name,
                    output=str(out), images=result.images, dice=result.dice)
     if result.dice is not None:
         stdout.print(f"mean Dice on labelled --data: {result.dice:.4f}")

@@ -236,11 +236,9 @@ def max_pixels() -> int:
 
     A small file can declare a huge image (a 429 KB PNG of 20000 x 20000); prediction allocates 29
     float maps of the image's size, so such files are refused before anything is decoded."""
-    value = os.environ.get("HANDSEG_MAX_PIXELS", "")
-    try:
-        return int(value) if value else DEFAULT_MAX_PIXELS
-    except ValueError:
-        raise HandsegError(f"HANDSEG_MAX_PIXELS={value!r} is not a whole number") from None
+    from handseg.core.files import env_limit
+
+    return env_limit("HANDSEG_MAX_PIXELS", DEFAULT_MAX_PIXELS)
 
 
 def check_image_size(height: int, width: int, path: str | Path) -> None:

@@ -153,6 +153,20 @@ def _check_writable(folder: Path, target: Path) -> None:
     probe.unlink()
 
 
+def env_limit(name: str, default: int) -> int:
+    """A size limit the environment may raise or lower (``HANDSEG_MAX_PIXELS``, ``HANDSEG_MAX_ZIP_BYTES``):
+    its whole-number value, or ``default`` when unset.
+
+    Raises:
+        HandsegError: the variable is set to something other than a whole number.
+    """
+    value = os.environ.get(name, "")
+    try:
+        return int(value) if value else default
+    except ValueError:
+        raise HandsegError(f"{name}={value!r} is not a whole number") from None
+
+
 def safe_name(text: str, default: str, extra: str = "") -> str:
     """A file-name part made of letters, digits, ``.``, ``_``, ``-`` and the characters in ``extra``
     only (any other run becomes ``_``), never hidden or empty (``default`` then)."""

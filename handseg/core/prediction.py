@@ -302,22 +302,12 @@ def run_recipe(recipe_path: Path, data: Path, out_csv: Path, maps_dir: Path, dev
     Raises:
         HandsegError: the recipe or one of its run folders is missing or malformed.
     """
-    from handseg.core.checkpoint import resolve_checkpoint
-    from handseg.core.selection import TruthSource, apply_recipe, read_oof_run, read_recipe
+    from handseg.core.selection import TruthSource, apply_recipe, pinned_checkpoints, read_oof_run, read_recipe
 
     recipe = read_recipe(recipe_path)
     members = recipe.members()
     progress = _accumulating(progress)
-    from handseg.core.checkpoint import checkpoint_sha256
-
-    for m in members:  # every checkpoint is found, and is the one select scored, before any work
-        cfg = recipe.config(m)
-        for fold, run in sorted(cfg.runs.items()):
-            path = resolve_checkpoint(run)
-            want = cfg.sha256.get(fold)
-            if want is not None and checkpoint_sha256(path) != want:
-                raise HandsegError("is not the checkpoint the recipe was chosen with (its SHA-256 changed); run "
-                                   "`handseg select` again", path)
+    pinned_checkpoints(recipe, recipe_path, members)  # every checkpoint found, and the one select scored, first
     if samples is None:
         samples = discover(data, labels="optional", role="train" if oof else "test")
     by_name = {s.name: s for s in samples}

@@ -897,6 +897,35 @@ def recipe_inputs(path: str | Path) -> list[Path]:
     return [Path(path), *model_inputs([run for c in recipe.configs for run in c.checkpoints])]
 
 
+def pinned_checkpoints(recipe: Recipe, where: Path, names: Sequence[str] | None = None) -> dict[str, dict[int, Path]]:
+    """The checkpoint of every run of the named configurations (default: all), each checked against the
+    SHA-256 the recipe pins it by: what ``predict --recipe`` loads and ``export --recipe`` zips.
+
+    A run without a pin is refused, not trusted: another file at its path would be used unnoticed.
+
+    Raises:
+        HandsegError: a run has no checkpoint, no pin, or a checkpoint other than the pinned one (naming
+            ``where``, the recipe, or the checkpoint).
+    """
+    from handseg.core.checkpoint import checkpoint_sha256, resolve_checkpoint
+
+    out: dict[str, dict[int, Path]] = {}
+    for name in names if names is not None else [c.name for c in recipe.configs]:
+        cfg = recipe.config(name)
+        out[name] = {}
+        for fold, run in sorted(cfg.runs.items()):
+            path = resolve_checkpoint(run)
+            want = cfg.sha256.get(fold)
+            if want is None:
+                raise HandsegError(f'configuration {name!r} has no "sha256" for fold {fold}: the checkpoint it '
+                                   "loads is not pinned; run `handseg select` again", where)
+            if checkpoint_sha256(path) != want:
+                raise HandsegError("is not the checkpoint the recipe was chosen with (its SHA-256 changed); run "
+                                   "`handseg select` again", path)
+            out[name][fold] = path
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # applying a recipe
 

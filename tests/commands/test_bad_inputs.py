@@ -384,3 +384,177 @@ def test_fold_predictions_need_runs_that_held_the_fold_out(run, synth_data, tmp_
     assert run_cli(["kfold", "--data", synth_data / "train", "--folds", 2, "-o", splits], capsys)[0] == 0
     _fails(capsys, ["predict", run, "--splits", splits, "--fold", 1, "-o", tmp_path / "f.csv"],
            "was trained with --fold 0")
+
+
+# ---------------------------------------------------------------------------------------------- model zips
+
+
+def _rezip(src, dest, index=None, extra=()):
+    """A copy of a model zip with its index edited by ``index(doc)`` and ``extra`` (name, bytes) members added."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    doc = json.loads(members["handseg_model.json"])
+    if index is not None:
+        index(doc)
+    members["handseg_model.json"] = json.dumps(doc).encode()
+    members.update(extra)
+    with zipfile.ZipFile(dest, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return dest
+
+
+def _set_central(path, member, offset, value):
+    """Overwrite a 2-byte field of ``member``'s central-directory record (what zipfile trusts)."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    at = 0
+    while (at := data.find(b"PK\x01\x02", at + 1)) != -1:
+        n = struct.unpack_from("<H", data, at + 28)[0]
+        if data[at + 46 : at + 46 + n].decode() == member:
+            struct.pack_into("<H", data, at + offset, value)
+    path.write_bytes(bytes(data))
+
+
+def _no_leftovers(folder, *allowed):
+    assert sorted(p.name for p in folder.iterdir()) == sorted(allowed)  # no .unpacked- folder, no output
+
+
+def test_a_model_zip_predicts_elsewhere_and_its_manifest_names_the_zip(run, synth_data, tmp_path, capsys):
+    import hashlib
+
+    z = tmp_path / "m.zip"
+    assert run_cli(["export", run, "-o", z], capsys)[0] == 0
+    out = tmp_path / "p.csv"
+    code, _, err = run_cli(["predict", z, "--data", synth_data / "test", "-o", out, "--device", "cpu"], capsys)
+    assert code == 0, err
+    _no_leftovers(tmp_path, "m.zip", "p.csv", "p.manifest.json")
+    text = (tmp_path / "p.manifest.json").read_text()
+    manifest = json.loads(text)
+    assert manifest["inputs"]["model_zip"] == str(z)
+    assert manifest["inputs"]["model_zip_sha256"] == hashlib.sha256(z.read_bytes()).hexdigest()
+    assert manifest["options"]["checkpoints"] == [f"{z}:models/run/best.safetensors"]
+    assert ".unpacked-" not in text
+    direct = tmp_path / "d.csv"
+    assert run_cli(["predict", run, "--data", synth_data / "test", "-o", direct, "--device", "cpu"], capsys)[0] == 0
+    assert out.read_bytes() == direct.read_bytes()
+
+
+def test_a_model_zip_names_nothing_outside_itself(run, synth_data, tmp_path, capsys):
+    import zipfile
+
+    z = tmp_path / "m.zip"
+    assert run_cli(["export", run, "-o", z], capsys)[0] == 0
+    with zipfile.ZipFile(z) as archive:
+        weights = archive.read("models/run/best.safetensors")
+    out = tmp_path / "p.csv"
+    args = ["--data", synth_data / "test", "-o", out, "--device", "cpu"]
+
+    def model(doc, **kw):
+        doc["models"][0].update(kw)
+
+    # a model name that points at a checkpoint elsewhere on disk, absolute or through ..
+    bad = _rezip(z, tmp_path / "abs.zip", lambda d: model(d, name=str(run.resolve())))
+    _fails(capsys, ["predict", bad, *args], "abs.zip", "is not a folder inside the zip", output=out)
+    bad = _rezip(z, tmp_path / "up.zip", lambda d: model(d, name="../run", file="../run/best.safetensors"),
+                 [("../run/best.safetensors", weights)])
+    _fails(capsys, ["predict", bad, *args], "up.zip", "model name '../run' is not a folder inside the zip", output=out)
+    # a checkpoint other than the one the index pins
+    bad = _rezip(z, tmp_path / "swap.zip", lambda d: model(d, sha256="0" * 64))
+    _fails(capsys, ["predict", bad, *args], "swap.zip", "models/run/best.safetensors is not the checkpoint its "
+           "index pins", output=out)
+    # a recipe inside the zip that names a run outside it (pinned by the right SHA-256, even)
+    recipe = _recipe_doc({"0": str(run.resolve())}, {"0": json.loads(_index_of(z))["models"][0]["sha256"]})
+    bad = _rezip(z, tmp_path / "outside.zip", lambda d: d.update(recipe="recipe.json"),
+                 [("recipe.json", json.dumps(recipe).encode())])
+    line = _fails(capsys, ["predict", bad, *args], "outside.zip: recipe.json names the run", "which is not in the zip",
+                  output=out)
+    assert ".unpacked-" not in line
+    _no_leftovers(tmp_path, "m.zip", "abs.zip", "up.zip", "swap.zip", "outside.zip")
+
+
+def _index_of(z):
+    import zipfile
+
+    with zipfile.ZipFile(z) as archive:
+        return archive.read("handseg_model.json")
+
+
+def _recipe_doc(runs, sha256=None):
+    """A minimal valid recipe by hand: one configuration that makes every class at threshold 0.5."""
+    from handseg.core.constants import CLASSES
+
+    config = {"name": "a", "runs": runs, "tta": {"transforms": ["identity"], "merge": "mean"}}
+    if sha256 is not None:
+        config["sha256"] = sha256
+    return {"format": "handseg-recipe", "version": 1, "configurations": [config],
+            "classes": {c: {"source": "a", "threshold": 0.5} for c in CLASSES}}
+
+
+def test_model_zip_sizes_encryption_and_compression_are_checked_before_unpacking(run, synth_data, tmp_path, capsys,
+                                                                                  monkeypatch):
+    z = tmp_path / "m.zip"
+    assert run_cli(["export", run, "-o", z], capsys)[0] == 0
+    out = tmp_path / "p.csv"
+    args = ["--data", synth_data / "test", "-o", out, "--device", "cpu"]
+    size = z.stat().st_size
+    monkeypatch.setenv("HANDSEG_MAX_ZIP_BYTES", str(size // 2))
+    _fails(capsys, ["predict", z, *args], "m.zip: the zip claims", f"more than the limit of {size // 2:,}",
+           "HANDSEG_MAX_ZIP_BYTES", output=out)
+    monkeypatch.setenv("HANDSEG_MAX_ZIP_BYTES", "lots")
+    _fails(capsys, ["predict", z, *args], "HANDSEG_MAX_ZIP_BYTES='lots' is not a whole number", output=out)
+    monkeypatch.delenv("HANDSEG_MAX_ZIP_BYTES")
+    # a bomb: a member that claims more than the limit, caught from the central directory
+    bomb = _rezip(z, tmp_path / "bomb.zip")
+    _set_central(bomb, "models/run/best.safetensors", 26, 0xFFFF)  # uncompressed size, high half: ~4 GiB
+    monkeypatch.setenv("HANDSEG_MAX_ZIP_BYTES", str(2**31))
+    _fails(capsys, ["predict", bomb, *args], "bomb.zip: the zip claims", output=out)
+    monkeypatch.delenv("HANDSEG_MAX_ZIP_BYTES")
+    enc = _rezip(z, tmp_path / "enc.zip")
+    _set_central(enc, "models/run/best.safetensors", 8, 0x1)  # general purpose flags: encrypted
+    _fails(capsys, ["predict", enc, *args], "enc.zip: member models/run/best.safetensors is encrypted", output=out)
+    aes = _rezip(z, tmp_path / "aes.zip")
+    _set_central(aes, "models/run/best.safetensors", 10, 99)  # compression method 99 (WinZip AES)
+    _fails(capsys, ["predict", aes, *args], "aes.zip: member models/run/best.safetensors uses compression method 99",
+           output=out)
+    _no_leftovers(tmp_path, "m.zip", "bomb.zip", "enc.zip", "aes.zip")
+
+
+def test_pins_are_required_by_predict_recipe_export_and_model_zips(run, synth_data, tmp_path, capsys):
+    import hashlib
+
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(_recipe_doc({"0": str(run)})))
+    out, z = tmp_path / "p.csv", tmp_path / "m.zip"
+    args = ["--data", synth_data / "test", "-o", out, "--device", "cpu"]
+    _fails(capsys, ["predict", "--recipe", recipe, *args], "recipe.json: configuration 'a' has no \"sha256\" for "
+           "fold 0", output=out)
+    _fails(capsys, ["export", "--recipe", recipe, "-o", z], "recipe.json", '"sha256"', output=z)
+    # pinned, it exports, and the zip predicts as the recipe does
+    pin = hashlib.sha256((run / "best.safetensors").read_bytes()).hexdigest()
+    recipe.write_text(json.dumps(_recipe_doc({"0": str(run)}, {"0": pin})))
+    code, _, err = run_cli(["predict", "--recipe", recipe, *args], capsys)
+    assert code == 0, err
+    assert run_cli(["export", "--recipe", recipe, "-o", z], capsys)[0] == 0
+    from_zip = tmp_path / "z.csv"
+    code, _, err = run_cli(["predict", z, "--data", synth_data / "test", "-o", from_zip, "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert from_zip.read_bytes() == out.read_bytes()
+    manifest = json.loads((tmp_path / "z.manifest.json").read_text())
+    assert manifest["options"]["recipe"] == f"{z}:recipe.json"
+    assert manifest["inputs"]["model_zip_sha256"] == hashlib.sha256(z.read_bytes()).hexdigest()
+    # a plain zip, or the recipe in a zip, without its pins
+    for name, edit, extra, needle in [
+        ("plain.zip", lambda d: d["models"][0].pop("sha256"), (), 'handseg_model.json gives no "sha256" for '),
+        ("unpinned.zip", None, [("recipe.json", json.dumps(_recipe_doc({"0": "models/a/fold0"})).encode())],
+         "recipe.json: configuration 'a' has no \"sha256\" for fold 0"),
+    ]:
+        bad = _rezip(z, tmp_path / name, edit, extra)
+        line = _fails(capsys, ["predict", bad, "--data", synth_data / "test", "-o", tmp_path / "x.csv"], name,
+                      needle, output=tmp_path / "x.csv")
+        assert ".unpacked-" not in line
+    _no_leftovers(tmp_path, "recipe.json", "p.csv", "p.manifest.json", "m.zip", "z.csv", "z.manifest.json",
+                  "plain.zip", "unpinned.zip")
