@@ -85,8 +85,9 @@ def train(
                                                        "several: --context A B C.")] = None,
     oof_tta: Annotated[str, typer.Option("--oof-tta", help="Test-time transforms of the fold's out-of-fold maps "
                                          "(RUN/oof/, for `handseg select`), e.g. hflip.")] = "",
-    config: Annotated[Path | None, typer.Option("--config", help="YAML of options, or a run's manifest.json to "
-                                                "replay it (flags given on the command line win).",
+    config: Annotated[Path | None, typer.Option("--config", help="YAML of training options, or a run's "
+                                                "manifest.json to replay it (flags given on the command line win; "
+                                                "--out, --overwrite and --resume come from the command line only).",
                                                 dir_okay=False)] = None,
 ) -> None:
     """Train a 29-class multi-label segmentation model; checkpoints are self-describing.
@@ -143,10 +144,17 @@ def train(
 
 def _apply_config(ctx: typer.Context, params: dict, path: Path) -> dict:
     """defaults < config file < flags given on the command line. The file is a YAML mapping of options,
-    or a run's ``manifest.json`` (its ``options`` are replayed)."""
+    or a run's ``manifest.json`` (its ``options`` are replayed, but for its ``out``, ``overwrite`` and
+    ``resume``).
+
+    Raises:
+        HandsegError: the file is unreadable, sets an unknown option, or sets ``out``, ``overwrite`` or
+            ``resume`` (the command line alone decides where a run goes and what happens to a folder there).
+    """
     import yaml
 
     from handseg.core.errors import HandsegError
+    from handseg.core.training.config import RUN_FOLDER_OPTIONS
 
     if not path.is_file():
         raise HandsegError("config file not found", path)
@@ -157,9 +165,13 @@ def _apply_config(ctx: typer.Context, params: dict, path: Path) -> dict:
     if not isinstance(doc, dict):
         raise HandsegError("config must be a mapping of option: value", path)
     if doc.get("stage") == "train" and isinstance(doc.get("options"), dict):
-        doc = {k: v for k, v in doc["options"].items() if k not in ("resume", "overwrite")}  # replay a run
+        # replay a run: its manifest records where it went and how, which the new run does not inherit
+        doc = {k: v for k, v in doc["options"].items() if str(k).replace("-", "_") not in RUN_FOLDER_OPTIONS}
     for key, value in doc.items():
         name = str(key).replace("-", "_")
+        if name in RUN_FOLDER_OPTIONS:
+            raise HandsegError(f"{key!r} cannot be set in a config file (it sets training options only); pass "
+                               f"--{name} on the command line", path)
         if name not in params:
             raise HandsegError(f"unknown option {key!r} in config; valid: {', '.join(sorted(params))}", path)
         # --compile is the parameter compile_model (compile is a builtin)

@@ -139,6 +139,40 @@ def test_train_config_files_are_checked_like_flags(synth_data, tmp_path, capsys,
                     "--out", out], needle, output=out)
 
 
+@pytest.mark.parametrize("doc,key", [
+    ({"out": "VICTIM", "overwrite": True}, "'out'"),
+    ({"overwrite": True}, "'overwrite'"),
+    ({"resume": True}, "'resume'"),
+])
+def test_a_config_file_sets_training_options_only(synth_data, tmp_path, capsys, doc, key):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "mine.txt").write_text("mine")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({k: str(victim) if v == "VICTIM" else v for k, v in doc.items()}))
+    out = tmp_path / "run"
+    tiny = ["--arch", "unet", "--encoder", "resnet18", "--encoder-weights", "none", "--size", 64, "--epochs", 1,
+            "--workers", 0, "--device", "cpu"]
+    line = _fails(capsys, ["train", "--data", synth_data / "train", *tiny, "--config", cfg, "--out", out], output=out)
+    assert line.startswith(f"handseg: error: {cfg}: {key} cannot be set in a config file"), line
+    assert [p.name for p in victim.iterdir()] == ["mine.txt"]
+
+
+def test_a_replayed_manifest_takes_neither_its_folder_nor_overwrite(synth_data, tmp_path, capsys, monkeypatch):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "mine.txt").write_text("mine")
+    options = {"data": str(synth_data / "train"), "arch": "unet", "encoder": "resnet18", "encoder_weights": "none",
+               "size": 64, "epochs": 1, "workers": 0, "device": "cpu", "augment": "none", "out": str(victim),
+               "overwrite": True, "resume": False}
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"stage": "train", "options": options}))
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(["train", "--config", manifest], capsys)[0] == 0
+    assert [p.name for p in victim.iterdir()] == ["mine.txt"]
+    assert (tmp_path / "runs" / "run" / "last.safetensors").is_file()  # the default --out, not the manifest's
+
+
 def test_bad_data_files_are_named(run, synth_data, tmp_path, capsys):
     data = tmp_path / "test"
     shutil.copytree(synth_data / "test", data)
