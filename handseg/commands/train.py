@@ -68,7 +68,8 @@ def train(
     workers: Annotated[int, typer.Option("--workers", "-j", min=0, help="DataLoader worker processes.")] = 4,
     device: Device = "auto",
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("runs/run"),
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped "
+                                        "(--lr, --batch-size, --accum and --epochs not given are the run's).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run folder as a whole (kept "
                                             "until the new run's first checkpoint).")] = False,
     extra: Annotated[list[Path] | None, typer.Option("--extra", help="More labelled data (e.g. pseudo labels) "
@@ -107,6 +108,11 @@ def train(
     params["compile"] = params.pop("compile_model")
     params["extra"] = list(params["extra"] or [])
     params["context"] = list(params["context"] or [])
+    if resume:
+        from handseg.core.training.state import saved_schedule
+
+        # the run's own values where none is given: its optimizer and schedule state were made with them
+        params.update({k: v for k, v in saved_schedule(out).items() if not _given(ctx, k)})
     if config is not None:
         params = _apply_config(ctx, params, config)
     cfg = TrainConfig(**params).validated()  # one check for flags and config alike
@@ -174,13 +180,17 @@ def _apply_config(ctx: typer.Context, params: dict, path: Path) -> dict:
                                f"--{name} on the command line", path)
         if name not in params:
             raise HandsegError(f"unknown option {key!r} in config; valid: {', '.join(sorted(params))}", path)
-        # --compile is the parameter compile_model (compile is a builtin)
-        source = "compile_model" if name == "compile" else name
-        # by name: Typer carries its own copy of click, whose ParameterSource is not click's
-        given = ctx.get_parameter_source(source)
-        if given is None or given.name in ("DEFAULT", "DEFAULT_MAP"):
+        if not _given(ctx, name):
             params[name] = value
     return params
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether option ``name`` was given on the command line (not left at its default)."""
+    # --compile is the parameter compile_model (compile is a builtin)
+    source = ctx.get_parameter_source("compile_model" if name == "compile" else name)
+    # by name: Typer carries its own copy of click, whose ParameterSource is not click's
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
 LIST_OPTIONS = ("--context", "--extra")
