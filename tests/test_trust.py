@@ -403,3 +403,23 @@ def test_a_resumed_run_trains_exactly_as_the_uninterrupted_one(synth_data, tmp_p
     whole = [float(r["train_loss"]) for r in csv.DictReader(open(tmp_path / "whole" / "metrics.csv"))]
     parts = [float(r["train_loss"]) for r in csv.DictReader(open(tmp_path / "parts" / "metrics.csv"))]
     assert parts == pytest.approx(whole, rel=1e-5)
+
+
+def test_a_resume_that_fails_before_its_first_checkpoint_leaves_the_manifest_as_it_was(synth_data, tmp_path,
+                                                                                       monkeypatch):
+    import handseg.core.training.loop as loop
+
+    data = _copy_train(synth_data, tmp_path)
+    out = tmp_path / "run"
+    train(_cfg(data, out, epochs=1), log=lambda *a: None)
+    manifest = (out / "manifest.json").read_bytes()
+
+    def broken(*args, **kwargs):
+        assert (out / "manifest.json").read_bytes() != manifest  # the resumed run had written its own
+        raise HandsegError("validation failed")
+
+    monkeypatch.setattr(loop, "validate", broken)
+    with pytest.raises(HandsegError, match="validation failed"):
+        train(_cfg(data, out, epochs=2, resume=True), log=lambda *a: None)
+    assert (out / "manifest.json").read_bytes() == manifest
+    assert sorted(p.name for p in out.glob("resume-*")) == ["resume-0001.safetensors"]

@@ -68,7 +68,8 @@ def train(
     workers: Annotated[int, typer.Option("--workers", "-j", min=0, help="DataLoader worker processes.")] = 4,
     device: Device = "auto",
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("runs/run"),
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped "
+                                        "(--lr, --batch-size, --accum and --epochs not given are the run's).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run folder as a whole (kept "
                                             "until the new run's first checkpoint).")] = False,
     extra: Annotated[list[Path] | None, typer.Option("--extra", help="More labelled data (e.g. pseudo labels) "
@@ -85,8 +86,9 @@ def train(
                                                        "several: --context A B C.")] = None,
     oof_tta: Annotated[str, typer.Option("--oof-tta", help="Test-time transforms of the fold's out-of-fold maps "
                                          "(RUN/oof/, for `handseg select`), e.g. hflip.")] = "",
-    config: Annotated[Path | None, typer.Option("--config", help="YAML of options, or a run's manifest.json to "
-                                                "replay it (flags given on the command line win).",
+    config: Annotated[Path | None, typer.Option("--config", help="YAML of training options, or a run's "
+                                                "manifest.json to replay it (flags given on the command line win; "
+                                                "--out, --overwrite and --resume come from the command line only).",
                                                 dir_okay=False)] = None,
 ) -> None:
     """Train a 29-class multi-label segmentation model; checkpoints are self-describing.
@@ -106,6 +108,11 @@ def train(
     params["compile"] = params.pop("compile_model")
     params["extra"] = list(params["extra"] or [])
     params["context"] = list(params["context"] or [])
+    if resume:
+        from handseg.core.training.state import saved_schedule
+
+        # the run's own values where none is given: its optimizer and schedule state were made with them
+        params.update({k: v for k, v in saved_schedule(out).items() if not _given(ctx, k)})
     if config is not None:
         params = _apply_config(ctx, params, config)
     cfg = TrainConfig(**params).validated()  # one check for flags and config alike
@@ -143,10 +150,17 @@ def train(
 
 def _apply_config(ctx: typer.Context, params: dict, path: Path) -> dict:
     """defaults < config file < flags given on the command line. The file is a YAML mapping of options,
-    or a run's ``manifest.json`` (its ``options`` are replayed)."""
+    or a run's ``manifest.json`` (its ``options`` are replayed, but for its ``out``, ``overwrite`` and
+    ``resume``).
+
+    Raises:
+        HandsegError: the file is unreadable, sets an unknown option, or sets ``out``, ``overwrite`` or
+            ``resume`` (the command line alone decides where a run goes and what happens to a folder there).
+    """
     import yaml
 
     from handseg.core.errors import HandsegError
+    from handseg.core.training.config import RUN_FOLDER_OPTIONS
 
     if not path.is_file():
         raise HandsegError("config file not found", path)
@@ -157,18 +171,26 @@ def _apply_config(ctx: typer.Context, params: dict, path: Path) -> dict:
     if not isinstance(doc, dict):
         raise HandsegError("config must be a mapping of option: value", path)
     if doc.get("stage") == "train" and isinstance(doc.get("options"), dict):
-        doc = {k: v for k, v in doc["options"].items() if k not in ("resume", "overwrite")}  # replay a run
+        # replay a run: its manifest records where it went and how, which the new run does not inherit
+        doc = {k: v for k, v in doc["options"].items() if str(k).replace("-", "_") not in RUN_FOLDER_OPTIONS}
     for key, value in doc.items():
         name = str(key).replace("-", "_")
+        if name in RUN_FOLDER_OPTIONS:
+            raise HandsegError(f"{key!r} cannot be set in a config file (it sets training options only); pass "
+                               f"--{name} on the command line", path)
         if name not in params:
             raise HandsegError(f"unknown option {key!r} in config; valid: {', '.join(sorted(params))}", path)
-        # --compile is the parameter compile_model (compile is a builtin)
-        source = "compile_model" if name == "compile" else name
-        # by name: Typer carries its own copy of click, whose ParameterSource is not click's
-        given = ctx.get_parameter_source(source)
-        if given is None or given.name in ("DEFAULT", "DEFAULT_MAP"):
+        if not _given(ctx, name):
             params[name] = value
     return params
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether option ``name`` was given on the command line (not left at its default)."""
+    # --compile is the parameter compile_model (compile is a builtin)
+    source = ctx.get_parameter_source("compile_model" if name == "compile" else name)
+    # by name: Typer carries its own copy of click, whose ParameterSource is not click's
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
 LIST_OPTIONS = ("--context", "--extra")

@@ -139,6 +139,40 @@ def test_train_config_files_are_checked_like_flags(synth_data, tmp_path, capsys,
                     "--out", out], needle, output=out)
 
 
+@pytest.mark.parametrize("doc,key", [
+    ({"out": "VICTIM", "overwrite": True}, "'out'"),
+    ({"overwrite": True}, "'overwrite'"),
+    ({"resume": True}, "'resume'"),
+])
+def test_a_config_file_sets_training_options_only(synth_data, tmp_path, capsys, doc, key):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "mine.txt").write_text("mine")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({k: str(victim) if v == "VICTIM" else v for k, v in doc.items()}))
+    out = tmp_path / "run"
+    tiny = ["--arch", "unet", "--encoder", "resnet18", "--encoder-weights", "none", "--size", 64, "--epochs", 1,
+            "--workers", 0, "--device", "cpu"]
+    line = _fails(capsys, ["train", "--data", synth_data / "train", *tiny, "--config", cfg, "--out", out], output=out)
+    assert line.startswith(f"handseg: error: {cfg}: {key} cannot be set in a config file"), line
+    assert [p.name for p in victim.iterdir()] == ["mine.txt"]
+
+
+def test_a_replayed_manifest_takes_neither_its_folder_nor_overwrite(synth_data, tmp_path, capsys, monkeypatch):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "mine.txt").write_text("mine")
+    options = {"data": str(synth_data / "train"), "arch": "unet", "encoder": "resnet18", "encoder_weights": "none",
+               "size": 64, "epochs": 1, "workers": 0, "device": "cpu", "augment": "none", "out": str(victim),
+               "overwrite": True, "resume": False}
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"stage": "train", "options": options}))
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(["train", "--config", manifest], capsys)[0] == 0
+    assert [p.name for p in victim.iterdir()] == ["mine.txt"]
+    assert (tmp_path / "runs" / "run" / "last.safetensors").is_file()  # the default --out, not the manifest's
+
+
 def test_bad_data_files_are_named(run, synth_data, tmp_path, capsys):
     data = tmp_path / "test"
     shutil.copytree(synth_data / "test", data)
@@ -558,3 +592,98 @@ def test_pins_are_required_by_predict_recipe_export_and_model_zips(run, synth_da
         assert ".unpacked-" not in line
     _no_leftovers(tmp_path, "recipe.json", "p.csv", "p.manifest.json", "m.zip", "z.csv", "z.manifest.json",
                   "plain.zip", "unpinned.zip")
+
+
+# ---------------------------------------------------------------------------------------------- resume state
+
+
+@pytest.fixture(scope="module")
+def resumable(synth_data, tmp_path_factory):
+    """A finished 1-epoch run with a --lr and --batch-size other than the defaults."""
+    from handseg.core.training import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("resumable") / "run"
+    train(TrainConfig(data=synth_data / "train", arch="unet", encoder="resnet18", encoder_weights="none", size=64,
+                      epochs=1, batch_size=3, lr=3e-3, workers=0, device="cpu", out=out, augment="none"),
+          log=lambda *a: None)
+    return out
+
+
+def _resume_args(synth_data, out, *more):
+    return ["train", "--data", synth_data / "train", "--arch", "unet", "--encoder", "resnet18", "--encoder-weights",
+            "none", "--size", 64, "--workers", 0, "--device", "cpu", "--augment", "none", "--out", out, "--resume",
+            *more]
+
+
+def _tamper(path, edit):
+    """Rewrite a resume file: ``edit(tensors, header)`` changes either in place."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads(f.metadata()["handseg_resume"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(tensors, header)
+    save_file(tensors, str(path), metadata={"handseg_resume": json.dumps(header)})
+
+
+def _wrong_shape(tensors, header):
+    import torch
+
+    tensors["optimizer.0.exp_avg"] = torch.zeros(3)
+
+
+def _nan_lr(tensors, header):
+    header["optimizer"]["param_groups"][0]["lr"] = float("nan")
+
+
+def _nan_moment(tensors, header):
+    tensors["optimizer.1.exp_avg_sq"][0] = float("nan")
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda t, h: h.update(model={}), "resume state is incomplete: its model lacks arch, encoder, size"),
+    (lambda t, h: h["model"].pop("in_channels"), "its model lacks in_channels"),
+    (lambda t, h: h.update(run={}), "resume state is incomplete: its run lacks data, splits, fold"),
+    (lambda t, h: h["run"].pop("lr"), "its run lacks lr"),
+    (_wrong_shape, "does not fit this run: optimizer.0.exp_avg has shape [3], its parameter [64, 1, 7, 7]"),
+    (_nan_lr, "resume state holds nan (optimizer.param_groups.0.lr)"),
+    (_nan_moment, "resume state holds NaN or infinity (optimizer.1.exp_avg_sq)"),
+])
+def test_resume_state_is_checked_whole_before_the_first_step(resumable, synth_data, tmp_path, capsys, edit, needle):
+    out = tmp_path / "run"
+    shutil.copytree(resumable, out)
+    resume_file = out / "resume-0001.safetensors"
+    _tamper(resume_file, edit)
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    line = _fails(capsys, _resume_args(synth_data, out, "--epochs", 2), needle)
+    assert line.startswith(f"handseg: error: {resume_file}: "), line
+    assert "--lr" not in line
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # manifest included
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--lr", 0.01, "the run was trained with --lr 0.003, not 0.01"),
+    ("--batch-size", 4, "the run was trained with --batch-size 3, not 4"),
+    ("--accum", 2, "the run was trained with --accum 1, not 2"),
+])
+def test_resume_refuses_another_schedule(resumable, synth_data, tmp_path, capsys, flag, value, needle):
+    out = tmp_path / "run"
+    shutil.copytree(resumable, out)
+    manifest = (out / "manifest.json").read_bytes()
+    line = _fails(capsys, _resume_args(synth_data, out, "--epochs", 2, flag, value), needle)
+    assert str(out / "resume-0001.safetensors") in line
+    assert (out / "manifest.json").read_bytes() == manifest
+
+
+def test_resume_takes_the_options_not_given_from_the_run_and_says_a_longer_plan(resumable, synth_data, tmp_path,
+                                                                               capsys):
+    out = tmp_path / "run"
+    shutil.copytree(resumable, out)
+    code, said, err = run_cli(_resume_args(synth_data, out), capsys)  # no --epochs: the run's 1, nothing to do
+    assert code == 0 and "finished all 1 epoch" in said, (said, err)
+    code, said, err = run_cli(_resume_args(synth_data, out, "--epochs", 2), capsys)
+    assert code == 0, err
+    assert "--epochs 2: the run planned 1; its learning-rate schedule is re-planned over 2 epochs from step" in said
+    options = json.loads((out / "manifest.json").read_text())["options"]
+    assert (options["lr"], options["batch_size"], options["accum"], options["epochs"]) == (3e-3, 3, 1, 2)

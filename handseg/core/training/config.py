@@ -18,6 +18,10 @@ from handseg.core.errors import HandsegError
 AUGMENT_PRESETS = ("none", "light", "default", "strong")
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 LOGGERS = ("none", "tensorboard", "wandb")
+RUN_FOLDER_OPTIONS = ("out", "overwrite", "resume")
+"""What only the command line decides: where the run goes and whether an existing folder there is
+replaced or continued. A config file (YAML or a replayed manifest) sets training options only, so a
+file from someone else cannot point ``--overwrite`` at a folder of yours."""
 
 
 @dataclass

@@ -22,7 +22,7 @@ from handseg.core.checkpoint import BEST, LAST, ModelCard, read_card, unwrap
 from handseg.core.constants import CLASSES
 from handseg.core.distributed import all_reduce_sum, barrier, broadcast_buffers, setup_distributed, shutdown
 from handseg.core.errors import HandsegError
-from handseg.core.files import atomic_open, write_manifest
+from handseg.core.files import MANIFEST_NAME, atomic_open, atomic_write_bytes, write_manifest
 from handseg.core.models import DEFAULT_NORM
 from handseg.core.training.config import TrainConfig
 from handseg.core.training.dataset import SegmentationDataset, seed_worker, split_items, unpack_mask_bits
@@ -203,6 +203,10 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
         load_weights(model, out / LAST)
         restore(*resume_state, optimizer, scheduler, scaler, resume_path)
         log(f"resuming {out}: epoch {start_epoch + 1} of {cfg.epochs} next (step {step})")
+        planned = resume_state[1]["run"]["epochs"]
+        if planned != cfg.epochs:  # the cosine decay now ends at the new last step: say so, once restored
+            log(f"--epochs {cfg.epochs}: the run planned {planned}; its learning-rate schedule is re-planned over "
+                f"{cfg.epochs} epochs from step {step}")
 
     run_model = model
     if d.world > 1:
@@ -213,7 +217,7 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
     # only now: a run that fails to start, or fails before its first checkpoint, leaves no folder
     writer = CheckpointWriter(out) if d.main else None
     identity = run_identity(cfg)
-    with _run_folder(out, d.main, writer, replace=cfg.overwrite):
+    with _run_folder(out, d.main, writer, replace=cfg.overwrite, resume=cfg.resume):
         logger = _make_logger(cfg, out) if d.main else None
         if d.main:
             write_manifest(out, "train", cfg.to_json(), inputs={"data": str(cfg.data), "splits": str(cfg.splits)},
@@ -384,11 +388,14 @@ def write_oof(cfg: TrainConfig, out: Path, val_items: list, device: str, log=pri
 
 
 @contextlib.contextmanager
-def _run_folder(out: Path, main: bool, writer: CheckpointWriter | None, replace: bool = False):
+def _run_folder(out: Path, main: bool, writer: CheckpointWriter | None, replace: bool = False, resume: bool = False):
     """Create the run folder (rank 0) and finish the checkpoint writes whatever happens; if the run
     fails before its first checkpoint, remove the folder again. With ``replace`` (``--overwrite``) an
     existing folder is set aside, restored if the new run never reaches a checkpoint, and removed
-    once it ends."""
+    once it ends. With ``resume``, a resumed run that fails before its first checkpoint puts the run's
+    manifest back as it was (it still describes the files in the folder)."""
+    manifest = out / MANIFEST_NAME
+    manifest_before = manifest.read_bytes() if main and resume and manifest.is_file() else None
     old = None
     if main and replace and out.is_dir() and any(out.iterdir()):
         old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
@@ -412,6 +419,8 @@ def _run_folder(out: Path, main: bool, writer: CheckpointWriter | None, replace:
         elif main:
             for tmp in out.glob("*.tmp-*"):
                 tmp.unlink(missing_ok=True)
+            if manifest_before is not None and (writer is None or writer.saved == 0):
+                atomic_write_bytes(manifest, manifest_before)
         raise
     finally:
         if old is not None and old.exists() and (out / LAST).exists():

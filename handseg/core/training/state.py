@@ -14,6 +14,7 @@ epoch that was being saved, and the two always describe the same step.
 from __future__ import annotations
 
 import json
+import math
 import queue
 import random
 import re
@@ -105,8 +106,18 @@ def read_resume(path: Path) -> tuple[dict, dict]:
     """``(tensors, header)`` of a resume file, read without pickle.
 
     Raises:
-        HandsegError: the file is missing, not a safetensors file, or not handseg resume state.
+        HandsegError: the file is missing, not a safetensors file, not handseg resume state, or its model
+            card or run identity is missing or incomplete.
     """
+    return _read(path, tensors=True)
+
+
+def read_resume_header(path: Path) -> dict:
+    """The JSON header of a resume file, checked like :func:`read_resume` (its tensors are not read)."""
+    return _read(path, tensors=False)[1]
+
+
+def _read(path: Path, tensors: bool) -> tuple[dict, dict]:
     from safetensors import safe_open
 
     if not path.is_file():
@@ -114,18 +125,25 @@ def read_resume(path: Path) -> tuple[dict, dict]:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            found = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except Exception as e:
         raise HandsegError(f"not a handseg resume file ({str(e).splitlines()[0][:120]})", path) from None
     try:
         header = json.loads(meta[RESUME_META])
-        for key in ("epoch", "step", "best", "model", "optimizer", "scheduler", "scaler"):
+        for key in ("epoch", "step", "best", "model", "run", "optimizer", "scheduler", "scaler"):
             header[key]  # noqa: B018 (presence check)
         if not (isinstance(header["epoch"], int) and isinstance(header["step"], int)):
             raise TypeError("epoch and step must be integers")
     except (KeyError, TypeError, ValueError) as e:
         raise HandsegError(f"not a handseg resume file (bad header: {e})", path) from None
-    return tensors, header
+    # a resumed run is checked against these: a key left out would let any value through
+    for part, keys in (("model", MODEL_KEYS), ("run", RUN_KEYS)):
+        saved = header[part]
+        missing = [k for k in keys if not isinstance(saved, dict) or k not in saved]
+        if missing:
+            raise HandsegError(f"resume state is incomplete: its {part} lacks {', '.join(missing)} (written by "
+                               "another handseg version, or edited); it cannot be checked against this run", path)
+    return found, header
 
 
 def restore(tensors: dict, header: dict, optimizer, scheduler, scaler, path: Path) -> None:
@@ -140,6 +158,7 @@ def restore(tensors: dict, header: dict, optimizer, scheduler, scaler, path: Pat
                 state.setdefault(int(pid), {})[name] = value
         for pid, entries in header["optimizer"]["scalars"].items():
             state.setdefault(int(pid), {}).update(entries)
+        _check_state(state, header, [p for g in optimizer.param_groups for p in g["params"]], path)
         groups = header["optimizer"]["param_groups"]
         for g in groups:
             if "betas" in g:
@@ -160,6 +179,37 @@ def restore(tensors: dict, header: dict, optimizer, scheduler, scaler, path: Pat
     except Exception as e:  # a state from another model or a tampered file: say so in one line
         raise HandsegError(f"resume state does not fit this run ({type(e).__name__}: "
                            f"{str(e).splitlines()[0][:140]})", path) from None
+
+
+def _check_state(state: dict[int, dict], header: dict, params: list, path: Path) -> None:
+    """Refuse, before the first step, optimizer state that does not fit the model (AdamW loads it
+    without looking, and fails at its first step) and any NaN or infinity, which would otherwise
+    surface later as a diverged loss blamed on ``--lr``."""
+    import torch
+
+    for pid, entries in sorted(state.items()):
+        if not 0 <= pid < len(params):
+            raise HandsegError(f"resume state has optimizer state for parameter {pid}, but the model has "
+                               f"{len(params)}", path)
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor) and name != "step" and value.shape != params[pid].shape:
+                raise HandsegError(f"resume state does not fit this run: optimizer.{pid}.{name} has shape "
+                                   f"{list(value.shape)}, its parameter {list(params[pid].shape)}", path)
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(value.isfinite().all()):
+                raise HandsegError(f"resume state holds NaN or infinity (optimizer.{pid}.{name})", path)
+
+    def finite(value: Any, where: str) -> None:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise HandsegError(f"resume state holds {value} ({where})", path)
+        if isinstance(value, dict):
+            for k, v in value.items():
+                finite(v, f"{where}.{k}")
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                finite(v, f"{where}.{i}")
+
+    for part in ("optimizer", "scheduler", "scaler", "best"):
+        finite(header[part], part)
 
 
 def find_resume(out: Path) -> tuple[Path, ModelCard]:
@@ -185,7 +235,7 @@ def check_same_model(header: dict, card: ModelCard, path: Path) -> None:
     saved = header["model"]
     now = asdict(card)
     for key in MODEL_KEYS:
-        if key in saved and saved[key] != now[key]:
+        if saved[key] != now[key]:
             flag = "--" + key.replace("_", "-")
             raise HandsegError(f"the run was trained with {flag} {saved[key]}, not {now[key]}; --resume continues "
                                "the same model (drop the flag, or start a new run with another --out)", path)
@@ -207,20 +257,41 @@ def run_identity(cfg) -> dict:
         splits = hashlib.sha256(Path(cfg.splits).read_bytes()).hexdigest()
     return {"data": real(resolve_data(cfg.data, "train").root), "splits": splits, "fold": cfg.fold,
             "extra": sorted(real(p) for p in cfg.extra), "context": sorted(real(p) for p in cfg.context),
-            "seed": cfg.seed}
+            "seed": cfg.seed, "lr": cfg.lr, "batch_size": cfg.batch_size, "accum": cfg.accum, "epochs": cfg.epochs}
 
 
 _RUN_FLAGS = {"data": "--data", "splits": "--splits (its content)", "fold": "--fold", "extra": "--extra",
               "context": "--context", "seed": "--seed"}
+SCHEDULE_OPTIONS = ("lr", "batch_size", "accum")
+"""Options a resumed run takes from the run when not given: the saved optimizer and scheduler state
+were made with them (another value would be silently overridden, or change the steps an epoch)."""
+RUN_KEYS = (*_RUN_FLAGS, *SCHEDULE_OPTIONS, "epochs")
+"""A resume file's run identity; ``epochs`` is the plan it was made with (a resumed run may change it)."""
 
 
 def check_same_run(header: dict, identity: dict, path: Path) -> None:
-    """Refuse to resume with other data, splits, fold, extra data, context or seed."""
-    saved = header.get("run") or {}
+    """Refuse to resume with other data, splits, fold, extra data, context, seed, --lr, --batch-size or
+    --accum."""
+    saved = header["run"]
     for key, flag in _RUN_FLAGS.items():
-        if key in saved and saved[key] != identity.get(key):
+        if saved[key] != identity.get(key):
             raise HandsegError(f"the run was trained with another {flag} ({saved[key]!r}, now {identity.get(key)!r}); "
                                "--resume continues the same run (start a new one with another --out)", path)
+    for key in SCHEDULE_OPTIONS:
+        if saved[key] != identity.get(key):
+            flag = "--" + key.replace("_", "-")
+            raise HandsegError(f"the run was trained with {flag} {saved[key]}, not {identity.get(key)}; --resume "
+                               "continues its schedule (drop the flag, or start a new run with another --out)", path)
+
+
+def saved_schedule(out: Path) -> dict:
+    """The run in ``out``'s ``--lr``, ``--batch-size``, ``--accum`` and ``--epochs``, for the options a
+    ``--resume`` does not give; ``{}`` where there is no readable resume state (train then says why)."""
+    try:
+        header = read_resume_header(find_resume(out)[0])
+    except HandsegError:
+        return {}
+    return {k: header["run"][k] for k in (*SCHEDULE_OPTIONS, "epochs")}
 
 
 def stale_resume_files(out: Path, keep: int) -> list[Path]:
@@ -248,6 +319,8 @@ class CheckpointWriter:
         self.thread.start()
         self.wait_seconds = 0.0
         """Time the training thread spent copying state and waiting for the writer (this epoch)."""
+        self.saved = 0
+        """Epochs whose files are all on disk."""
 
     def _work(self) -> None:
         while True:
@@ -285,6 +358,7 @@ class CheckpointWriter:
             atomic_write_bytes(out / LAST, data)
             for old in stale_resume_files(out, epoch):
                 old.unlink(missing_ok=True)
+            self.saved += 1
 
         self.queue.put(job)
         self.wait_seconds += time.perf_counter() - t0
