@@ -94,8 +94,9 @@ def score_baseline(model, samples, size: int, device: str) -> float:
     import torch
     import torch.nn.functional as F
 
-    from handseg.core.data import class_masks, read_image, read_polygons
-    from handseg.core.metrics import dice_masks
+    from handseg.analysis.metrics import dice_masks
+    from handseg.data.images import read_image
+    from handseg.data.labels import class_masks, read_polygons
 
     model.eval()
     scores = []
@@ -113,7 +114,7 @@ def _seconds_per_image(arch: str, encoder: str, size: int, device: str, batch: i
     """One forward and backward pass of the handseg model, timed (after a warm-up step)."""
     import torch
 
-    from handseg.core.models import build_model
+    from handseg.models.build import build_model
 
     model = build_model(arch, encoder, "none").to(device)
     x = torch.randn(batch, 1, size, size, device=device)
@@ -126,12 +127,13 @@ def _seconds_per_image(arch: str, encoder: str, size: int, device: str, batch: i
 
 def run(budget: float, image_size: int, size: int, ids: int, test_ids: int, device: str, workers: int,
         baseline_workers: int | None = None) -> dict:
-    from handseg.core.cache import build_cache
-    from handseg.core.data import discover
-    from handseg.core.inference import pick_device
-    from handseg.core.prediction import run_predictions
-    from handseg.core.synth import make_dataset
-    from handseg.core.training import TrainConfig, train
+    from handseg.data.cache import build_cache
+    from handseg.data.layout import discover
+    from handseg.data.synth import make_dataset
+    from handseg.inference.run import run_predictions
+    from handseg.inference.runtime import pick_device
+    from handseg.training.config import TrainConfig
+    from handseg.training.loop import train
 
     device = pick_device(device)
     with tempfile.TemporaryDirectory() as tmp:

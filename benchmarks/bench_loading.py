@@ -21,10 +21,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import best_of, report  # noqa: E402
 
-from handseg.core.cache import build_cache, load_sample  # noqa: E402
-from handseg.core.constants import CLASSES  # noqa: E402
-from handseg.core.data import discover  # noqa: E402
-from handseg.core.synth import make_dataset  # noqa: E402
+from handseg.common.constants import CLASSES  # noqa: E402
+from handseg.data.cache import build_cache, load_sample  # noqa: E402
+from handseg.data.layout import discover  # noqa: E402
+from handseg.data.synth import make_dataset  # noqa: E402
 
 
 def baseline_load(image_path: Path, label_path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -17,11 +17,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import best_of, report  # noqa: E402
 
-from handseg.core.constants import DICE_EPS  # noqa: E402
-from handseg.core.data import class_masks  # noqa: E402
-from handseg.core.metrics import dice_from_runs  # noqa: E402
-from handseg.core.rle import rle_decode, rle_encode, rle_to_runs, rles_to_masks  # noqa: E402
-from handseg.core.synth import sample_pose, synth_hand  # noqa: E402
+from handseg.analysis.metrics import dice_from_runs  # noqa: E402
+from handseg.common.constants import DICE_EPS  # noqa: E402
+from handseg.data.labels import class_masks  # noqa: E402
+from handseg.data.synth import sample_pose, synth_hand  # noqa: E402
+from handseg.formats.rle import rle_decode, rle_encode, rle_to_runs, rles_to_masks  # noqa: E402
 
 
 def baseline_encode(img: np.ndarray) -> str:

@@ -36,10 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
-from handseg.core.constants import DICE_EPS, NUM_CLASSES
-from handseg.core.data import class_masks, discover, polygon_document, read_polygons
-from handseg.core.ensemble import ProbMap, pack_probs, probs_name
-from handseg.core.synth import sample_pose, synth_hand
+from handseg.common.constants import DICE_EPS, NUM_CLASSES
+from handseg.data.labels import class_masks, polygon_document, read_polygons
+from handseg.data.layout import discover
+from handseg.data.synth import sample_pose, synth_hand
+from handseg.formats.probs import ProbMap, pack_probs, probs_name
 
 
 def noisy_probs(masks: np.ndarray, rng: np.random.Generator, sigma: float, blob_rate: float) -> np.ndarray:
@@ -47,7 +48,7 @@ def noisy_probs(masks: np.ndarray, rng: np.random.Generator, sigma: float, blob_
     on a padded crop (never a full-size float stack)."""
     import cv2
 
-    from handseg.core.cropfile import bbox
+    from handseg.formats.cropfile import bbox
 
     _, height, width = masks.shape
     out = np.zeros(masks.shape, dtype=np.uint8)
@@ -120,7 +121,7 @@ def baseline_option_dice(runs: list[Path], data: Path, images: list[str], grid: 
     """The notebook way, for the same options in the same order as handseg's ``OptionSpace``."""
     import cv2
 
-    from handseg.core.selection import read_oof_run
+    from handseg.selection.configs import read_oof_run
 
     oof = [read_oof_run(r) for r in runs]
     configs: dict[str, dict[str, Path]] = {}
@@ -129,7 +130,7 @@ def baseline_option_dice(runs: list[Path], data: Path, images: list[str], grid: 
     members = list(configs.values())
     m = len(members)
     samples = {s.name: s for s in discover(data, labels="required")}
-    from handseg.core.selection import OptionSpace
+    from handseg.selection.scoring import OptionSpace
 
     space = OptionSpace.build([str(k) for k in range(m)], grid)
     out = np.empty((len(images), NUM_CLASSES, len(space.options)))
@@ -155,7 +156,7 @@ def baseline_option_dice(runs: list[Path], data: Path, images: list[str], grid: 
 def tie_options(space) -> np.ndarray:
     """``(options,)`` bool: soft-vote options whose cut ``255 M t`` is a whole number, where a pixel can sit
     exactly on the threshold; handseg compares the exact integer sum there, a float32 mean rounds either way."""
-    from handseg.core.selection import SOFT
+    from handseg.formats.recipe import SOFT
 
     ties = np.zeros(len(space.options), dtype=bool)
     for k, o in enumerate(space.options):
@@ -186,7 +187,7 @@ def _child_main(kind: str, rest: list[str]) -> None:
         result: dict = {}
     else:
         runs_file, data, n, out = rest
-        from handseg.core.selection import GRID
+        from handseg.ensemble.masks import GRID
 
         runs = [Path(p) for p in Path(runs_file).read_text().split("\n") if p]
         images = [s.name for s in discover(data, labels="required")][: int(n)]
@@ -221,7 +222,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--baseline-images", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1, help="handseg select -j (the baseline runs in one)")
     args = parser.parse_args(argv)
-    from handseg.core.selection import GRID, TruthSource, group_configurations, read_oof_run, score_options
+    from handseg.ensemble.masks import GRID
+    from handseg.selection.configs import TruthSource, group_configurations, read_oof_run
+    from handseg.selection.scoring import score_options
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

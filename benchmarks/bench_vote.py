@@ -21,11 +21,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_rle import baseline_decode, baseline_encode  # noqa: E402
 
-from handseg.core.data import class_masks  # noqa: E402
-from handseg.core.ensemble import hard_vote  # noqa: E402
-from handseg.core.rle import rle_encode  # noqa: E402
-from handseg.core.submission import read_predictions, write_predictions  # noqa: E402
-from handseg.core.synth import sample_pose, synth_hand  # noqa: E402
+from handseg.data.labels import class_masks  # noqa: E402
+from handseg.data.synth import sample_pose, synth_hand  # noqa: E402
+from handseg.ensemble.votes import hard_vote  # noqa: E402
+from handseg.formats.rle import rle_encode  # noqa: E402
+from handseg.formats.submission import read_predictions, write_predictions  # noqa: E402
 
 
 def baseline_hard_vote(csvs: list[Path], out: Path, size: int, limit: int) -> int:

@@ -37,13 +37,14 @@ def _loop_seconds(run: Path) -> float:
 
 
 def run(args) -> dict:
-    from handseg.core.cache import build_cache
-    from handseg.core.data import discover
-    from handseg.core.inference import pick_device
-    from handseg.core.kfold import make_splits
-    from handseg.core.prediction import run_predictions
-    from handseg.core.synth import make_dataset
-    from handseg.core.training import TrainConfig, train
+    from handseg.data.cache import build_cache
+    from handseg.data.kfold import make_splits
+    from handseg.data.layout import discover
+    from handseg.data.synth import make_dataset
+    from handseg.inference.run import run_predictions
+    from handseg.inference.runtime import pick_device
+    from handseg.training.config import TrainConfig
+    from handseg.training.loop import train
 
     device = pick_device(args.device)
     common = dict(arch=args.arch, encoder=args.encoder, encoder_weights="none", batch_size=args.batch,

@@ -16,7 +16,7 @@ through ttach's SegmentationTTAWrapper (mean of the logits). Its resize is cv2.I
 handseg trains and predicts with (the notebooks' albumentations Resize is bilinear), so both loops
 see the same input and must predict the same masks.
 
-handseg: :func:`handseg.core.prediction.run_predictions` (the code of ``handseg predict`` / ``tta``)
+handseg: :func:`handseg.inference.run.run_predictions` (the code of ``handseg predict`` / ``tta``)
 with ``batch=--batch``: AMP (bf16 where supported) and channels_last on GPU, PNGs decoded in threads
 ahead of the model, thresholds and runs on the device, the RLE text made in a thread behind it.
 Its time shares are measured by timing the pieces alone, one after another, on the same images:
@@ -77,8 +77,8 @@ def baseline_predict(checkpoint: Path, samples, out_csv: Path, device: str, tta:
     import ttach
     from torch.utils.data import DataLoader
 
-    from handseg.core.checkpoint import load_checkpoint
-    from handseg.core.constants import CLASSES
+    from handseg.common.constants import CLASSES
+    from handseg.models.checkpoint import load_checkpoint
 
     model, card = load_checkpoint(checkpoint, device)  # both loops pay for loading the model
     net = model
@@ -110,8 +110,8 @@ def baseline_predict(checkpoint: Path, samples, out_csv: Path, device: str, tta:
 
 def _agreement(a_csv: Path, b_csv: Path) -> tuple[float, int]:
     """Mean Dice between two CSVs of the same images, and the masked pixels of ``b_csv``."""
-    from handseg.core.metrics import dice_scores
-    from handseg.core.submission import read_predictions
+    from handseg.analysis.metrics import dice_scores
+    from handseg.formats.submission import read_predictions
 
     report = dice_scores(read_predictions(a_csv), read_predictions(b_csv))
     return float(report.dice.mean()), int(report.pred_area.sum())
@@ -119,9 +119,10 @@ def _agreement(a_csv: Path, b_csv: Path) -> tuple[float, int]:
 
 def _truth_dice(samples, csv_path: Path) -> float | None:
     """Mean leaderboard Dice of a CSV against the samples' labels (``None`` without labels)."""
-    from handseg.core.data import class_runs, image_size, read_polygons
-    from handseg.core.metrics import dice_from_runs
-    from handseg.core.submission import read_predictions
+    from handseg.analysis.metrics import dice_from_runs
+    from handseg.data.images import image_size
+    from handseg.data.labels import class_runs, read_polygons
+    from handseg.formats.submission import read_predictions
 
     if any(s.label_path is None for s in samples):
         return None
@@ -144,10 +145,10 @@ def handseg_pieces(checkpoint: Path, samples, out_csv: Path, device: str, transf
     """Seconds of each piece of handseg's prediction pipeline, each timed alone on the same images."""
     import torch
 
-    from handseg.core.data import read_image
-    from handseg.core.inference import Predictor, masks_to_runs
-    from handseg.core.rle import runs_to_rle
-    from handseg.core.submission import write_predictions
+    from handseg.data.images import read_image
+    from handseg.formats.rle import runs_to_rle
+    from handseg.formats.submission import write_predictions
+    from handseg.inference.predictor import Predictor, masks_to_runs
 
     t = {}
     t0 = time.perf_counter()
@@ -185,9 +186,10 @@ def train_briefly(root: Path, arch: str, encoder: str, size: int, image_size: in
                   batch: int) -> Path:
     """A checkpoint from ``steps`` steps (``batch`` images each) of handseg's ``train()`` on eight
     synthetic X-rays (seed 1: other hands than the benchmark's, seed 0), all of them train (fold -1)."""
-    from handseg.core.cache import build_cache
-    from handseg.core.synth import make_dataset
-    from handseg.core.training import TrainConfig, train
+    from handseg.data.cache import build_cache
+    from handseg.data.synth import make_dataset
+    from handseg.training.config import TrainConfig
+    from handseg.training.loop import train
 
     make_dataset(root, ids=4, test_ids=0, size=image_size, seed=1)
     for kind in ("masks", "images"):
@@ -203,10 +205,11 @@ def train_briefly(root: Path, arch: str, encoder: str, size: int, image_size: in
 def run(checkpoint: Path | None, data: Path | None, arch: str, encoder: str, size: int, image_size: int,
         images: int, device: str, batch: int = 4, tta: bool = False, baseline_workers: int = 4,
         train_steps: int | None = None) -> dict:
-    from handseg.core.data import discover
-    from handseg.core.inference import pick_device
-    from handseg.core.prediction import parse_transforms, run_predictions
-    from handseg.core.synth import make_dataset
+    from handseg.data.layout import discover
+    from handseg.data.synth import make_dataset
+    from handseg.formats.tta import parse_transforms
+    from handseg.inference.run import run_predictions
+    from handseg.inference.runtime import pick_device
 
     device = pick_device(device)
     cuda = device.startswith("cuda")

@@ -15,7 +15,7 @@ For each model, in one run and on the same synthetic X-rays:
   It is timed in its steady state: after the batches its workers prefetched during the first step;
 - on-device: random batches already on the device, AMP (bf16 where supported), channels_last, the
   same loss and optimiser: the most any loop can reach ("data already on the GPU");
-- handseg: ``handseg.core.training.train`` itself (the code of ``handseg train``) with its defaults
+- handseg: ``handseg.training.train`` itself (the code of ``handseg train``) with its defaults
   (fold 0 of 5 folds validated every epoch, a checkpoint every epoch, the default augmentation, AMP
   and channels_last), from the prep cache with ``--workers`` workers; images/s of its last epoch as
   metrics.csv records it (the first pays for start-up). The share of the train() call's wall time
@@ -95,7 +95,7 @@ def _steps(model, batches, device: str, dtype, channels_last: bool, steps: int, 
     """images/s of ``steps`` optimiser steps after ``warmup`` untimed ones."""
     import torch
 
-    from handseg.core.losses import build_loss
+    from handseg.models.losses import build_loss
 
     loss_fn = build_loss("bce:0.5,dice:0.5")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -136,7 +136,7 @@ def handseg_loader(items, cfg, device: str, batches: int):
     import torch
     from torch.utils.data import DataLoader
 
-    from handseg.core.training import SegmentationDataset, seed_worker
+    from handseg.training.dataset import SegmentationDataset, seed_worker
 
     generator = torch.Generator()
     generator.manual_seed(0)
@@ -164,8 +164,8 @@ def mask_agreement(samples, items, size: int) -> float:
     resize against area-average, then at least half bone)."""
     import torch
 
-    from handseg.core.metrics import dice_masks
-    from handseg.core.training import load_item_crops, render_masks, unpack_mask_bits
+    from handseg.analysis.metrics import dice_masks
+    from handseg.training.dataset import load_item_crops, render_masks, unpack_mask_bits
 
     scores = []
     for s, item in zip(samples, items):
@@ -183,8 +183,8 @@ def make_data(root: Path, image_size: int, train_images: int, workers: int) -> P
     new patient folders and names (``C1ID001/image..._c1.png``): decoding, caching and training
     cost the same per image, and rendering thousands of X-rays would cost minutes.
     """
-    from handseg.core.cache import build_cache, default_workers
-    from handseg.core.synth import make_dataset
+    from handseg.data.cache import build_cache, default_workers
+    from handseg.data.synth import make_dataset
 
     make_dataset(root, ids=BASE_IDS, test_ids=0, size=image_size, seed=0)
     train = root / "train"
@@ -208,11 +208,13 @@ def run(size: int, steps: int, device: str, compile_too: bool, configs: list[str
         workers: int, image_size: int = 2048, baseline_workers: int | None = None, epochs: int = 2) -> list[dict]:
     import torch
 
-    from handseg.core.cache import find_cache
-    from handseg.core.data import discover
-    from handseg.core.inference import amp_dtype, pick_device
-    from handseg.core.models import build_model
-    from handseg.core.training import Item, TrainConfig, train
+    from handseg.data.cache import find_cache
+    from handseg.data.layout import discover
+    from handseg.inference.runtime import amp_dtype, pick_device
+    from handseg.models.build import build_model
+    from handseg.training.config import TrainConfig
+    from handseg.training.dataset import Item
+    from handseg.training.loop import train
 
     device = pick_device(device)
     cuda = device.startswith("cuda")
@@ -312,7 +314,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error("--epochs must be at least 2 (the first epoch pays for start-up)")
     rows = run(args.size, args.steps, args.device, args.compile, configs, args.batch, args.workers, args.image_size,
                args.baseline_workers, args.epochs)
-    from handseg.core.inference import pick_device
+    from handseg.inference.runtime import pick_device
 
     device = pick_device(args.device)
     base_workers = rows[0]["baseline_workers"]

@@ -13,7 +13,7 @@ import typer
 
 from handseg import __version__
 from handseg.commands import compare, demo, eda, export, kfold, predict, prep, pseudo, select, synth, train, vote
-from handseg.core.errors import HandsegError, one_line
+from handseg.common.errors import HandsegError, one_line
 
 
 def _conventional_help() -> None:
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI. Every error is one line on stderr: a HandsegError (bad input) or a usage error
     (an unknown option, a value out of range) exits with code 2; Ctrl-C says so and exits with 130
     (outputs are written atomically, so an interrupted command leaves none)."""
-    from handseg.core import notices
+    from handseg.common import notices
 
     notices.reset()  # each run says its notes afresh (main may run many times in one process)
     argv = train.expand_list_options(sys.argv[1:] if argv is None else argv)

@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from handseg.common.distributed import dist_env
+
 console = Console(stderr=True, highlight=False)
 stdout = Console(highlight=False, soft_wrap=True)
 
@@ -24,7 +26,6 @@ def be_quiet() -> None:
 
 def is_main_process() -> bool:
     """False in torchrun processes other than rank 0, which neither print nor show progress."""
-    from handseg.core.distributed import dist_env
 
     return dist_env().main
 

@@ -13,7 +13,7 @@ os.environ.setdefault("HANDSEG_NO_PROGRESS", "1")
 @pytest.fixture(autouse=True)
 def _fresh_notices():
     """Each test says its notes afresh (notes are said once per process otherwise)."""
-    from handseg.core import notices
+    from handseg.common import notices
 
     notices.reset()
 
@@ -21,7 +21,7 @@ def _fresh_notices():
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory) -> Path:
     """6 train IDs + 2 test IDs at 128 px (train/, test/, test_gt/, meta_data.xlsx)."""
-    from handseg.core.synth import make_dataset
+    from handseg.data.synth import make_dataset
 
     out = tmp_path_factory.mktemp("synth") / "data"
     make_dataset(out, ids=6, test_ids=2, size=128, seed=7)
@@ -43,7 +43,7 @@ def copy_default_val_fold(train_dir: Path, dest: Path) -> Path:
     """Copy the labelled images of train's default validation split (fold 0 of 5 seeded folds) to ``dest``."""
     import shutil
 
-    from handseg.core.kfold import make_splits
+    from handseg.data.kfold import make_splits
 
     val = [im["path"] for im in make_splits(train_dir, n_folds=5, seed=0)["images"] if im["fold"] == 0]
     for rel in val:

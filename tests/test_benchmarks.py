@@ -53,7 +53,7 @@ def test_train_throughput_baseline_dataset_decodes_png_and_json(synth_data):
     import train_throughput
     from bench_loading import baseline_load
 
-    from handseg.core.data import discover
+    from handseg.data.layout import discover
 
     samples = discover(synth_data / "train", labels="required")
     data = train_throughput.BaselineDataset(samples, 64, length=len(samples) + 1)
@@ -72,8 +72,8 @@ def _unbiased_checkpoint(path, size: int):
     """A random UNet whose head is not biased towards background, so its masks are not empty."""
     import torch
 
-    from handseg.core.checkpoint import ModelCard, save_checkpoint
-    from handseg.core.models import build_model
+    from handseg.models.build import build_model
+    from handseg.models.checkpoint import ModelCard, save_checkpoint
 
     torch.manual_seed(0)
     model = build_model("unet", "resnet18", "none")

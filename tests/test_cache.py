@@ -1,7 +1,8 @@
 import numpy as np
 
-from handseg.core.cache import build_cache, load_sample, pack_masks, unpack_masks
-from handseg.core.data import discover, load_labels
+from handseg.data.cache import build_cache, load_sample, pack_masks, unpack_masks
+from handseg.data.labels import load_labels
+from handseg.data.layout import discover
 
 
 def test_pack_round_trip_random_masks():

@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from handseg.core.cascade import ContextSource, build_context, render_context
-from handseg.core.data import discover
-from handseg.core.errors import HandsegError
-from handseg.core.training import Item, SegmentationDataset, TrainConfig, train
+from handseg.common.errors import HandsegError
+from handseg.data.layout import discover
+from handseg.inference.cascade import ContextSource, build_context, render_context
+from handseg.training.config import TrainConfig
+from handseg.training.dataset import Item, SegmentationDataset
+from handseg.training.loop import train
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow
@@ -29,7 +31,7 @@ def stage1(synth_data, tmp_path_factory):
     base = tmp_path_factory.mktemp("cascade")
     data = base / "data" / "train"
     shutil.copytree(synth_data / "train", data)
-    from handseg.core.kfold import make_splits
+    from handseg.data.kfold import make_splits
 
     splits = base / "splits.json"
     splits.write_text(json.dumps(make_splits(data, n_folds=2, seed=0)))
@@ -89,14 +91,14 @@ def test_cascade_trains_predicts_once_per_image_and_names_missing_stage1(stage1,
                                 "--context", *runs, "--out", out], capsys)
         assert code == 0, err
         stage2.append(out)
-    from handseg.core.checkpoint import read_card
+    from handseg.models.checkpoint import read_card
 
     card = read_card(stage2[0])
     assert card.in_channels == 30 and card.crop == 64 and len(card.context) == 2
     assert (stage2[0] / "oof" / "manifest.json").is_file()
 
     # predict RUN runs stage 1 then stage 2 with no flags; stage 1 once per image for both stage-2 folds
-    import handseg.core.inference as inference
+    import handseg.inference.predictor as inference
 
     calls = []
     real = inference.Predictor.predict
@@ -168,8 +170,8 @@ def test_stage_2_starts_from_a_stage_1_checkpoint_with_zero_context_filters(tmp_
     convolution are stage 1's, the 29 context filters start at zero, every other encoder tensor is copied."""
     from safetensors.torch import save_file
 
-    from handseg.core.cascade import CONTEXT_CHANNELS
-    from handseg.core.models import build_model
+    from handseg.models.build import build_model
+    from handseg.models.context import CONTEXT_CHANNELS
 
     stage1 = build_model("unet", "resnet18", "none", in_channels=1, size=64)
     path = tmp_path / "stage1.safetensors"

@@ -4,19 +4,13 @@ import cv2
 import numpy as np
 import pytest
 
-from handseg.core.constants import CLASSES
-from handseg.core.data import (
-    class_masks,
-    class_runs,
-    discover,
-    hand_side,
-    image_size,
-    read_image,
-    read_polygons,
-    wrist_bend,
-)
-from handseg.core.errors import HandsegError
-from handseg.core.rle import mask_to_runs
+from handseg.common.constants import CLASSES
+from handseg.common.errors import HandsegError
+from handseg.data.anatomy import hand_side, wrist_bend
+from handseg.data.images import image_size, read_image
+from handseg.data.labels import class_masks, class_runs, read_polygons
+from handseg.data.layout import discover
+from handseg.formats.rle import mask_to_runs
 
 
 def _square(x0, y0, x1, y1):
@@ -132,7 +126,7 @@ def test_handedness_by_geometry():
 
 
 def test_synthetic_hands_sides_and_bend_are_recovered():
-    from handseg.core.synth import sample_pose, synth_hand
+    from handseg.data.synth import sample_pose, synth_hand
 
     rng = np.random.default_rng(5)
     true, est = [], []

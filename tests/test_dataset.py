@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from handseg.core.cache import build_cache, find_cache
-from handseg.core.data import discover, hand_side, load_labels, read_polygons
-from handseg.core.training import (
+from handseg.data.anatomy import hand_side
+from handseg.data.cache import build_cache, find_cache
+from handseg.data.labels import load_labels, read_polygons
+from handseg.data.layout import discover
+from handseg.training.config import TrainConfig
+from handseg.training.dataset import (
     Item,
     SegmentationDataset,
-    TrainConfig,
     augmenter,
     load_item_crops,
     render_masks,

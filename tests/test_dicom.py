@@ -6,8 +6,8 @@ import sys
 import numpy as np
 import pytest
 
-from handseg.core.data import image_size, read_image
-from handseg.core.errors import HandsegError
+from handseg.common.errors import HandsegError
+from handseg.data.images import image_size, read_image
 from tests.conftest import run_cli
 
 pydicom = pytest.importorskip("pydicom")
@@ -37,7 +37,8 @@ def write_dicom(path, pixels: np.ndarray, bits_stored: int = 12, **tags) -> None
 
 @pytest.fixture(scope="module")
 def trained_checkpoint(synth_data, tmp_path_factory):
-    from handseg.core.training import TrainConfig, train
+    from handseg.training.config import TrainConfig
+    from handseg.training.loop import train
 
     out = tmp_path_factory.mktemp("dicom") / "run"
     train(TrainConfig(data=synth_data / "train", arch="unet", encoder="resnet18", encoder_weights="none", size=64,
@@ -98,7 +99,7 @@ def test_predict_reads_a_folder_of_dicom_files(synth_data, trained_checkpoint, t
     import csv
     import json
 
-    from handseg.core.data import discover
+    from handseg.data.layout import discover
 
     pngs, dicoms = tmp_path / "pngs", tmp_path / "dicoms" / "nested"
     pngs.mkdir()

@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from handseg.core.checkpoint import read_card
-from handseg.core.data import discover, image_size
-from handseg.core.ensemble import ProbMap
-from handseg.core.kfold import make_splits
-from handseg.core.prediction import run_predictions
-from handseg.core.rle import runs_to_mask
-from handseg.core.submission import read_predictions
+from handseg.data.images import image_size
+from handseg.data.kfold import make_splits
+from handseg.data.layout import discover
+from handseg.formats.probs import ProbMap
+from handseg.formats.rle import runs_to_mask
+from handseg.formats.submission import read_predictions
+from handseg.inference.run import run_predictions
+from handseg.models.checkpoint import read_card
 from tests.conftest import copy_default_val_fold
 
 pytestmark = pytest.mark.slow
@@ -65,7 +66,8 @@ def test_torchrun_training_shards_data_and_reduces_validation(synth_data, tmp_pa
 
 
 def test_torchrun_predict_writes_the_single_process_csv(synth_data, tmp_path):
-    from handseg.core.training import TrainConfig, train
+    from handseg.training.config import TrainConfig
+    from handseg.training.loop import train
 
     ckpt = tmp_path / "ckpt"
     train(TrainConfig(data=synth_data / "train", arch="unet", encoder="resnet18", encoder_weights="none", size=64,

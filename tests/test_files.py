@@ -2,8 +2,8 @@
 
 import pytest
 
-from handseg.core.errors import HandsegError, one_line
-from handseg.core.files import atomic_dir, check_output
+from handseg.common.errors import HandsegError, one_line
+from handseg.formats.files import atomic_dir, check_output
 
 
 def test_existing_output_needs_overwrite(tmp_path):
@@ -57,6 +57,6 @@ def test_atomic_dir_failure_leaves_nothing(tmp_path):
 
 def test_worker_error_is_shown_as_its_own_line():
     wrapped = ("Caught HandsegError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
-               '  File "x.py", line 1, in f\nhandseg.core.errors.HandsegError: a.npy: corrupt cache file')
+               '  File "x.py", line 1, in f\nhandseg.common.errors.HandsegError: a.npy: corrupt cache file')
     assert one_line(wrapped) == "a.npy: corrupt cache file"
     assert one_line("plain message") == "plain message"

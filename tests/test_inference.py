@@ -6,13 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from handseg.core.checkpoint import load_checkpoint
-from handseg.core.data import discover, read_image
-from handseg.core.ensemble import ProbMap, hard_vote, pack_probs, soft_vote
-from handseg.core.errors import HandsegError
-from handseg.core.rle import rle_decode
-from handseg.core.submission import read_predictions, write_predictions
-from handseg.core.training import TrainConfig, train
+from handseg.common.errors import HandsegError
+from handseg.data.images import read_image
+from handseg.data.layout import discover
+from handseg.ensemble.votes import hard_vote, soft_vote
+from handseg.formats.probs import ProbMap, pack_probs
+from handseg.formats.rle import rle_decode
+from handseg.formats.submission import read_predictions, write_predictions
+from handseg.models.checkpoint import load_checkpoint
+from handseg.training.config import TrainConfig
+from handseg.training.loop import train
 from tests.conftest import run_cli
 
 
@@ -148,8 +151,8 @@ def test_classwise_vote(tmp_path, capsys):
 
 
 def test_pseudo_labels_reload_as_training_data(synth_data, tmp_path, capsys):
-    from handseg.core.data import class_masks, read_polygons
-    from handseg.core.rle import rle_encode
+    from handseg.data.labels import class_masks, read_polygons
+    from handseg.formats.rle import rle_encode
 
     gt = synth_data / "test_gt"
     rows = [(s.name, [rle_encode(m) for m in class_masks(read_polygons(s.label_path), read_image(s.image_path).shape)])
@@ -160,7 +163,7 @@ def test_pseudo_labels_reload_as_training_data(synth_data, tmp_path, capsys):
     assert code == 0, err
     labelled = discover(tmp_path / "ps", labels="required")
     assert len(labelled) == len(rows)
-    from handseg.core.cache import load_cached_masks
+    from handseg.data.cache import load_cached_masks
 
     for s, (_, rles) in zip(labelled, rows):
         cached = load_cached_masks(tmp_path / "ps" / "cache", s)
@@ -172,13 +175,13 @@ def test_pseudo_labels_reload_as_training_data(synth_data, tmp_path, capsys):
                       extra=[tmp_path / "ps"])
     assert train(cfg, log=lambda *a: None)["steps"] == 3  # 9-10 train + 4 pseudo images
     with pytest.raises(HandsegError, match="--min-confidence needs probability maps"):
-        from handseg.core.pseudo import make_pseudo
+        from handseg.ensemble.pseudo import make_pseudo
 
         make_pseudo(tmp_path / "p.csv", synth_data / "test", tmp_path / "ps2", min_confidence=0.9)
 
 
 def test_batch_size_reaches_the_sliding_window(synth_data, tmp_path, capsys, monkeypatch):
-    import handseg.core.inference as inference
+    import handseg.inference.predictor as inference
 
     cfg = TrainConfig(data=synth_data / "train", arch="unet", encoder="resnet18", encoder_weights="none", crop=64,
                       epochs=1, batch_size=4, workers=0, device="cpu", out=tmp_path / "crop", augment="none")
@@ -201,8 +204,9 @@ def test_batch_size_reaches_the_sliding_window(synth_data, tmp_path, capsys, mon
 
 
 def test_device_hand_side_matches_hand_side(synth_data):
-    from handseg.core.data import class_masks, hand_side, read_polygons
-    from handseg.core.inference import _is_left_hand
+    from handseg.data.anatomy import hand_side
+    from handseg.data.labels import class_masks, read_polygons
+    from handseg.inference.predictor import _is_left_hand
 
     sides = []
     for s in discover(synth_data / "train")[:6]:
@@ -218,8 +222,9 @@ def test_device_hand_side_matches_hand_side(synth_data):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_predict_on_gpu_agrees_with_cpu(runs, synth_data, tmp_path):
     """The device path (AMP, channels_last, thresholds and runs on the GPU) against the CPU path."""
-    from handseg.core.metrics import dice_scores
-    from handseg.core.prediction import parse_transforms, run_predictions
+    from handseg.analysis.metrics import dice_scores
+    from handseg.formats.tta import parse_transforms
+    from handseg.inference.run import run_predictions
 
     for amp in (False, True):
         run_predictions(runs, synth_data / "test", tmp_path / "cpu.csv", tmp_path / "pc", device="cpu")

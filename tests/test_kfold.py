@@ -1,7 +1,7 @@
 import pytest
 
-from handseg.core.errors import HandsegError
-from handseg.core.kfold import assign_folds, make_splits
+from handseg.common.errors import HandsegError
+from handseg.data.kfold import assign_folds, make_splits
 
 
 def test_grouped_balanced_deterministic(synth_data):

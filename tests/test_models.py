@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from handseg.core.checkpoint import ModelCard, load_checkpoint, read_card, save_checkpoint
-from handseg.core.data import resize_image
-from handseg.core.errors import HandsegError
-from handseg.core.inference import Predictor, Transform
-from handseg.core.losses import build_loss
-from handseg.core.models import ModelPlan, build_model, model_plan, plan_model
+from handseg.common.errors import HandsegError
+from handseg.data.images import resize_image
+from handseg.formats.tta import Transform
+from handseg.inference.predictor import Predictor
+from handseg.models.build import build_model
+from handseg.models.checkpoint import ModelCard, load_checkpoint, read_card, save_checkpoint
+from handseg.models.losses import build_loss
+from handseg.models.plan import ModelPlan, model_plan, plan_model
 from tests.conftest import run_cli
 
 # (family, arch, encoder): the smallest member of each family, with an architecture a team used it in
@@ -252,7 +254,7 @@ def test_vit_weights_at_224_load_into_a_model_built_for_64(tmp_path):
 def test_swin_and_hiera_weights_at_224_load_at_64_and_imagenet_goes_the_same_way(tmp_path, monkeypatch):
     import timm
 
-    import handseg.core.models as models
+    import handseg.models.plan as models
 
     state = timm.create_model("swin_tiny_patch4_window7_224").state_dict()
     # saved in the original repository's layout (each stage ends with the next one's downsampling),

@@ -5,10 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from handseg.core.constants import CLASS_INDEX, CLASSES, NUM_CLASSES
-from handseg.core.ensemble import pack_probs
-from handseg.core.errors import HandsegError
-from handseg.core.postprocess import (
+from handseg.common.constants import CLASS_INDEX, CLASSES, NUM_CLASSES
+from handseg.common.errors import HandsegError
+from handseg.ensemble.masks import (
     format_keep_largest,
     keep_largest_classes,
     keep_largest_masks,
@@ -17,8 +16,9 @@ from handseg.core.postprocess import (
     parse_keep_largest,
     runs_crop,
 )
-from handseg.core.rle import crop_to_runs, mask_to_runs, rle_encode, runs_to_mask
-from handseg.core.submission import read_predictions, write_predictions
+from handseg.formats.probs import pack_probs
+from handseg.formats.rle import crop_to_runs, mask_to_runs, rle_encode, runs_to_mask
+from handseg.formats.submission import read_predictions, write_predictions
 from tests.conftest import run_cli
 
 # Three components, worked out by hand:

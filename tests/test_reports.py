@@ -7,9 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from handseg.core.constants import CLASS_INDEX, NUM_CLASSES
-from handseg.core.errors import HandsegError
-from handseg.core.reports.overlays import (
+from handseg.analysis.reports.overlays import (
     CLASS_COLOURS,
     DIFF_COLOURS,
     OverlayWriter,
@@ -17,8 +15,10 @@ from handseg.core.reports.overlays import (
     pack_shelves,
     runs_box,
 )
-from handseg.core.reports.page import page_json, text_colour
-from handseg.core.rle import mask_to_runs
+from handseg.analysis.reports.page import page_json, text_colour
+from handseg.common.constants import CLASS_INDEX, NUM_CLASSES
+from handseg.common.errors import HandsegError
+from handseg.formats.rle import mask_to_runs
 
 
 def _lab(rgb: np.ndarray) -> np.ndarray:
@@ -42,7 +42,7 @@ def test_heatmap_text_colour_follows_the_cell_luminance():
     assert text_colour(viridis(0.0)) == "white"  # dark purple
     assert text_colour((1.0, 1.0, 1.0)) == "black" and text_colour((0, 0, 0)) == "white"
 
-    from handseg.core.reports.compare import similarity_figure
+    from handseg.analysis.reports.compare import similarity_figure
 
     sim = np.array([[1.0, 0.9], [0.9, 1.0]])
     fig = similarity_figure(["a", "b"], sim)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from handseg.core.rle import (
+from handseg.formats.rle import (
     intersection_area,
     mask_to_runs,
     rle_decode,
@@ -106,7 +106,7 @@ def test_tensor_runs_equal_numpy_runs(device):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA")
 
-    from handseg.core.inference import masks_to_runs
+    from handseg.inference.predictor import masks_to_runs
 
     rng = np.random.default_rng(3)
     for h, w in ((37, 53), (64, 64)):

@@ -1,4 +1,4 @@
-"""handseg.core.selection against constructed cases whose best recipe is known, and against the scorer."""
+"""handseg.selection.search against constructed cases whose best recipe is known, and against the scorer."""
 
 from __future__ import annotations
 
@@ -10,28 +10,21 @@ import cv2
 import numpy as np
 import pytest
 
-from handseg.core.constants import CLASSES, NUM_CLASSES
-from handseg.core.data import class_masks, discover, image_size, polygon_document, read_polygons
-from handseg.core.ensemble import pack_probs, probs_name
-from handseg.core.errors import HandsegError
-from handseg.core.metrics import dice_scores, ground_truth
-from handseg.core.selection import (
-    ArrayMap,
-    OptionSpace,
-    TruthSource,
-    apply_recipe,
-    evaluate_candidates,
-    group_configurations,
-    ordered_map,
-    read_oof_run,
-    read_recipe,
-    recipe_image_runs,
-    score_options,
-    select_recipe,
-    tta_option,
-    write_oof_manifest,
-)
-from handseg.core.submission import read_predictions
+from handseg.analysis.metrics import dice_scores, ground_truth
+from handseg.common.constants import CLASSES, NUM_CLASSES
+from handseg.common.errors import HandsegError
+from handseg.data.images import image_size
+from handseg.data.labels import class_masks, polygon_document, read_polygons
+from handseg.data.layout import discover
+from handseg.formats.oof import write_oof_manifest
+from handseg.formats.probs import pack_probs, probs_name
+from handseg.formats.recipe import read_recipe
+from handseg.formats.submission import read_predictions
+from handseg.formats.tta import tta_option
+from handseg.selection.apply import ArrayMap, apply_recipe, recipe_image_runs
+from handseg.selection.configs import TruthSource, group_configurations, read_oof_run
+from handseg.selection.scoring import OptionSpace, ordered_map, score_options
+from handseg.selection.search import evaluate_candidates, select_recipe
 
 # ----------------------------------------------------------------------------------------------
 # helpers: labelled folders, OOF runs
@@ -132,7 +125,7 @@ def noisy_selection(noisy_case):
 
 @pytest.fixture(scope="module")
 def synth_data_module(tmp_path_factory) -> Path:
-    from handseg.core.synth import make_dataset
+    from handseg.data.synth import make_dataset
 
     out = tmp_path_factory.mktemp("synth") / "data"
     make_dataset(out, ids=6, test_ids=0, size=128, seed=7)
@@ -290,7 +283,7 @@ def test_apply_recipe_reproduces_cv_dice(noisy_case, noisy_selection, tmp_path):
     apply_recipe(recipe, folders, tmp_path / "oof2.csv", workers=2)
     assert (tmp_path / "oof2.csv").read_bytes() == (tmp_path / "oof.csv").read_bytes()
     name = read_predictions(tmp_path / "oof.csv").images[0]
-    from handseg.core.ensemble import ProbMap
+    from handseg.formats.probs import ProbMap
 
     maps = {}
     for cfg in recipe.configs:

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from handseg.core.constants import CLASSES
-from handseg.core.errors import HandsegError
-from handseg.core.rle import rle_decode, rle_encode
-from handseg.core.submission import read_predictions, write_predictions
+from handseg.common.constants import CLASSES
+from handseg.common.errors import HandsegError
+from handseg.formats.rle import rle_decode, rle_encode
+from handseg.formats.submission import read_predictions, write_predictions
 
 
 def _rows(images, rle="1 3"):
@@ -74,7 +74,7 @@ def test_write_is_atomic_on_failure(tmp_path):
 def test_meta_x0008_artefact_is_stripped(tmp_path):
     import pandas as pd
 
-    from handseg.core.meta import read_meta
+    from handseg.data.meta import read_meta
 
     frame = pd.DataFrame({"ID": [1, 2, 3], "나이": [30, 40, 50], "성별": ["여_x0008_", "남", "여"],
                           "체중(몸무게)": [50, 70, 60], "키(신장)": [160, 175, 165], "x": [None, "네일있음", None]})

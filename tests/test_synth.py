@@ -2,9 +2,11 @@ import hashlib
 
 import numpy as np
 
-from handseg.core.constants import CLASSES
-from handseg.core.data import class_masks, discover, read_image, read_polygons
-from handseg.core.meta import read_meta
+from handseg.common.constants import CLASSES
+from handseg.data.images import read_image
+from handseg.data.labels import class_masks, read_polygons
+from handseg.data.layout import discover
+from handseg.data.meta import read_meta
 
 
 def _digest(folder):
@@ -52,7 +54,7 @@ def test_bones_are_brighter_than_soft_tissue(synth_data):
 
 
 def test_deterministic_by_seed(tmp_path):
-    from handseg.core.synth import make_dataset
+    from handseg.data.synth import make_dataset
 
     make_dataset(tmp_path / "a", ids=2, test_ids=1, size=96, seed=3)
     make_dataset(tmp_path / "b", ids=2, test_ids=1, size=96, seed=3)

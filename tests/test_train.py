@@ -6,11 +6,13 @@ import json
 import pytest
 import torch
 
-from handseg.core.checkpoint import load_checkpoint, read_card
-from handseg.core.errors import HandsegError
-from handseg.core.losses import build_loss, parse_loss_spec
-from handseg.core.models import build_model, resolve_arch, resolve_encoder
-from handseg.core.training import TrainConfig, train
+from handseg.common.errors import HandsegError
+from handseg.models.build import build_model
+from handseg.models.checkpoint import load_checkpoint, read_card
+from handseg.models.losses import build_loss, parse_loss_spec
+from handseg.models.plan import resolve_arch, resolve_encoder
+from handseg.training.config import TrainConfig
+from handseg.training.loop import train
 from tests.conftest import copy_default_val_fold
 
 
@@ -113,7 +115,7 @@ def test_timm_encoder_builds_and_runs():
 
 
 def test_nan_loss_stops_with_a_message(synth_data, tmp_path, monkeypatch):
-    import handseg.core.losses as losses
+    import handseg.models.losses as losses
 
     monkeypatch.setattr(losses, "build_loss", lambda *a, **k: lambda logits, y: logits.mean() * float("nan"))
     with pytest.raises(HandsegError, match="loss became nan at epoch 1"):
@@ -132,8 +134,8 @@ def test_amp_channels_last_on_gpu(synth_data, tmp_path):
 def test_workers_draw_different_crops_and_augmentations(synth_data):
     from torch.utils.data import DataLoader
 
-    from handseg.core.data import discover
-    from handseg.core.training import Item, SegmentationDataset, seed_worker
+    from handseg.data.layout import discover
+    from handseg.training.dataset import Item, SegmentationDataset, seed_worker
 
     sample = discover(synth_data / "train", labels="required")[0]
     for augment, crop in (("none", 32), ("default", None)):
@@ -147,7 +149,7 @@ def test_workers_draw_different_crops_and_augmentations(synth_data):
 
 
 def test_validation_dice_equals_predict_on_the_fold(synth_data, tmp_path):
-    from handseg.core.prediction import run_predictions
+    from handseg.inference.run import run_predictions
 
     out = tmp_path / "uh"
     train(_cfg(synth_data, out, epochs=1, unify_hands=True), log=lambda *a: None)
@@ -166,7 +168,7 @@ def test_a_run_that_cannot_start_leaves_no_folder(synth_data, tmp_path):
 def test_a_slow_loader_is_reported(synth_data, tmp_path, monkeypatch):
     import time
 
-    import handseg.core.training.dataset as dataset
+    import handseg.training.dataset as dataset
 
     real = dataset.load_item_crops
 
@@ -183,7 +185,7 @@ def test_a_slow_loader_is_reported(synth_data, tmp_path, monkeypatch):
 
 
 def test_metrics_from_an_older_version_are_rewritten_with_todays_columns(tmp_path):
-    from handseg.core.training import METRIC_FIELDS, append_metrics
+    from handseg.training.loop import METRIC_FIELDS, append_metrics
 
     old_fields = [f for f in METRIC_FIELDS if f != "data_wait"]
     path = tmp_path / "metrics.csv"
@@ -202,7 +204,7 @@ def test_a_corrupt_cache_file_is_named_and_leaves_no_run_folder(synth_data, tmp_
 
     import numpy as np
 
-    from handseg.core.cache import build_cache
+    from handseg.data.cache import build_cache
 
     shutil.copytree(synth_data / "train", tmp_path / "copy" / "train")
     data = tmp_path / "copy" / "train"

@@ -11,13 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from handseg.core.cache import build_cache, check_cache_fresh
-from handseg.core.checkpoint import LAST, ModelCard
-from handseg.core.constants import CLASS_INDEX, CLASSES
-from handseg.core.data import class_masks, discover, read_image, read_polygons, resize_image
-from handseg.core.errors import HandsegError
-from handseg.core.inference import IDENTITY, Predictor, Transform, to_input
-from handseg.core.training import TrainConfig, train
+from handseg.common.constants import CLASS_INDEX, CLASSES
+from handseg.common.errors import HandsegError
+from handseg.data.cache import build_cache, check_cache_fresh
+from handseg.data.images import read_image, resize_image
+from handseg.data.labels import class_masks, read_polygons
+from handseg.data.layout import discover
+from handseg.formats.tta import IDENTITY, Transform
+from handseg.inference.predictor import Predictor, to_input
+from handseg.models.checkpoint import LAST, ModelCard
+from handseg.training.config import TrainConfig
+from handseg.training.loop import train
 
 
 def _cfg(data, out, **kw):
@@ -227,7 +231,7 @@ def test_unify_hands_with_hflip_tta_sees_only_right_hands(side):
 
 
 def test_training_and_prediction_feed_the_model_the_same_pixels(synth_data):
-    from handseg.core.training import Item, SegmentationDataset
+    from handseg.training.dataset import Item, SegmentationDataset
 
     sample = discover(synth_data / "train", labels="required")[0]
     cfg = TrainConfig(size=96, augment="none")
@@ -238,7 +242,7 @@ def test_training_and_prediction_feed_the_model_the_same_pixels(synth_data):
 
 
 def test_scale_tta_reaches_sliding_window_models(monkeypatch):
-    import handseg.core.inference as inference
+    import handseg.inference.predictor as inference
 
     seen = []
     original = inference.sliding_window_logits
@@ -261,7 +265,7 @@ def test_scale_tta_reaches_sliding_window_models(monkeypatch):
 
 @pytest.mark.parametrize("preset", ["light", "default", "strong"])
 def test_augmentation_presets_keep_realistic_intensities(preset, synth_data):
-    from handseg.core.training import augmenter
+    from handseg.training.dataset import augmenter
 
     image = resize_image(read_image(discover(synth_data / "train")[0].image_path), (128, 128))
     aug = augmenter(preset, unify_hands=False)
@@ -279,7 +283,7 @@ def test_augmentation_presets_keep_realistic_intensities(preset, synth_data):
 def test_strong_preset_noise_is_a_few_grey_levels():
     import albumentations as A
 
-    from handseg.core.training import augmenter
+    from handseg.training.dataset import augmenter
 
     noise = next(t for t in augmenter("strong", False).transforms if isinstance(t, A.GaussNoise))
     flat = np.full((256, 256), 128, np.uint8)
@@ -291,7 +295,7 @@ def test_strong_preset_noise_is_a_few_grey_levels():
 
 
 def test_accumulation_groups_average_what_they_took_and_the_schedule_counts_them(synth_data, tmp_path):
-    from handseg.core.training.loop import accumulation_groups
+    from handseg.training.loop import accumulation_groups
 
     assert accumulation_groups(5, 2) == [2, 2, 2, 2, 1]
     assert accumulation_groups(4, 4) == [4, 4, 4, 4]
@@ -311,7 +315,7 @@ def test_accumulation_groups_average_what_they_took_and_the_schedule_counts_them
 
 
 def test_an_interrupted_save_keeps_last_and_resume_state_one_step(synth_data, tmp_path, monkeypatch):
-    import handseg.core.training.state as state
+    import handseg.training.state as state
 
     data = _copy_train(synth_data, tmp_path)
     out = tmp_path / "run"
@@ -326,7 +330,7 @@ def test_an_interrupted_save_keeps_last_and_resume_state_one_step(synth_data, tm
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(data, out, epochs=3), log=lambda *a: None)
     monkeypatch.setattr(state, "atomic_write_bytes", real)
-    from handseg.core.checkpoint import read_card
+    from handseg.models.checkpoint import read_card
 
     assert read_card(out / LAST).epoch == 1  # epoch 2 was lost, not half-saved
     assert not list(out.glob("*.tmp-*"))
@@ -362,7 +366,7 @@ def test_mismatched_or_corrupt_run_files_are_one_line(synth_data, tmp_path):
 def test_a_malformed_model_card_is_one_line(tmp_path):
     from safetensors.torch import save_file
 
-    from handseg.core.checkpoint import read_card
+    from handseg.models.checkpoint import read_card
 
     path = tmp_path / "bad.safetensors"
     save_file({"w": torch.zeros(1)}, str(path), metadata={"handseg": json.dumps({"arch": "unet", "size": "big"})})
@@ -407,7 +411,7 @@ def test_a_resumed_run_trains_exactly_as_the_uninterrupted_one(synth_data, tmp_p
 
 def test_a_resume_that_fails_before_its_first_checkpoint_leaves_the_manifest_as_it_was(synth_data, tmp_path,
                                                                                        monkeypatch):
-    import handseg.core.training.loop as loop
+    import handseg.training.loop as loop
 
     data = _copy_train(synth_data, tmp_path)
     out = tmp_path / "run"

@@ -52,10 +52,10 @@ def compare(
                                              "overlays/) to this folder.")] = None,
     overwrite: Overwrite = False,
 ) -> None:
+    from handseg.analysis.compare import read_compare_inputs, score_comparison
+    from handseg.common.errors import HandsegError
     from handseg.console import console, progress_task, stdout
-    from handseg.core.analysis import read_compare_inputs, score_comparison, scores_table
-    from handseg.core.errors import HandsegError
-    from handseg.core.files import atomic_dir, atomic_write_json, check_output, write_manifest
+    from handseg.formats.files import atomic_dir, atomic_write_json, check_output, write_manifest
 
     if gt is None and len(csvs) < 2:
         raise HandsegError("give two or more CSVs (the first is the reference), or one CSV and --gt DIR")
@@ -78,7 +78,7 @@ def compare(
     say = console if to_stdout else stdout  # with --json - stdout carries the JSON alone
     say.print(scores_table(result))
     if out is not None:
-        from handseg.core.reports import compare_report
+        from handseg.analysis.reports.compare import compare_report
 
         with atomic_dir(out, overwrite, inputs=sources) as tmp:
             with progress_task("report", transient=True) as tick:
@@ -99,3 +99,19 @@ def compare(
 
 
 compare.__doc__ = _HELP
+
+
+def scores_table(result):
+    """A rich table: one row per class, one column per compared CSV, the mean at the bottom."""
+    from rich.table import Table
+
+    from handseg.common.constants import CLASSES
+
+    table = Table(title=f"Dice against {result.reference}", show_footer=True)
+    table.add_column("class", footer="mean")
+    for name, report in zip(result.names, result.reports):
+        table.add_column(Path(name).name, justify="right", footer=f"{report.mean_dice:.4f}")
+    per_class = [r.per_class for r in result.reports]
+    for c in CLASSES:
+        table.add_row(c, *(f"{pc[c]:.4f}" for pc in per_class))
+    return table

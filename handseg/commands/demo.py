@@ -30,11 +30,11 @@ def demo(
     import shutil
 
     from handseg.commands import compare, eda, kfold, predict, prep, pseudo, select, synth, vote
+    from handseg.common.errors import HandsegError
     from handseg.console import stdout
-    from handseg.core.errors import HandsegError
-    from handseg.core.files import check_output
-    from handseg.core.training import TrainConfig
-    from handseg.core.training import train as run_training
+    from handseg.formats.files import check_output
+    from handseg.training.config import TrainConfig
+    from handseg.training.loop import train as run_training
 
     check_output(out, overwrite, "dir")
     if out.exists():

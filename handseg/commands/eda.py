@@ -28,9 +28,9 @@ def eda(
 
     Example: handseg eda --data data/train --pred val.csv --out reports/eda
     """
+    from handseg.analysis.reports.eda import eda_report, read_eda_inputs
     from handseg.console import progress_task, stdout
-    from handseg.core.files import atomic_dir, check_output, write_manifest
-    from handseg.core.reports import eda_report, read_eda_inputs
+    from handseg.formats.files import atomic_dir, check_output, write_manifest
 
     # the output and every input are checked before any work or progress
     sources = [data, pred, meta]

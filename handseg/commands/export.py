@@ -31,10 +31,10 @@ def export(
       handseg predict model.zip --data data/test -o submission.csv
     """
     from handseg.console import stdout
-    from handseg.core.cascade import model_inputs
-    from handseg.core.export import export_models
-    from handseg.core.files import check_output
-    from handseg.core.selection import recipe_inputs
+    from handseg.formats.files import check_output
+    from handseg.models.context import model_inputs
+    from handseg.selection.apply import recipe_inputs
+    from handseg.selection.export import export_models
 
     check_output(out, overwrite, inputs=[*model_inputs(runs or []), *(recipe_inputs(recipe) if recipe else [])])
     index = export_models(list(runs or []), out, recipe)

@@ -38,9 +38,9 @@ def kfold(
 
     from handseg.commands.options import say_data
     from handseg.console import progress_task, stdout
-    from handseg.core.data import resolve_data
-    from handseg.core.files import atomic_write_json, check_output, manifest
-    from handseg.core.kfold import make_splits
+    from handseg.data.kfold import make_splits
+    from handseg.data.layout import resolve_data
+    from handseg.formats.files import atomic_write_json, check_output, manifest
 
     stratify = Stratify(stratify).value
     check_output(out, overwrite, inputs=[data, meta])

@@ -39,6 +39,6 @@ class Merge(str, Enum):
 def say_data(source) -> None:
     """Tell the user which folder ``--data`` resolved to, when it was not the folder itself."""
     if source.note:
-        from handseg.core.notices import notice
+        from handseg.common.notices import notice
 
         notice(("data", str(source.root)), source.note)

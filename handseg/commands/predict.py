@@ -77,7 +77,7 @@ def predict(
         where = "--recipe"
         if bundle is not None:  # a model zip from `handseg export`: its checkpoints, or its recipe
             if recipe is not None:
-                from handseg.core.errors import HandsegError
+                from handseg.common.errors import HandsegError
 
                 raise HandsegError("give a model zip or --recipe, not both (a zip holds its own models and recipe)")
             checkpoints, recipe = bundle.checkpoints, bundle.recipe
@@ -117,7 +117,7 @@ def tta(
     with _model_zip(checkpoints, out, overwrite) as bundle:
         if bundle is not None:
             if bundle.recipe is not None:
-                from handseg.core.errors import HandsegError
+                from handseg.common.errors import HandsegError
 
                 raise HandsegError("this model zip holds a recipe, which sets its own TTA: use `handseg predict`")
             checkpoints = bundle.checkpoints
@@ -129,14 +129,14 @@ def tta(
 def _model_zip(checkpoints, out: Path, overwrite: bool):
     """A model zip among the checkpoints is opened (beside the output, once the output is known to be
     writable); ``None`` when there is none."""
-    from handseg.core.export import is_model_zip, open_model_zip
+    from handseg.selection.export import is_model_zip, open_model_zip
 
     zips = [c for c in checkpoints or [] if is_model_zip(c)]
     if not zips:
         yield None
         return
-    from handseg.core.errors import HandsegError
-    from handseg.core.files import check_output
+    from handseg.common.errors import HandsegError
+    from handseg.formats.files import check_output
 
     if len(checkpoints) != 1:
         raise HandsegError("give a model zip alone (it holds every model it needs)")
@@ -151,15 +151,16 @@ def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, dev
     from rich.table import Table
 
     from handseg.commands.options import say_data
+    from handseg.common.distributed import dist_env
+    from handseg.common.errors import HandsegError
     from handseg.console import progress_task, stdout
-    from handseg.core.cascade import model_inputs
-    from handseg.core.checkpoint import resolve_checkpoint
-    from handseg.core.data import resolve_data
-    from handseg.core.distributed import dist_env
-    from handseg.core.errors import HandsegError
-    from handseg.core.files import atomic_dir, check_output, sidecar_manifest_path, write_manifest
-    from handseg.core.postprocess import format_keep_largest, parse_keep_largest
-    from handseg.core.prediction import parse_transforms, read_thresholds, run_predictions, write_thresholds
+    from handseg.data.layout import resolve_data
+    from handseg.ensemble.masks import format_keep_largest, parse_keep_largest
+    from handseg.formats.files import atomic_dir, check_output, sidecar_manifest_path, write_manifest
+    from handseg.formats.tta import parse_transforms
+    from handseg.inference.run import read_thresholds, run_predictions, write_thresholds
+    from handseg.models.checkpoint import resolve_checkpoint
+    from handseg.models.context import model_inputs
 
     main = dist_env().main
     merge = Merge(merge).value
@@ -181,7 +182,7 @@ def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, dev
     if (splits is None) != (fold is None):
         raise HandsegError("--splits and --fold go together")
     if splits is not None:
-        from handseg.core.kfold import fold_samples
+        from handseg.data.kfold import fold_samples
 
         data, samples = fold_samples(splits, fold, data, checkpoints)
     else:
@@ -228,13 +229,12 @@ def _run_recipe(checkpoints, recipe, oof, data, out, probs, batch_size, device, 
     import tempfile
 
     from handseg.commands.options import say_data
+    from handseg.common.distributed import dist_env
+    from handseg.common.errors import HandsegError
     from handseg.console import progress_task, stdout
-    from handseg.core.data import resolve_data
-    from handseg.core.distributed import dist_env
-    from handseg.core.errors import HandsegError
-    from handseg.core.files import atomic_dir, check_output, sidecar_manifest_path, write_manifest
-    from handseg.core.prediction import run_recipe
-    from handseg.core.selection import recipe_inputs
+    from handseg.data.layout import resolve_data
+    from handseg.formats.files import atomic_dir, check_output, sidecar_manifest_path, write_manifest
+    from handseg.selection.apply import recipe_inputs, run_recipe
 
     if checkpoints:
         raise HandsegError("give run folders or --recipe, not both (the recipe names its runs)")
@@ -248,7 +248,7 @@ def _run_recipe(checkpoints, recipe, oof, data, out, probs, batch_size, device, 
     if probs is not None:
         check_output(probs, overwrite, "dir", sources)
     if data is None and oof:
-        from handseg.core.files import read_json
+        from handseg.formats.files import read_json
 
         data = read_json(recipe, "recipe").get("data")
         if data is None:

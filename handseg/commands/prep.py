@@ -18,9 +18,9 @@ CacheOut = Annotated[Path | None, typer.Option("--out", "-o", help="Cache folder
 def _run(kind: str, data: Path, out: Path | None, workers: int | None) -> None:
     from handseg.commands.options import say_data
     from handseg.console import progress_task, stdout
-    from handseg.core.cache import build_cache, default_cache_dir, default_workers
-    from handseg.core.data import resolve_data
-    from handseg.core.files import check_output
+    from handseg.data.cache import build_cache, default_cache_dir, default_workers
+    from handseg.data.layout import resolve_data
+    from handseg.formats.files import check_output
 
     source = resolve_data(data, "train")
     say_data(source)

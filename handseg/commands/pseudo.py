@@ -29,9 +29,9 @@ def pseudo(
     """
     from handseg.commands.options import say_data
     from handseg.console import progress_task, stdout
-    from handseg.core.data import resolve_data
-    from handseg.core.files import atomic_dir, write_manifest
-    from handseg.core.pseudo import make_pseudo
+    from handseg.data.layout import resolve_data
+    from handseg.ensemble.pseudo import make_pseudo
+    from handseg.formats.files import atomic_dir, write_manifest
 
     source_data = resolve_data(data if data is not None else Path("data/test"), "test")
     say_data(source_data)

@@ -39,9 +39,9 @@ def select(
     Example: handseg select runs/unet_f0 runs/unet_f1 runs/hr48_f0 runs/hr48_f1 -o recipe.json
     """
     from handseg.console import progress_task, stdout
-    from handseg.core.cache import default_workers
-    from handseg.core.files import check_output
-    from handseg.core.selection import candidates_table, select_recipe
+    from handseg.data.cache import default_workers
+    from handseg.formats.files import check_output
+    from handseg.selection.search import select_recipe
 
     check_output(out, overwrite, "file", [*runs, data])
     with progress_task("select", transient=True) as tick:
@@ -52,3 +52,24 @@ def select(
     nested = doc["nested_cv_dice"]
     stdout.print(f"chosen: {doc['chosen']}: OOF Dice {doc['cv_dice']:.4f}"
                  + (f", {nested:.4f} tuned on other folds" if nested is not None else "") + f" -> {out}")
+
+
+def candidates_table(selection, limit: int | None = None):
+    """A rich table of the candidates, best first: OOF Dice, nested estimate, per-fold range, gain."""
+    from rich.table import Table
+
+    names = ", ".join(c.name for c in selection.configs)
+    table = Table(title=f"Candidates on {len(selection.scores.images)} out-of-fold images ({names})")
+    table.add_column("#", justify="right")
+    table.add_column("candidate")
+    table.add_column("OOF Dice", justify="right")
+    table.add_column("tuned on other folds", justify="right")
+    table.add_column("folds min..max", justify="right")
+    table.add_column("gain", justify="right")
+    for k, c in enumerate(selection.ranked[:limit], 1):
+        folds = list(c.fold_dice.values())
+        marker = " (chosen)" if c is selection.chosen else ""
+        table.add_row(str(k), c.name + marker, f"{c.cv_dice:.4f}",
+                      "-" if c.nested_cv_dice is None else f"{c.nested_cv_dice:.4f}",
+                      f"{min(folds):.4f}..{max(folds):.4f}", f"{c.gain:+.4f}")
+    return table

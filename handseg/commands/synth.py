@@ -26,8 +26,8 @@ def synth(
     Example: handseg synth data --ids 20 --test-ids 6 --size 512 --seed 0
     """
     from handseg.console import progress_task, stdout
-    from handseg.core.files import atomic_dir, write_manifest
-    from handseg.core.synth import make_dataset
+    from handseg.data.synth import make_dataset
+    from handseg.formats.files import atomic_dir, write_manifest
 
     with atomic_dir(out, overwrite) as tmp, progress_task("synth") as tick:
         result = make_dataset(tmp, ids=ids, test_ids=test_ids, size=size, seed=seed, progress=tick)

@@ -100,8 +100,8 @@ def train(
       torchrun --nproc_per_node 4 -m handseg train --encoder hrnet_w48 --size 2048 --out runs/hr48
     """
     from handseg.console import is_main_process, make_progress, stdout
-    from handseg.core.training import TrainConfig
-    from handseg.core.training import train as run_training
+    from handseg.training.config import TrainConfig
+    from handseg.training.loop import train as run_training
 
     params = {k: (v.value if isinstance(v, Enum) else v) for k, v in ctx.params.items()}
     params.pop("config")
@@ -109,7 +109,7 @@ def train(
     params["extra"] = list(params["extra"] or [])
     params["context"] = list(params["context"] or [])
     if resume:
-        from handseg.core.training.state import saved_schedule
+        from handseg.training.state import saved_schedule
 
         # the run's own values where none is given: its optimizer and schedule state were made with them
         params.update({k: v for k, v in saved_schedule(out).items() if not _given(ctx, k)})
@@ -159,8 +159,8 @@ def _apply_config(ctx: typer.Context, params: dict, path: Path) -> dict:
     """
     import yaml
 
-    from handseg.core.errors import HandsegError
-    from handseg.core.training.config import RUN_FOLDER_OPTIONS
+    from handseg.common.errors import HandsegError
+    from handseg.training.config import RUN_FOLDER_OPTIONS
 
     if not path.is_file():
         raise HandsegError("config file not found", path)

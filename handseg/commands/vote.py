@@ -19,7 +19,7 @@ KeepLargest = Annotated[str | None, typer.Option(
 
 
 def _keep(spec: str | None):
-    from handseg.core.postprocess import format_keep_largest, parse_keep_largest
+    from handseg.ensemble.masks import format_keep_largest, parse_keep_largest
 
     keep = parse_keep_largest(spec)
     return keep, format_keep_largest(keep)
@@ -34,7 +34,7 @@ app = typer.Typer(help="Ensemble predictions: hard (CSV runs), soft (probability
 
 def _finish(stage: str, out: Path, options: dict, inputs: dict, images: int) -> None:
     from handseg.console import stdout
-    from handseg.core.files import sidecar_manifest_path, write_manifest
+    from handseg.formats.files import sidecar_manifest_path, write_manifest
 
     write_manifest(out.parent, stage, options, inputs=inputs, name=sidecar_manifest_path(out).name,
                    output=str(out), images=images)
@@ -56,8 +56,8 @@ def hard(
     Example: handseg vote hard a.csv b.csv c.csv -o vote.csv --min-votes 2
     """
     from handseg.console import progress_task
-    from handseg.core.ensemble import hard_vote
-    from handseg.core.files import check_output
+    from handseg.ensemble.votes import hard_vote
+    from handseg.formats.files import check_output
 
     keep, keep_text = _keep(keep_largest)
     check_output(out, overwrite, inputs=[*csvs, data])
@@ -81,10 +81,10 @@ def soft(
 
     Example: handseg vote soft probs_a/ probs_b/ -o vote.csv --weights 2,1 --threshold 0.45 --keep-largest all
     """
+    from handseg.common.errors import HandsegError
     from handseg.console import progress_task
-    from handseg.core.ensemble import check_threshold, check_weights, soft_vote
-    from handseg.core.errors import HandsegError
-    from handseg.core.files import check_output
+    from handseg.ensemble.votes import check_threshold, check_weights, soft_vote
+    from handseg.formats.files import check_output
 
     try:
         w = [float(v) for v in weights.split(",")] if weights else None
@@ -112,8 +112,8 @@ def classwise(
 
     Example: handseg vote classwise --map map.json -o vote.csv --keep-largest Radius,Ulna --data data/test
     """
-    from handseg.core.ensemble import classwise_vote, read_class_map
-    from handseg.core.files import check_output
+    from handseg.ensemble.votes import classwise_vote, read_class_map
+    from handseg.formats.files import check_output
 
     keep, keep_text = _keep(keep_largest)
     mapping = read_class_map(class_map)

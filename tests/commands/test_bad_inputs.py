@@ -10,15 +10,16 @@ import sys
 import numpy as np
 import pytest
 
-from handseg.core.data import discover
-from handseg.core.submission import read_predictions, write_predictions
+from handseg.data.layout import discover
+from handseg.formats.submission import read_predictions, write_predictions
 from tests.conftest import run_cli
 
 
 @pytest.fixture(scope="module")
 def run(synth_data, tmp_path_factory):
     """A tiny trained run and a copy of the synthetic data set to break."""
-    from handseg.core.training import TrainConfig, train
+    from handseg.training.config import TrainConfig
+    from handseg.training.loop import train
 
     base = tmp_path_factory.mktemp("bad")
     out = base / "run"
@@ -222,7 +223,7 @@ def test_vote_writes_the_submission_order_whatever_the_inputs_order(synth_data, 
 
 
 def test_crafted_probability_maps_and_checkpoints_are_refused(run, synth_data, tmp_path, capsys):
-    from handseg.core.ensemble import PROBS_INDEX
+    from handseg.formats.probs import PROBS_INDEX
 
     folders = []
     for name in ("pa", "pb"):
@@ -261,11 +262,12 @@ def test_an_incomplete_pseudo_set_is_refused_by_train(synth_data, tmp_path, caps
 
 def test_a_crashed_pseudo_leaves_nothing_and_overwrite_replaces_the_whole_set(synth_data, tmp_path, capsys,
                                                                               monkeypatch):
-    import handseg.core.pseudo as pseudo
+    import handseg.ensemble.pseudo as pseudo
 
     test = synth_data / "test_gt"
-    from handseg.core.data import class_runs, image_size, read_polygons
-    from handseg.core.rle import runs_to_rle
+    from handseg.data.images import image_size
+    from handseg.data.labels import class_runs, read_polygons
+    from handseg.formats.rle import runs_to_rle
 
     samples = discover(test, labels="required")
     truth = tmp_path / "truth.csv"
@@ -324,7 +326,7 @@ def test_ctrl_c_says_interrupted_and_leaves_a_resumable_run(synth_data, tmp_path
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "handseg: interrupted"
     assert not list(out.glob("*.tmp-*"))
-    from handseg.core.checkpoint import read_card
+    from handseg.models.checkpoint import read_card
 
     epoch = read_card(out / "last.safetensors").epoch
     assert (out / f"resume-{epoch:04d}.safetensors").is_file()
@@ -519,7 +521,7 @@ def _index_of(z):
 
 def _recipe_doc(runs, sha256=None):
     """A minimal valid recipe by hand: one configuration that makes every class at threshold 0.5."""
-    from handseg.core.constants import CLASSES
+    from handseg.common.constants import CLASSES
 
     config = {"name": "a", "runs": runs, "tta": {"transforms": ["identity"], "merge": "mean"}}
     if sha256 is not None:
@@ -600,7 +602,8 @@ def test_pins_are_required_by_predict_recipe_export_and_model_zips(run, synth_da
 @pytest.fixture(scope="module")
 def resumable(synth_data, tmp_path_factory):
     """A finished 1-epoch run with a --lr and --batch-size other than the defaults."""
-    from handseg.core.training import TrainConfig, train
+    from handseg.training.config import TrainConfig
+    from handseg.training.loop import train
 
     out = tmp_path_factory.mktemp("resumable") / "run"
     train(TrainConfig(data=synth_data / "train", arch="unet", encoder="resnet18", encoder_weights="none", size=64,

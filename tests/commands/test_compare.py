@@ -15,13 +15,16 @@ import cv2
 import numpy as np
 import pytest
 
-from handseg.core.constants import CLASS_INDEX, CLASSES, NUM_CLASSES
-from handseg.core.data import class_masks, discover, hand_side, polygon_document, read_image, read_polygons, wrist_bend
-from handseg.core.files import atomic_write_json
-from handseg.core.meta import read_meta
-from handseg.core.reports.overlays import DIFF_COLOURS
-from handseg.core.rle import rle_encode
-from handseg.core.submission import write_predictions
+from handseg.analysis.reports.overlays import DIFF_COLOURS
+from handseg.common.constants import CLASS_INDEX, CLASSES, NUM_CLASSES
+from handseg.data.anatomy import hand_side, wrist_bend
+from handseg.data.images import read_image
+from handseg.data.labels import class_masks, polygon_document, read_polygons
+from handseg.data.layout import discover
+from handseg.data.meta import read_meta
+from handseg.formats.files import atomic_write_json
+from handseg.formats.rle import rle_encode
+from handseg.formats.submission import write_predictions
 from tests.conftest import run_cli
 
 H, W = 120, 100  # the cropped images: taller than wide
@@ -289,7 +292,7 @@ def test_a_failure_midway_leaves_no_folder(folder, csvs, tmp_path, capsys, monke
     _no_partial(tmp_path, "eda")
 
     # compare, killed (Ctrl-C) while drawing its third image
-    from handseg.core.reports.overlays import OverlayWriter
+    from handseg.analysis.reports.overlays import OverlayWriter
 
     calls = []
     decode = OverlayWriter.decode

@@ -53,7 +53,7 @@ def test_train_oof_select_and_predict_recipe(synth_data, tmp_path, capsys):
     code, out, err = run_cli(["predict", "--recipe", recipe, "--data", synth_data / "test", "-o",
                               tmp_path / "sub.csv", "--probs", tmp_path / "maps", "--device", "cpu"], capsys)
     assert code == 0, err
-    from handseg.core.submission import read_predictions
+    from handseg.formats.submission import read_predictions
 
     assert len(read_predictions(tmp_path / "sub.csv").images) == 4
     assert len([p for p in (tmp_path / "maps").iterdir() if p.is_dir()]) == len(json.loads(

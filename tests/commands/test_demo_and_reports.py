@@ -6,10 +6,12 @@ import re
 import numpy as np
 import pytest
 
-from handseg.core.analysis import compare_predictions
-from handseg.core.data import class_masks, discover, read_image, read_polygons
-from handseg.core.rle import rle_encode
-from handseg.core.submission import write_predictions
+from handseg.analysis.compare import compare_predictions
+from handseg.data.images import read_image
+from handseg.data.labels import class_masks, read_polygons
+from handseg.data.layout import discover
+from handseg.formats.rle import rle_encode
+from handseg.formats.submission import write_predictions
 from tests.commands.test_compare import _page_data
 from tests.conftest import run_cli
 
@@ -93,7 +95,7 @@ def test_eda_report_numbers(synth_data, tmp_path, capsys):
 
 
 def test_diff_overlay_colours_class_by_class():
-    from handseg.core.reports import diff_overlay
+    from handseg.analysis.reports.overlays import diff_overlay
 
     a = np.zeros((2, 1, 4), bool)
     b = np.zeros((2, 1, 4), bool)

@@ -2,10 +2,12 @@ import json
 
 import pytest
 
-from handseg.core.constants import CLASSES
-from handseg.core.data import class_masks, discover, read_image, read_polygons
-from handseg.core.rle import rle_encode
-from handseg.core.submission import write_predictions
+from handseg.common.constants import CLASSES
+from handseg.data.images import read_image
+from handseg.data.labels import class_masks, read_polygons
+from handseg.data.layout import discover
+from handseg.formats.rle import rle_encode
+from handseg.formats.submission import write_predictions
 from tests.conftest import run_cli
 
 

@@ -1,0 +1,1 @@
+"""Analysis: metrics, comparisons and HTML reports."""

@@ -1,0 +1,1 @@
+"""Constants, errors, notices and the torchrun process group: what every stage shares."""

@@ -1,0 +1,1 @@
+"""Ensembles: mask levels and the cut rule, keep-largest, votes, pseudo labels."""

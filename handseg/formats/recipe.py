@@ -1,0 +1,159 @@
+"""The recipe ``handseg select`` writes and ``predict --recipe`` applies: its format, reading and checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from handseg.common.constants import CLASSES, DEFAULT_THRESHOLD
+from handseg.common.errors import HandsegError
+from handseg.formats.files import read_json
+from handseg.formats.tta import tta_option
+
+SOFT, HARD = "soft", "hard"
+RECIPE_FORMAT = "handseg-recipe"
+RECIPE_VERSION = 1
+MEMBER_THRESHOLD = DEFAULT_THRESHOLD
+"""The threshold each member's map is cut at before a hard vote."""
+
+
+# ----------------------------------------------------------------------------------------------
+# recipes
+
+
+@dataclass(frozen=True)
+class ClassRecipe:
+    """How one class's mask is made: a source (a configuration's name, ``soft`` or ``hard``), its cut
+    (``threshold`` for a configuration or the soft vote, ``min_votes`` for the hard vote), keep-largest."""
+
+    source: str
+    threshold: float | None = None
+    min_votes: int | None = None
+    keep_largest: bool = False
+
+
+@dataclass
+class RecipeConfig:
+    """A configuration of a recipe: its run folders per fold (absolute once read) and the TTA its OOF maps
+    were made with (``predict`` should use the same on test images)."""
+
+    name: str
+    runs: dict[int, Path]
+    transforms: list[str]
+    merge: str
+    card: dict
+    sha256: dict[int, str] = field(default_factory=dict)
+    """Each fold's checkpoint pinned by its SHA-256 (what select scored)."""
+
+    @property
+    def checkpoints(self) -> list[Path]:
+        """The run folders, fold by fold: what ``predict`` averages for this configuration."""
+        return [self.runs[k] for k in sorted(self.runs)]
+
+    @property
+    def tta_spec(self) -> str:
+        """The ``--transforms`` value of this configuration's TTA (see :func:`tta_option`)."""
+        return tta_option(self.transforms)
+
+
+@dataclass
+class Recipe:
+    """What ``predict --recipe`` does: which configurations, how each class is made, ``cv_dice`` on OOF data."""
+
+    configs: list[RecipeConfig]
+    classes: list[ClassRecipe]
+    soft_weights: list[float]
+    member_threshold: float = MEMBER_THRESHOLD
+    cv_dice: float | None = None
+
+    def config(self, name: str) -> RecipeConfig:
+        for c in self.configs:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def members(self) -> list[str]:
+        """The configurations the recipe needs maps of (all, if any class uses a vote), in recipe order."""
+        used = {c.source for c in self.classes}
+        if used & {SOFT, HARD}:
+            return [c.name for c in self.configs]
+        return [c.name for c in self.configs if c.name in used]
+
+    def keep_largest(self) -> tuple[bool, ...]:
+        return tuple(c.keep_largest for c in self.classes)
+
+
+def recipe_from_json(doc: dict, base: Path | None = None, where: Path | None = None) -> Recipe:
+    """Parse and check a recipe document; run paths are taken relative to ``base`` (the recipe's folder).
+
+    Raises:
+        HandsegError: a missing or malformed field (naming ``where``).
+    """
+    def bad(msg: str) -> HandsegError:
+        return HandsegError(f"not a valid recipe: {msg}", where)
+
+    if not isinstance(doc, dict) or doc.get("format") != RECIPE_FORMAT:
+        raise bad(f'no "format": "{RECIPE_FORMAT}" (written by `handseg select`?)')
+    if doc.get("version") != RECIPE_VERSION:
+        raise bad(f"version {doc.get('version')!r}; this handseg reads version {RECIPE_VERSION}")
+    configs = []
+    for c in doc.get("configurations") or []:
+        try:
+            runs = {int(k): Path(v) for k, v in c["runs"].items()}
+            tta = c.get("tta") or {}
+            configs.append(RecipeConfig(str(c["name"]), {k: p if p.is_absolute() or base is None else base / p
+                                                         for k, p in runs.items()},
+                                        list(tta.get("transforms", ["identity"])), str(tta.get("merge", "mean")),
+                                        dict(c.get("card") or {}),
+                                        {int(k): str(v) for k, v in (c.get("sha256") or {}).items()}))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise bad('each configuration needs "name" and "runs" {fold: run folder}') from None
+    if not configs:
+        raise bad('no "configurations"')
+    names = [c.name for c in configs]
+    if len(set(names)) != len(names) or {SOFT, HARD} & set(names):
+        raise bad("configuration names must be distinct and not 'soft' or 'hard'")
+    per_class = doc.get("classes")
+    if not isinstance(per_class, dict) or set(per_class) != set(CLASSES):
+        raise bad('"classes" must give each of the 29 classes')
+    classes = []
+    for name in CLASSES:
+        e = per_class[name]
+        if not isinstance(e, dict):
+            raise bad(f"{name}: expected an object")
+        src = e.get("source")
+        if src not in names and src not in (SOFT, HARD):
+            raise bad(f"{name}: unknown source {src!r}")
+        if src in (SOFT, HARD) and len(configs) < 2:
+            raise bad(f"{name}: a {src} vote needs two or more configurations")
+        thr, votes = e.get("threshold"), e.get("min_votes")
+        if src == HARD:
+            if isinstance(votes, bool) or not isinstance(votes, int) or not 1 <= votes <= len(configs):
+                raise bad(f"{name}: min_votes must be 1..{len(configs)}")
+            thr = None
+        else:
+            if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not 0 <= thr < 1:
+                raise bad(f"{name}: threshold must be a number in [0, 1)")
+            thr, votes = float(thr), None
+        classes.append(ClassRecipe(src, thr, votes, bool(e.get("keep_largest", False))))
+    ensemble = doc.get("ensemble") or {}
+    weights = (ensemble.get("soft") or {}).get("weights", [1.0] * len(configs))
+    if (not isinstance(weights, list) or len(weights) != len(configs)
+            or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in weights)):
+        raise bad(f"ensemble.soft.weights must be {len(configs)} positive numbers")
+    member = (ensemble.get("hard") or {}).get("member_threshold", MEMBER_THRESHOLD)
+    if isinstance(member, bool) or not isinstance(member, (int, float)) or not 0 <= member < 1:
+        raise bad("ensemble.hard.member_threshold must be a number in [0, 1)")
+    cv = doc.get("cv_dice")
+    return Recipe(configs, classes, [float(w) for w in weights], float(member),
+                  float(cv) if isinstance(cv, (int, float)) else None)
+
+
+def read_recipe(path: str | Path) -> Recipe:
+    """Read a ``recipe.json`` written by ``handseg select`` (run folders resolved against its folder).
+
+    Raises:
+        HandsegError: the file is missing, not JSON, or not a valid recipe.
+    """
+    path = Path(path)
+    return recipe_from_json(read_json(path, "recipe"), path.resolve().parent, path)

@@ -1,0 +1,1 @@
+"""Inference: runtime (device, AMP), TTA, the predictor, a prediction run, cascade context."""

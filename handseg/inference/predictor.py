@@ -1,0 +1,373 @@
+"""Inference: from X-rays to per-class probabilities at each image's own size.
+
+A model trained on resized images sees each image resized to its size by
+:func:`~handseg.data.images.resize_image` (the resize training used), several images per forward
+pass, and its logits are resized back bilinearly (the leaderboard's convention) before the sigmoid.
+A model trained on crops runs as a sliding window over the full image with Gaussian blending.
+
+Test-time transforms (ttach flips and input-size scales) are merged in place, one map at a time.
+With ``unify_hands`` a model knows right hands only: the side is decided once, from the identity
+pass on the unflipped image; a left hand is mirrored, every transform runs on the mirrored image,
+and the result is mirrored back. A horizontal flip would show such a model a left hand, so hflip
+passes run unflipped for it. Several checkpoints are averaged in probability space.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from handseg.common.constants import CLASS_INDEX
+from handseg.common.errors import HandsegError
+from handseg.common.notices import notice
+from handseg.data.anatomy import side_of
+from handseg.data.images import resize_image
+from handseg.formats.probs import quantise_probs
+from handseg.formats.tta import IDENTITY, MERGES, Transform
+from handseg.inference.runtime import amp_dtype, pick_device
+from handseg.inference.tta import _ttach_flip
+from handseg.models.checkpoint import ModelCard, load_checkpoint, resolve_checkpoint
+from handseg.models.context import CONTEXT_CHANNELS, resolve_context
+from handseg.models.plan import model_plan
+
+
+def to_input(images, card: ModelCard, device: str):
+    """``(H, W)`` or ``(B, H, W)`` uint8 (numpy or tensor) -> normalised ``(B, C, H, W)`` float on ``device``
+    (``C``: the model's image channels; a cascade's context channels are added by the caller)."""
+    import torch
+
+    if not isinstance(images, torch.Tensor):
+        array = np.asarray(images)
+        images = torch.from_numpy(array if array.flags.writeable else array.copy())
+    x = images
+    x = x.to(device, non_blocking=True)
+    if x.ndim == 2:
+        x = x.unsqueeze(0)
+    x = x.float().div_(255.0).sub_(card.norm["mean"]).div_(card.norm["std"])
+
+    channels = card.in_channels - (CONTEXT_CHANNELS if card.context else 0)
+    return x.unsqueeze(1).expand(-1, channels, -1, -1)
+
+
+def input_size(card: ModelCard, scale: float = 1.0) -> int:
+    """The side a resize model is run at: its training size times ``scale``, on a multiple of 32."""
+    return max(32, int(round(card.size * scale / 32.0)) * 32)
+
+
+def gaussian_window(size: int, sigma_scale: float = 0.125):
+    import torch
+
+    ax = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    g = torch.exp(-(ax**2) / (2 * (size * sigma_scale) ** 2))
+    w = torch.outer(g, g)
+    return (w / w.max()).clamp_min(1e-3)
+
+
+def _starts(length: int, window: int, stride: int) -> list[int]:
+    if length <= window:
+        return [0]
+    starts = list(range(0, length - window, stride)) + [length - window]
+    return sorted(set(starts))
+
+
+def sliding_window_logits(model, x, window: int, stride: int | None = None, batch: int = 4, dtype=None):
+    """Logits of a full-resolution image from overlapping ``window`` crops, Gaussian-blended.
+
+    Args:
+        x: ``(1, C, H, W)`` input; images smaller than the window are padded.
+        batch: windows per forward pass.
+    Returns:
+        ``(1, K, H, W)`` float32 logits.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    stride = stride or window // 2
+    _, _, h, w = x.shape
+    ph, pw = max(window - h, 0), max(window - w, 0)
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), mode="constant", value=float(x.min()))
+    H, W = x.shape[-2:]
+    weight = gaussian_window(window).to(x.device)
+    acc = None
+    norm = torch.zeros((1, 1, H, W), device=x.device)
+    boxes = [(r, c) for r in _starts(H, window, stride) for c in _starts(W, window, stride)]
+    for i in range(0, len(boxes), batch):
+        chunk = boxes[i : i + batch]
+        crops = torch.cat([x[..., r : r + window, c : c + window] for r, c in chunk])
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+            out = model(crops).float()
+        if acc is None:
+            acc = torch.zeros((1, out.shape[1], H, W), device=x.device)
+        for (r, c), o in zip(chunk, out):
+            acc[0, :, r : r + window, c : c + window] += o * weight
+            norm[0, 0, r : r + window, c : c + window] += weight
+    return (acc / norm)[..., :h, :w]
+
+
+def run_side(model, card: ModelCard, scale: float = 1.0) -> int:
+    """The side a resize model runs at for a TTA ``scale``: the nearest its encoder takes (a multiple
+    of its stride, and only its own size for encoders built for one size; see
+    :class:`~handseg.models.plan.ModelPlan`)."""
+
+    plan = model_plan(model)
+    return input_size(card, scale) if plan is None else plan.run_side(card.size * scale)
+
+
+@dataclass
+class Predictor:
+    """One or more checkpoints ready to predict; probabilities are averaged over them.
+
+    Example:
+        >>> predictor = Predictor.load(["runs/fold0", "runs/fold1"], device="cuda")
+        >>> merged = predictor.predict([image_a, image_b], [IDENTITY, Transform("hflip", flip="hflip")])
+        >>> merged[0].shape          # (29, H_a, W_a) probabilities on the device
+    """
+
+    models: list
+    cards: list[ModelCard]
+    device: str
+    dtype: object = None
+    batch: int = 4
+    """Network inputs per forward pass: whole resized images, or windows of crop-trained models."""
+    stage1: dict = field(default_factory=dict)
+    """A cascade's stage 1 (see :mod:`handseg.inference.cascade`): the stage-1 :class:`Predictor` of each
+    model that takes context, by model index; models with the same stage 1 share one."""
+
+    @classmethod
+    def load(cls, paths, device: str = "auto", amp: bool = True, batch: int = 4) -> Predictor:
+        import torch
+
+
+        device = pick_device(device)
+        models, cards, stage1, shared = [], [], {}, {}
+        for p in paths:
+            model, card = load_checkpoint(p, device)
+            if device.startswith("cuda"):
+                model = model.to(memory_format=torch.channels_last)
+            if card.context:
+
+                refs = tuple(str(q.resolve()) for q in resolve_context(card.context, resolve_checkpoint(p),
+                                                                       card.context_sha256))
+                if refs not in shared:
+                    shared[refs] = cls.load(list(refs), device, amp, batch)
+                stage1[len(models)] = shared[refs]
+            models.append(model)
+            cards.append(card)
+        classes = {tuple(c.classes) for c in cards}
+        if len(classes) > 1:
+            raise HandsegError("checkpoints predict different class lists; they cannot be averaged")
+        return cls(models, cards, device, amp_dtype(device) if amp else None, batch, stage1)
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        """Per-class thresholds: the mean of the checkpoints' own."""
+        return np.mean([c.thresholds for c in self.cards], axis=0)
+
+    def probs(self, image: np.ndarray, transform: Transform = IDENTITY):
+        """One image, one transform: ``(K, H, W)`` probabilities on the device."""
+        return self.predict([image], [transform])[0]
+
+    def predict(self, images: list[np.ndarray], transforms: list[Transform] | None = None, merge: str = "mean",
+                on_transform=None, contexts: list | None = None) -> list:
+        """``(H, W)`` uint8 images -> ``(K, H, W)`` float probabilities per image (tensors on the
+        device, each at its image's size), averaged over the checkpoints and merged over the transforms.
+
+        Args:
+            transforms: test-time transforms (default: the identity alone).
+            merge: ``mean``, ``gmean`` (geometric mean) or ``max`` over the transforms.
+            on_transform: called as ``on_transform(transform, probs)`` with each transform's maps
+                (a list, one per image) before they are merged, e.g. to score each transform alone.
+            contexts: for cascade models, each image's stage-1 maps as ``(29, H, W)`` uint8 (e.g. the
+                out-of-fold maps during training); by default stage 1 runs here, once per image.
+        """
+        import torch
+
+        if merge not in MERGES:
+            raise HandsegError(f"unknown --merge {merge!r}; valid: {', '.join(MERGES)}")
+        transforms = list(transforms or [IDENTITY])
+        n, k = len(images), len(transforms)
+        mirror: dict[int, list[bool]] = {}
+        merged: list = [None] * n
+        with torch.inference_mode():
+            context = self._contexts(images, contexts)
+            for t in transforms:
+                per_model = None
+                for m in range(len(self.models)):
+                    probs = self._model_probs(m, images, t, mirror, context.get(m))
+                    if per_model is None:
+                        per_model = probs
+                    else:
+                        for i in range(n):
+                            per_model[i].add_(probs[i])
+                if len(self.models) > 1:
+                    for p in per_model:
+                        p.div_(len(self.models))
+                if on_transform is not None:
+                    on_transform(t, per_model)
+                for i, p in enumerate(per_model):
+                    if merge == "gmean":
+                        p = p.clamp_min_(1e-6).log_()
+                    if merged[i] is None:
+                        merged[i] = p
+                    elif merge == "max":
+                        torch.maximum(merged[i], p, out=merged[i])
+                    else:
+                        merged[i].add_(p)
+            if merge != "max" and k > 1:
+                for p in merged:
+                    p.div_(k)
+            if merge == "gmean":
+                for p in merged:
+                    p.exp_()
+        return merged
+
+    def _contexts(self, images: list[np.ndarray], given: list | None) -> dict[int, list]:
+        """Each cascade model's context per image, as ``(29, H, W)`` float tensors on the device holding
+        p after the uint8 quantisation (what stage 2 was trained on); stage 1 runs once per image and
+        stage-1 set."""
+        import torch
+
+
+        out, done = {}, {}
+        for m, card in enumerate(self.cards):
+            if not card.context:
+                continue
+            if given is not None:
+                out[m] = [torch.as_tensor(np.asarray(c), device=self.device).float().div_(255.0) for c in given]
+                continue
+            stage1 = self.stage1.get(m)
+            if stage1 is None:
+                raise HandsegError("a cascade model needs its stage-1 maps (load it with Predictor.load)")
+            if id(stage1) not in done:
+                done[id(stage1)] = [quantise_probs(p).float().div_(255.0) for p in stage1.predict(images)]
+            out[m] = done[id(stage1)]
+        return out
+
+    def _model_probs(self, m: int, images: list[np.ndarray], t: Transform, mirror: dict[int, list[bool]],
+                     context: list | None = None) -> list:
+        """One model's probabilities for one transform. With ``unify_hands`` the side of each image is
+        decided once per model, from the identity pass on the unflipped image (kept in ``mirror``)."""
+        import torch
+
+        model, card = self.models[m], self.cards[m]
+        if not card.unify_hands:
+            return self._run(model, card, images, t, context)
+        if t.flip == "hflip":
+            # the model sees every hand mirrored to a right hand; a horizontal flip would show it a
+            # left one, which it never learned: the pass runs unflipped (scales still apply)
+
+            notice("unify-hflip", "hflip TTA is not applied to --unify-hands models: they see every hand as a "
+                                  "right hand, and a flip would show them a left one")
+            t = Transform(t.name, None, t.scale)
+        out: list = [None] * len(images)
+        if m not in mirror:
+            first = self._run(model, card, images, IDENTITY, context)
+            mirror[m] = [_is_left_hand(p) for p in first]
+            if t.is_identity:
+                out = [None if left else p for p, left in zip(first, mirror[m])]
+            del first
+        todo = [i for i in range(len(images)) if out[i] is None]
+        if todo:
+            inputs = [np.ascontiguousarray(images[i][:, ::-1]) if mirror[m][i] else images[i] for i in todo]
+            ctx = None if context is None else [torch.flip(context[i], dims=[-1]) if mirror[m][i] else context[i]
+                                                for i in todo]
+            for i, p in zip(todo, self._run(model, card, inputs, t, ctx)):
+                out[i] = torch.flip(p, dims=[-1]) if mirror[m][i] else p
+        return out
+
+    def _run(self, model, card: ModelCard, images: list[np.ndarray], t: Transform, context: list | None = None
+             ) -> list:
+        """Probabilities of one model for one transform, per image: batched resizes, or sliding windows
+        (a cascade's stage 2: over the image and its stage-1 ``context``, ``(29, H, W)`` tensors)."""
+        import torch
+        import torch.nn.functional as F
+
+
+        flip = _ttach_flip(t.flip) if t.flip else None
+        out = []
+        if card.crop:
+            for i, image in enumerate(images):
+                h, w = image.shape
+                scaled = image if t.scale == 1.0 else resize_image(image, (max(1, round(h * t.scale)),
+                                                                            max(1, round(w * t.scale))))
+                x = to_input(scaled, card, self.device)
+                if card.context:
+                    ctx = context[i].unsqueeze(0)
+                    if ctx.shape[-2:] != x.shape[-2:]:
+                        ctx = F.interpolate(ctx, size=x.shape[-2:], mode="bilinear", align_corners=False)
+                    x = torch.cat([x, ctx], dim=1)
+                if flip is not None:
+                    x = flip.apply_aug_image(x, apply=True)
+                logits = sliding_window_logits(model, x, card.crop, batch=self.batch, dtype=self.dtype)
+                if flip is not None:
+                    logits = flip.apply_deaug_mask(logits, apply=True)
+                if logits.shape[-2:] != (h, w):
+                    logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+                out.append(logits[0].sigmoid_())
+            return out
+        side = run_side(model, card, t.scale)
+        for start in range(0, len(images), self.batch):
+            chunk = images[start : start + self.batch]
+            batch = np.stack([resize_image(im, (side, side)) for im in chunk])
+            x = to_input(batch, card, self.device)
+            if self.device.startswith("cuda"):
+                x = x.contiguous(memory_format=torch.channels_last)
+            if flip is not None:
+                x = flip.apply_aug_image(x, apply=True)
+            with torch.autocast(x.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+                logits = model(x)
+            logits = logits.float()
+            if flip is not None:
+                logits = flip.apply_deaug_mask(logits, apply=True)
+            for j, image in enumerate(chunk):
+                one = logits[j : j + 1]
+                if one.shape[-2:] != image.shape:
+                    one = F.interpolate(one, size=image.shape, mode="bilinear", align_corners=False)
+                out.append(one[0].sigmoid_())
+        return out
+
+
+def _is_left_hand(probs) -> bool:
+    """:func:`~handseg.data.anatomy.hand_side` of a prediction, on its device: the thumb tip (finger-1)
+    right of the little-finger tip (finger-16). Only two numbers cross to the host."""
+    import torch
+
+
+    masks = probs[[CLASS_INDEX["finger-1"], CLASS_INDEX["finger-16"]]] > 0.5
+    cols = masks.sum(dim=1, dtype=torch.float64)  # (2, W) pixels per column
+    counts = cols.sum(dim=1)
+    if bool((counts == 0).any()):
+        return False
+    xs = torch.arange(cols.shape[1], dtype=torch.float64, device=cols.device)
+    thumb_x, little_x = ((cols @ xs) / counts).tolist()
+    return side_of(thumb_x, little_x) == "left"
+
+
+def binarize(probs: np.ndarray, thresholds) -> np.ndarray:
+    """``(K, H, W)`` probabilities -> bool masks with one threshold per class."""
+    t = np.asarray(thresholds, dtype=np.float32).reshape(-1, 1, 1)
+    return probs > t
+
+
+def masks_to_runs(masks) -> list:
+    """Runs (see :mod:`handseg.formats.rle`) of each ``(K, H, W)`` bool mask of a tensor, computed where
+    the tensor lives: on a GPU only the run boundaries are copied to the host. Equal to
+    :func:`~handseg.formats.rle.mask_to_runs` of each mask."""
+    import torch
+
+    k = masks.shape[0]
+    flat = masks.reshape(k, -1)
+    edge = torch.zeros((k, 1), dtype=torch.bool, device=flat.device)
+    padded = torch.cat([edge, flat, edge], dim=1)
+    # a change between neighbours is a run's first pixel or one past its last; they alternate
+    cls, pos = (padded[:, 1:] != padded[:, :-1]).nonzero(as_tuple=True)
+    counts = torch.bincount(cls, minlength=k).cpu().numpy()
+    pos = pos.cpu().numpy().astype(np.int64, copy=False)
+    runs, offset = [], 0
+    for n in counts:
+        p = pos[offset : offset + n]
+        offset += n
+        runs.append((p[0::2], p[1::2] - p[0::2]))
+    return runs

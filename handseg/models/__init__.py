@@ -1,0 +1,1 @@
+"""Models: the architecture registry and size plan, building, foreign weights, checkpoints, losses."""

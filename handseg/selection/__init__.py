@@ -1,0 +1,1 @@
+"""Selection on out-of-fold maps: configurations, scoring, search, applying a recipe, export."""
