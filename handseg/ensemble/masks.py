@@ -238,7 +238,7 @@ GRID: tuple[float, ...] = tuple(float(v) for v in np.round(np.arange(0.20, 0.801
 # levels and cuts: the one definition of a mask, for selection and application alike
 
 
-def _union_box(gots: Sequence) -> tuple[int, int, int, int] | None:
+def union_box(gots: Sequence) -> tuple[int, int, int, int] | None:
     present = [g for g in gots if g is not None]
     if not present:
         return None
@@ -246,7 +246,7 @@ def _union_box(gots: Sequence) -> tuple[int, int, int, int] | None:
             min(g[2] for g in present), max(g[2] + g[0].shape[1] for g in present))
 
 
-def _place(got, box: tuple[int, int, int, int], dtype=np.uint8) -> np.ndarray:
+def place_crop(got, box: tuple[int, int, int, int], dtype=np.uint8) -> np.ndarray:
     """A ``(crop, row0, col0)`` (or None: nothing) on the box's grid, zero elsewhere."""
     r0, r1, c0, c1 = box
     if got is not None:
@@ -285,11 +285,27 @@ def hard_level(placed: Sequence[np.ndarray], member_threshold: float = MEMBER_TH
     return votes
 
 
+def level_cuts(thresholds, weight_sum: float = 1.0) -> np.ndarray:
+    """The one cut rule: a pixel belongs to a class when its stored level exceeds ``255 t sum(w)``.
+
+    The level is what handseg stores for a probability ``p``: ``round(255 p)`` as uint8 (see
+    :func:`~handseg.formats.probs.quantise_probs`), or ``sum_m w_m q_m`` of several such maps. So
+    ``predict`` (on the quantised map of its float probabilities), ``vote soft``, a recipe, ``pseudo``
+    and ``--tune-thresholds`` cut the same numbers the same way, and a map folder reproduces its CSV.
+
+    Args:
+        thresholds: ``t`` per class, ``(29,)`` (or a scalar).
+        weight_sum: ``sum(w)`` of a weighted sum of levels (1 for one map).
+
+    Returns:
+        The cuts, float64, shaped like ``thresholds``.
+    """
+    return np.asarray(thresholds, dtype=np.float64) * 255.0 * float(weight_sum)
+
+
 def cut_value(kind: str, value: float, weight_sum: float = 1.0) -> float:
     """The number a level must exceed: ``255 t`` (configuration), ``255 t sum(w)`` (soft), ``k - 0.5`` (hard,
     ``value`` = min votes)."""
     if kind == HARD:
         return float(value) - 0.5
-    if kind == SOFT:
-        return float(value) * 255.0 * float(weight_sum)
-    return float(value) * 255.0
+    return float(level_cuts(value, weight_sum if kind == SOFT else 1.0))

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from handseg.common.constants import CLASSES, IMAGES_DIR, LABELS_DIR, NUM_CLASSES
+from handseg.common.constants import CLASSES, DEFAULT_THRESHOLD, IMAGES_DIR, LABELS_DIR, NUM_CLASSES
 from handseg.common.errors import HandsegError
 from handseg.common.notices import notice
 from handseg.data.cache import MASKS, cache_entry, mask_path, pack_crops
 from handseg.data.images import image_size
 from handseg.data.labels import polygon_document
 from handseg.data.layout import Sample, discover
+from handseg.ensemble.masks import level_cuts
 from handseg.formats.files import MANIFEST_NAME, atomic_open, atomic_write_json, read_json
 from handseg.formats.probs import ProbMap, probs_name, read_probs_index
 from handseg.formats.rle import check_runs_fit, runs_to_crop
@@ -87,9 +88,9 @@ def make_pseudo(source: Path, data: Path, out: Path, min_confidence: float | Non
     if unknown:
         raise HandsegError(f"{len(unknown)} predicted images are not in {data} (e.g. {unknown[0]})", source)
     shapes = {name: image_size(by_name[name].image_path) for name in names}
-    cuts = np.full(NUM_CLASSES, 127.5)  # p > 0.5 on the uint8 scale p * 255
+    cuts = level_cuts(np.full(NUM_CLASSES, DEFAULT_THRESHOLD))
     if from_probs:
-        cuts = 255.0 * _recorded_thresholds(Path(source))
+        cuts = level_cuts(_recorded_thresholds(Path(source)))
     if not from_probs:  # every RLE is checked before anything is written
         for name in names:
             for c, runs in enumerate(preds.runs[name]):

@@ -18,9 +18,10 @@ from handseg.common.errors import HandsegError
 from handseg.common.notices import notice
 from handseg.data.images import image_size
 from handseg.data.layout import discover
-from handseg.ensemble.masks import keep_largest_classes, label_components
+from handseg.ensemble.masks import cut_value, keep_largest_classes, label_components, place_crop, soft_level, union_box
 from handseg.formats.files import MANIFEST_NAME, read_json, sidecar_manifest_path
 from handseg.formats.probs import ProbMap, probs_name, read_probs_index
+from handseg.formats.recipe import SOFT
 from handseg.formats.rle import Runs, crop_to_runs, runs_to_rle, vote_runs
 from handseg.formats.submission import PredictionSet, check_fits, check_same_images, read_predictions, write_predictions
 
@@ -190,14 +191,10 @@ def soft_vote(folders: list[Path], out: Path, weights: list[float] | None = None
                 if not crops:
                     rles.append("")
                     continue
-                r0 = min(g[1] for g, _ in crops)
-                c0 = min(g[2] for g, _ in crops)
-                r1 = max(g[1] + g[0].shape[0] for g, _ in crops)
-                c1 = max(g[2] + g[0].shape[1] for g, _ in crops)
-                acc = np.zeros((r1 - r0, c1 - c0), dtype=np.float32)
-                for (crop, cr, cc), w in crops:
-                    acc[cr - r0 : cr - r0 + crop.shape[0], cc - c0 : cc - c0 + crop.shape[1]] += crop * (w / 255.0)
-                mask = acc / total > thresholds[c]
+                box = union_box([g for g, _ in crops])
+                r0, c0 = box[0], box[2]
+                level = soft_level([place_crop(g, box) for g, _ in crops], [w for _, w in crops])
+                mask = level > cut_value(SOFT, thresholds[c], total)
                 if keep_largest is not None and keep_largest[c]:
                     labels, _, kept, _ = label_components(mask)
                     if labels is not None:

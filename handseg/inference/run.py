@@ -22,15 +22,13 @@ from handseg.common.notices import notice
 from handseg.data.images import read_image
 from handseg.data.labels import class_masks, read_polygons
 from handseg.data.layout import Sample, discover
-from handseg.ensemble.masks import keep_largest_classes
+from handseg.ensemble.masks import GRID, keep_largest_classes, level_cuts
 from handseg.formats.files import atomic_write_json, read_json
 from handseg.formats.probs import PROBS_FORMATS, PROBS_INDEX, probs_name, quantise_probs, write_probs
 from handseg.formats.rle import mask_to_runs, runs_to_mask, runs_to_rle
 from handseg.formats.submission import write_predictions
 from handseg.formats.tta import IDENTITY, Transform
 from handseg.inference.predictor import Predictor, masks_to_runs, run_side
-
-TUNE_GRID = np.round(np.arange(0.20, 0.81, 0.05), 2)
 
 
 @dataclass
@@ -125,12 +123,12 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
     dice_sum = {t.name: np.zeros(NUM_CLASSES) for t in transforms}
     if len(transforms) > 1:
         dice_sum["merged"] = np.zeros(NUM_CLASSES)
-    tune_sum = np.zeros((NUM_CLASSES, TUNE_GRID.size)) if tune else None
+    tune_sum = np.zeros((NUM_CLASSES, len(GRID))) if tune else None
     merged_key = "merged" if len(transforms) > 1 else transforms[0].name
     rows: dict[str, object] = {}
     if progress:
         progress(total=len(shard))
-    thr_device = torch.as_tensor(thr, dtype=torch.float32, device=predictor.device).view(-1, 1, 1)
+    cuts = torch.as_tensor(level_cuts(thr), dtype=torch.float64, device=predictor.device).view(-1, 1, 1)
     per_forward = 1 if any(c.crop for c in predictor.cards) else max(1, batch)
     saves = []
     # one thread behind the model: RLE text, tuning statistics and map files, in order
@@ -142,7 +140,7 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
 
             def score(t, probs, truths=truths):
                 for truth, p in zip(truths, probs):
-                    dice_sum[t.name] += dice_masks(truth, (p > thr_device).cpu().numpy())
+                    dice_sum[t.name] += dice_masks(truth, (quantise_probs(p) > cuts).cpu().numpy())
 
             contexts = None
             if context_source is not None:
@@ -152,10 +150,11 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
             for (s, _), truth, p in zip(group, truths, merged):
                 # thresholds, runs and quantisation on the device: only run boundaries (and uint8 maps
                 # when asked for) cross to the host, not 29 float maps of the image's full size
-                masks = p > thr_device
+                level = quantise_probs(p)
+                masks = level > cuts
                 if tune:
                     dice_sum[merged_key] += dice_masks(truth, masks.cpu().numpy())
-                    rows[s.name] = encoder.submit(_tune_rows, p.cpu().numpy(), truth, tune_sum)
+                    rows[s.name] = encoder.submit(_tune_rows, level.cpu().numpy(), truth, tune_sum)
                 else:
                     runs = masks_to_runs(masks)
                     if keep is not None:
@@ -166,7 +165,7 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
                     rows[s.name] = encoder.submit(_rles, runs)
                 if probs_dir is not None:
                     saves.append(encoder.submit(write_probs, Path(probs_dir) / probs_name(s.name),
-                                                quantise_probs(p).cpu().numpy(), probs_format))
+                                                level.cpu().numpy(), probs_format))
                 if progress:
                     progress()
             del merged
@@ -176,7 +175,7 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
 
     if tune:
         best = np.argmax(tune_sum, axis=1)
-        thr = TUNE_GRID[best].astype(np.float64)
+        thr = np.asarray(GRID, dtype=np.float64)[best]
         rows = {n: [per_class[c][best[c]] for c in range(NUM_CLASSES)] for n, per_class in rows.items()}
 
     if d.world > 1:  # every rank's rows and Dice sums to rank 0
@@ -229,12 +228,12 @@ def _rles(runs: list) -> list[str]:
     return [runs_to_rle(r) for r in runs]
 
 
-def _tune_rows(probs: np.ndarray, truth: np.ndarray, tune_sum: np.ndarray) -> list[list[str]]:
-    """The Dice and the RLE of every class at every candidate threshold: small, and exact once a
-    threshold is chosen, so no probability map is held until the end."""
-    grid = [[""] * TUNE_GRID.size for _ in range(NUM_CLASSES)]
-    for j, t in enumerate(TUNE_GRID):
-        masks = probs > t
+def _tune_rows(level: np.ndarray, truth: np.ndarray, tune_sum: np.ndarray) -> list[list[str]]:
+    """The Dice and the RLE of every class at every threshold of the grid (``level``: the ``(29, H, W)``
+    uint8 map): small, and exact once a threshold is chosen, so no probability map is held until the end."""
+    grid = [[""] * len(GRID) for _ in range(NUM_CLASSES)]
+    for j, t in enumerate(GRID):
+        masks = level > level_cuts(t)
         tune_sum[:, j] += dice_masks(truth, masks)
         for c in range(NUM_CLASSES):
             grid[c][j] = runs_to_rle(mask_to_runs(masks[c]))

@@ -13,12 +13,12 @@ from handseg.common.constants import CLASSES, NUM_CLASSES
 from handseg.common.errors import HandsegError
 from handseg.data.layout import Sample, discover
 from handseg.ensemble.masks import (
-    _place,
-    _union_box,
     cut_value,
     hard_level,
     label_components,
+    place_crop,
     soft_level,
+    union_box,
 )
 from handseg.formats import cropfile
 from handseg.formats.files import safe_name
@@ -211,11 +211,11 @@ def recipe_image_runs(recipe: Recipe, maps: Mapping[str, object], shape: tuple[i
     for c, how in enumerate(recipe.classes):
         members = names if how.source in (SOFT, HARD) else [how.source]
         gots = [maps[m].crop(c) for m in members]
-        box = _union_box(gots)
+        box = union_box(gots)
         if box is None:
             out.append(EMPTY_RUNS)
             continue
-        placed = [_place(g, box) for g in gots]
+        placed = [place_crop(g, box) for g in gots]
         if how.source == SOFT:
             level, cut = soft_level(placed, recipe.soft_weights), cut_value(SOFT, how.threshold, weight_sum)
         elif how.source == HARD:

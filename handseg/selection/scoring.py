@@ -11,7 +11,7 @@ import numpy as np
 from handseg.analysis.metrics import dice_value
 from handseg.common.constants import DEFAULT_THRESHOLD, NUM_CLASSES
 from handseg.common.errors import HandsegError
-from handseg.ensemble.masks import GRID, _place, _union_box, cut_value, hard_level, label_components, soft_level
+from handseg.ensemble.masks import GRID, cut_value, hard_level, label_components, place_crop, soft_level, union_box
 from handseg.formats.cropfile import bbox
 from handseg.formats.probs import ProbMap
 from handseg.formats.recipe import HARD, SOFT
@@ -215,11 +215,11 @@ def _score_image(ctx: tuple[TruthSource, OptionSpace], job: tuple[str, list[Path
         gots = [mp.crop(c) for mp in maps]
         t = t_crops[c]
         t_area = int(np.count_nonzero(t[0])) if t is not None else 0
-        box = _union_box(gots)
+        box = union_box(gots)
         if box is None:  # no configuration predicts anything: every option is the empty mask
             out[c] = dice_value(0, t_area, 0)
             continue
-        _score_class([_place(g, box) for g in gots], _window(box, t), t_area, space, out[c])
+        _score_class([place_crop(g, box) for g in gots], _window(box, t), t_area, space, out[c])
     return out
 
 
