@@ -210,7 +210,7 @@ def run(size: int, steps: int, device: str, compile_too: bool, configs: list[str
 
     from handseg.data.cache import find_cache
     from handseg.data.layout import discover
-    from handseg.inference.runtime import amp_dtype, pick_device
+    from handseg.inference.runtime import pick_device, resolve_amp
     from handseg.models.build import build_model
     from handseg.training.config import TrainConfig
     from handseg.training.dataset import Item
@@ -250,7 +250,7 @@ def run(size: int, steps: int, device: str, compile_too: bool, configs: list[str
                     model = model.to(memory_format=torch.channels_last)
                 run_model = torch.compile(model) if use_compile else model
                 row[f"{prefix}device_img_s"] = _steps(run_model, _device_batches(size, b, device), device,
-                                                      amp_dtype(device), cuda, steps)
+                                                      resolve_amp("auto", device), cuda, steps)
                 row[f"{prefix}device_gib"] = peak_gib(device)
                 del model, run_model
 

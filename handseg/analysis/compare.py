@@ -17,8 +17,7 @@ from handseg.common.errors import HandsegError
 from handseg.data.images import image_size
 from handseg.data.labels import class_runs, read_polygons
 from handseg.data.layout import Sample, discover
-from handseg.formats.rle import check_runs_fit
-from handseg.formats.submission import PredictionSet, check_same_images, read_predictions
+from handseg.formats.submission import PredictionSet, check_fits, check_same_images, read_predictions
 
 
 @dataclass
@@ -76,19 +75,6 @@ def _by_name(samples: list[Sample], folder: Path, wanted: set[str] | None = None
     return out
 
 
-def check_prediction_sizes(pred: PredictionSet, shapes: dict[str, tuple[int, int]]) -> None:
-    """Check that every run of a CSV fits the size of its image, where the size is known.
-
-    Raises:
-        HandsegError: naming the CSV, the image and the class whose RLE runs past the image's end.
-    """
-    for image in pred.images:
-        shape = shapes.get(image)
-        if shape is not None:
-            for c, runs in enumerate(pred.runs[image]):
-                check_runs_fit(runs, shape, f"{pred.path} ({image} / {CLASSES[c]})")
-
-
 def read_compare_inputs(csvs: list[Path], gt_dir: Path | None = None, data_dir: Path | None = None) -> CompareInputs:
     """Read and check CSVs for a comparison: same images everywhere, and every run inside its image.
 
@@ -129,7 +115,7 @@ def read_compare_inputs(csvs: list[Path], gt_dir: Path | None = None, data_dir: 
             inputs.samples = {image: inputs.samples[image] for image in sets[0].images}
     inputs.shapes = {name: image_size(s.image_path) for name, s in inputs.samples.items()}
     for s in sets:
-        check_prediction_sizes(s, inputs.shapes)
+        check_fits(s, inputs.shapes)
     return inputs
 
 

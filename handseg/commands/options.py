@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from handseg.formats.tta import MERGES  # the one list of choices (formats/ imports no torch)
+
 DataDir = Annotated[Path, typer.Option("--data", help="Data folder holding DCM/ (and outputs_json/ for labels), "
                                                       "or the data set's root (its train/ split is used).")]
 TestData = Annotated[Path | None, typer.Option("--data", help="X-rays to predict: a folder holding DCM/, the data "
@@ -18,9 +20,6 @@ TestData = Annotated[Path | None, typer.Option("--data", help="X-rays to predict
                                                               show_default=False)]
 OutDir = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
 OutFile = Annotated[Path, typer.Option("--out", "-o", help="Output file.")]
-JsonOut = Annotated[
-    Path | None, typer.Option("--json", help="Also write the result as JSON to this path ('-': standard output).")
-]
 Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")]
 Workers = Annotated[int, typer.Option("--workers", "-j", min=1, help="Worker processes.")]
 Seed = Annotated[int, typer.Option("--seed", min=0, help="Random seed (results are deterministic per seed).")]
@@ -28,12 +27,8 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing o
                                                              "as a whole).")]
 
 
-class Merge(str, Enum):
-    """How test-time transforms are merged."""
-
-    mean = "mean"
-    gmean = "gmean"
-    max = "max"
+Merge = Enum("Merge", {m: m for m in MERGES}, type=str)
+"""How test-time transforms are merged: the choices of :data:`handseg.formats.tta.MERGES`."""
 
 
 def say_data(source) -> None:

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from handseg.commands.options import Device, Merge, OutFile, Overwrite, TestData
+from handseg.formats.probs import PROBS_FORMATS  # the one list of choices (formats/ imports no torch)
 
 Checkpoints = Annotated[list[Path] | None, typer.Argument(help="Run folders or .safetensors checkpoints (several "
                                                           "are averaged, e.g. five folds), or a model zip from "
@@ -21,9 +22,7 @@ Probs = Annotated[Path | None, typer.Option("--probs", help="Also save per-image
                                             "(uint8, memory-mappable) for `vote soft`, `pseudo` and `select`.")]
 
 
-class ProbsFormat(str, Enum):
-    packed = "packed"
-    dense = "dense"
+ProbsFormat = Enum("ProbsFormat", {f: f for f in PROBS_FORMATS}, type=str)
 
 
 ProbsFormatOpt = Annotated[ProbsFormat, typer.Option("--probs-format", help="packed: per-class crops (small, "

@@ -17,14 +17,11 @@ that, and hurts where a bone is predicted in two pieces; ``handseg select`` deci
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import numpy as np
 
 from handseg.common.constants import CLASS_INDEX, CLASSES, NUM_CLASSES
 from handseg.common.errors import HandsegError
-from handseg.data.images import image_size
-from handseg.data.layout import discover
 from handseg.formats.cropfile import bbox
 from handseg.formats.recipe import HARD, MEMBER_THRESHOLD, SOFT
 from handseg.formats.rle import EMPTY_RUNS, Runs, crop_to_runs, runs_to_mask
@@ -170,10 +167,7 @@ def keep_largest_masks(masks: np.ndarray, keep: Sequence[bool]) -> np.ndarray:
         if box is None:
             continue
         r0, r1, c0, c1 = box
-        crop = masks[c, r0:r1, c0:c1]
-        labels, _, k, _ = label_components(crop)
-        if labels is not None:
-            crop &= labels == k
+        masks[c, r0:r1, c0:c1] = largest_component(masks[c, r0:r1, c0:c1])
     return masks
 
 
@@ -213,22 +207,6 @@ def format_keep_largest(keep: Iterable[bool]) -> str:
     names = [c for c, k in zip(CLASSES, flags) if k]
     return ",".join(names) if names else KEEP_NONE
 
-
-def image_shapes(data_dir: str | Path, names: Iterable[str]) -> dict[str, tuple[int, int]]:
-    """``(H, W)`` of each named image of a data folder (from the PNG headers), for work on CSV runs,
-    which do not carry image sizes.
-
-    Raises:
-        HandsegError: the folder is not a data folder, or an image is not in it.
-    """
-
-    paths = {s.name: s.image_path for s in discover(data_dir, labels="ignore")}
-    shapes = {}
-    for name in names:
-        if name not in paths:
-            raise HandsegError(f"no image {name} here (its size is needed for --keep-largest)", data_dir)
-        shapes[name] = image_size(paths[name])
-    return shapes
 
 GRID: tuple[float, ...] = tuple(float(v) for v in np.round(np.arange(0.20, 0.801, 0.05), 2))
 """The per-class threshold grid (0.20..0.80 step 0.05)."""

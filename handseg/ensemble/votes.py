@@ -18,7 +18,7 @@ from handseg.common.errors import HandsegError
 from handseg.common.notices import notice
 from handseg.data.images import image_size
 from handseg.data.layout import discover
-from handseg.ensemble.masks import cut_value, keep_largest_classes, label_components, place_crop, soft_level, union_box
+from handseg.ensemble.masks import cut_value, keep_largest_classes, largest_component, place_crop, soft_level, union_box
 from handseg.formats.files import MANIFEST_NAME, read_json, sidecar_manifest_path
 from handseg.formats.probs import ProbMap, probs_name, read_probs_index
 from handseg.formats.recipe import SOFT
@@ -83,12 +83,6 @@ def submission_order(image_lists: list[list[str]], sources: list[Path], data: Pa
 # votes
 
 
-def _check_fits(sets: list[PredictionSet], shapes: dict[str, tuple[int, int]]) -> None:
-
-    for s in sets:
-        check_fits(s, shapes)
-
-
 def hard_vote(csvs: list[Path], out: Path, min_votes: int | None = None,
               progress: Callable[[], None] | None = None, data: Path | None = None,
               keep_largest: Sequence[bool] | None = None) -> int:
@@ -113,7 +107,8 @@ def hard_vote(csvs: list[Path], out: Path, min_votes: int | None = None,
     for s in sets[1:]:
         check_same_images(sets[0], s)
     order, shapes = submission_order([s.images for s in sets], csvs, data)
-    _check_fits(sets, shapes)
+    for s in sets:
+        check_fits(s, shapes)
     post = _keep_largest_runs(keep_largest, shapes)
     if progress:
         progress(total=len(order))
@@ -196,9 +191,7 @@ def soft_vote(folders: list[Path], out: Path, weights: list[float] | None = None
                 level = soft_level([place_crop(g, box) for g, _ in crops], [w for _, w in crops])
                 mask = level > cut_value(SOFT, thresholds[c], total)
                 if keep_largest is not None and keep_largest[c]:
-                    labels, _, kept, _ = label_components(mask)
-                    if labels is not None:
-                        mask = labels == kept
+                    mask = largest_component(mask)
                 rles.append(runs_to_rle(crop_to_runs(mask, r0, c0, shape[1])))
             yield image, rles
             if progress:
@@ -238,7 +231,8 @@ def classwise_vote(class_map: dict[str, Path], out: Path, data: Path | None = No
     for s in sets.values():
         check_same_images(first, s)
     order, shapes = submission_order([s.images for s in sets.values()], list(sets), data)
-    _check_fits(list(sets.values()), shapes)
+    for s in sets.values():
+        check_fits(s, shapes)
     post = _keep_largest_runs(keep_largest, shapes)
 
     def rows():

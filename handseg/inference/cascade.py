@@ -127,5 +127,3 @@ def render_context(crops: ContextCrops, window: tuple[int, int, int], flip_width
     return out
 
 
-def context_manifest(source: ContextSource) -> dict:
-    return {"out_of_fold": source.out_of_fold, "in_sample": source.in_sample}

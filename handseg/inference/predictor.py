@@ -25,7 +25,7 @@ from handseg.data.anatomy import side_of
 from handseg.data.images import resize_image
 from handseg.formats.probs import quantise_probs
 from handseg.formats.tta import IDENTITY, MERGES, Transform
-from handseg.inference.runtime import amp_dtype, pick_device
+from handseg.inference.runtime import pick_device, resolve_amp
 from handseg.inference.tta import _ttach_flip
 from handseg.models.checkpoint import ModelCard, load_checkpoint, resolve_checkpoint
 from handseg.models.context import CONTEXT_CHANNELS, resolve_context
@@ -158,7 +158,7 @@ class Predictor:
         classes = {tuple(c.classes) for c in cards}
         if len(classes) > 1:
             raise HandsegError("checkpoints predict different class lists; they cannot be averaged")
-        return cls(models, cards, device, amp_dtype(device) if amp else None, batch, stage1)
+        return cls(models, cards, device, resolve_amp("auto" if amp else "off", device), batch, stage1)
 
     @property
     def thresholds(self) -> np.ndarray:
@@ -343,12 +343,6 @@ def _is_left_hand(probs) -> bool:
     xs = torch.arange(cols.shape[1], dtype=torch.float64, device=cols.device)
     thumb_x, little_x = ((cols @ xs) / counts).tolist()
     return side_of(thumb_x, little_x) == "left"
-
-
-def binarize(probs: np.ndarray, thresholds) -> np.ndarray:
-    """``(K, H, W)`` probabilities -> bool masks with one threshold per class."""
-    t = np.asarray(thresholds, dtype=np.float32).reshape(-1, 1, 1)
-    return probs > t
 
 
 def masks_to_runs(masks) -> list:

@@ -21,15 +21,6 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
-def amp_dtype(device: str):
-    """bf16 where the GPU supports it, else fp16; ``None`` (fp32) on CPU."""
-    import torch
-
-    if not device.startswith("cuda"):
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 def resolve_amp(amp: str, device: str):
     """The autocast dtype for ``--amp`` on ``device`` (``None``: fp32)."""
     import torch

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import struct
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -163,14 +164,27 @@ def _sha256_of(path: Path, version: tuple) -> str:
     return digest.hexdigest()
 
 
-def read_card(path: str | Path) -> ModelCard:
-    from safetensors import safe_open
+MAX_HEADER_BYTES = 100_000_000
+"""A safetensors header larger than this is refused (a checkpoint's is a few hundred kB)."""
 
+
+def read_card(path: str | Path) -> ModelCard:
+    """The one reader of a checkpoint's model card, checked: the safetensors header (8-byte little-endian
+    length, then JSON) is read without torch and without the weights.
+
+    Raises:
+        HandsegError: not a safetensors file, no handseg card, or a malformed card (naming the file).
+    """
     path = resolve_checkpoint(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > MAX_HEADER_BYTES:
+                raise ValueError(f"header of {size:,} bytes")
+            meta = json.loads(f.read(size)).get("__metadata__") or {}
+        if not isinstance(meta, dict):
+            raise ValueError("its metadata is not an object")
+    except (OSError, ValueError, struct.error, AttributeError, UnicodeDecodeError) as e:
         raise HandsegError(f"not a safetensors checkpoint ({str(e)[:120]})", path) from None
     if META_KEY not in meta:
         raise HandsegError("checkpoint has no handseg model card (not written by handseg train?)", path)

@@ -15,7 +15,7 @@ from handseg.data.layout import Sample, discover
 from handseg.ensemble.masks import (
     cut_value,
     hard_level,
-    label_components,
+    largest_component,
     place_crop,
     soft_level,
     union_box,
@@ -224,9 +224,7 @@ def recipe_image_runs(recipe: Recipe, maps: Mapping[str, object], shape: tuple[i
             level, cut = placed[0], cut_value("config", how.threshold)
         mask = level > cut
         if how.keep_largest:
-            labels, _, keep, _ = label_components(mask)
-            if labels is not None:
-                mask = labels == keep
+            mask = largest_component(mask)
         out.append(crop_to_runs(mask, box[0], box[2], shape[1]))
     return out
 

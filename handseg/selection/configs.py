@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from handseg.common.constants import CLASSES, NUM_CLASSES
@@ -18,7 +17,7 @@ from handseg.formats.files import MANIFEST_NAME, read_json
 from handseg.formats.oof import OOF_DIR, OofRun
 from handseg.formats.probs import probs_name, read_probs_index
 from handseg.formats.rle import EMPTY_RUNS, Runs, crop_to_runs
-from handseg.models.checkpoint import META_KEY, ModelCard, resolve_checkpoint
+from handseg.models.checkpoint import ModelCard, read_card
 
 # card fields that differ between the folds of one configuration (or that select overrides)
 _PER_FOLD_CARD_FIELDS = ("epoch", "step", "score", "handseg_version", "thresholds")
@@ -72,7 +71,7 @@ def read_oof_run(run: str | Path) -> OofRun:
         raise HandsegError("its classes are not the 29 classes of this handseg", path)
     card = doc.get("card")
     if card is None:
-        card = _card_from_checkpoint(run)
+        card = asdict(read_card(run))  # the one card reader, which checks it
     if not isinstance(card, dict) or not {"arch", "encoder", "size"} <= card.keys():
         raise HandsegError('"card" must be the run\'s model card (arch, encoder, size, ...)', path)
     transforms = doc.get("transforms", options.get("transforms", ["identity"]))
@@ -81,21 +80,6 @@ def read_oof_run(run: str | Path) -> OofRun:
         raise HandsegError('"transforms" must be a list of TTA names and "merge" a string', path)
     data = doc.get("data", inputs.get("data"))
     return OofRun(run, folder, fold, card, transforms, merge, Path(data) if data else None, read_probs_index(folder))
-
-
-def _card_from_checkpoint(run: Path) -> dict:
-    """The model card from a checkpoint's safetensors header, read without torch."""
-
-    path = resolve_checkpoint(run)
-    try:
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            if size > 100_000_000:
-                raise ValueError("header too large")
-            meta = json.loads(f.read(size)).get("__metadata__") or {}
-        return json.loads(meta[META_KEY])
-    except (OSError, ValueError, KeyError, struct.error, AttributeError):
-        raise HandsegError("no model card in the oof manifest nor in the checkpoint header", path) from None
 
 
 def _config_key(r: OofRun) -> str:
@@ -172,7 +156,7 @@ def check_coverage(configs: Sequence[Configuration], images: Sequence[str], data
                                cfg.where[extra[0]].folder)
 
 
-def resolve_data(runs: Sequence[OofRun], data: str | Path | None) -> Path:
+def oof_training_data(runs: Sequence[OofRun], data: str | Path | None) -> Path:
     """``--data``, or the labelled folder all runs' manifests name.
 
     Raises:

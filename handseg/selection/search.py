@@ -51,8 +51,8 @@ from handseg.selection.configs import (
     TruthSource,
     check_coverage,
     group_configurations,
+    oof_training_data,
     read_oof_run,
-    resolve_data,
 )
 from handseg.selection.scoring import OptionScores, OptionSpace, _leaderboard, score_options
 
@@ -241,7 +241,7 @@ def select_recipe(runs: Sequence[str | Path], out: str | Path, data: str | Path 
     if not oof:
         raise HandsegError("give the run folders to select from")
     configs = group_configurations(oof)
-    data = resolve_data(oof, data)
+    data = oof_training_data(oof, data)
     truth = TruthSource(data)
     check_coverage(configs, truth.images, data)
     if progress:

@@ -45,7 +45,6 @@ from handseg.models.plan import DEFAULT_NORM, plan_model, resolve_arch, resolve_
 from handseg.training.config import TrainConfig
 from handseg.training.dataset import SegmentationDataset, seed_worker, split_items, unpack_mask_bits
 from handseg.training.state import (
-    RESUME_GLOB,
     CheckpointWriter,
     check_same_model,
     check_same_run,
@@ -474,4 +473,4 @@ def _make_logger(cfg: TrainConfig, out: Path):
     return lambda row, step: wandb.log({k: v for k, v in row.items() if v != ""}, step=step)
 
 
-__all__ = ["METRIC_FIELDS", "RESUME_GLOB", "append_metrics", "train"]
+__all__ = ["METRIC_FIELDS", "append_metrics", "train"]

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-from handseg.analysis.compare import check_prediction_sizes
 from handseg.analysis.metrics import dice_value
 from handseg.analysis.reports.overlays import ClassCrops, OverlayWriter, crops_from_polygons
 from handseg.analysis.reports.page import Report, column, link, pyplot
@@ -22,7 +21,7 @@ from handseg.data.labels import read_polygons
 from handseg.data.layout import Sample, discover
 from handseg.data.meta import read_meta
 from handseg.formats.rle import EMPTY_RUNS, crop_to_runs, intersection_area
-from handseg.formats.submission import PredictionSet, check_same_images, read_predictions
+from handseg.formats.submission import PredictionSet, check_fits, check_same_images, read_predictions
 
 
 @dataclass
@@ -63,7 +62,7 @@ def read_eda_inputs(data: Path, pred_csv: Path | None = None, meta: Path | None 
             dup = next(n for n, c in Counter(names).items() if c > 1)
             raise HandsegError(f"two images are named {dup}; the CSV's rows could not tell them apart", data)
         check_same_images(PredictionSet(Path(data), images=names), pred)
-        check_prediction_sizes(pred, {s.name: inputs.shapes[s.rel] for s in samples})
+        check_fits(pred, {s.name: inputs.shapes[s.rel] for s in samples})
         inputs.pred = pred
     if meta is None and (Path(data).parent / "meta_data.xlsx").is_file():
         meta = Path(data).parent / "meta_data.xlsx"
