@@ -29,12 +29,11 @@ def demo(
     """
     import shutil
 
-    from handseg.commands import compare, eda, kfold, predict, prep, pseudo, select, synth, vote
+    from handseg.cli import app  # the demo runs the CLI's own commands, exactly as it prints them
+    from handseg.commands.train import expand_list_options
     from handseg.common.errors import HandsegError
     from handseg.console import stdout
     from handseg.formats.files import check_output
-    from handseg.training.config import TrainConfig
-    from handseg.training.loop import train as run_training
 
     check_output(out, overwrite, "dir")
     if out.exists():
@@ -42,71 +41,52 @@ def demo(
             raise HandsegError("folder exists and is not a handseg demo; choose another --out", out)
         shutil.rmtree(out)
     d, runs = out / "data", out / "runs"
+    f0, f1 = runs / "fold0", runs / "fold1"
     train_size = train_size or max(32, size // 64 * 32)
     train_flags = ["--data", d / "train", "--splits", out / "splits.json", "--arch", "unet", "--encoder", "resnet18",
                    "--encoder-weights", "none", "--size", train_size, "--epochs", epochs, "--batch-size", 4,
                    "--lr", "3e-3", "--workers", 0, "--device", device, "--augment", "light"]
-
-    def train_fold(fold: int) -> None:
-        cfg = TrainConfig(data=d / "train", splits=out / "splits.json", fold=fold, arch="unet", encoder="resnet18",
-                          encoder_weights="none", size=train_size, epochs=epochs, batch_size=4, lr=3e-3, workers=0,
-                          device=device, augment="light", out=runs / f"fold{fold}")
-        run_training(cfg.validated(), log=stdout.print)
-
-    def make_pseudo() -> None:
-        # a model trained for a minute may miss a bone on every test image: pseudo then (rightly) keeps
-        # nothing and fails; the demo says so and goes on, as a script would with `|| true`
-        try:
-            pseudo.pseudo(out / "probs_fold0", d / "test", out / "pseudo")
-        except HandsegError as e:
-            stdout.print(f"[yellow]pseudo kept no image, as it should for this weak a model: {e}[/yellow]")
-
-    f0, f1 = runs / "fold0", runs / "fold1"
+    on = ["--device", device]
     steps = [
-        (["synth", d, "--ids", ids, "--test-ids", 3, "--size", size, "--seed", 0],
-         lambda: synth.synth(d, ids=ids, test_ids=3, size=size, seed=0)),
-        (["prep", "json2npy", "--data", d / "train"], lambda: prep.json2npy(d / "train", None, None)),
-        (["prep", "png2npy", "--data", d / "train"], lambda: prep.png2npy(d / "train", None, None)),
-        (["kfold", "--data", d / "train", "--folds", 2, "--stratify", "bend", "-o", out / "splits.json"],
-         lambda: kfold.kfold(d / "train", folds=2, seed=0, stratify="bend", meta=None, out=out / "splits.json")),
-        (["train", *train_flags, "--fold", 0, "--out", f0], lambda: train_fold(0)),
-        (["train", *train_flags, "--fold", 1, "--out", f1], lambda: train_fold(1)),
-        (["select", f0, f1, "-o", out / "recipe.json"], lambda: select.select([f0, f1], out / "recipe.json")),
-        (["predict", "--recipe", out / "recipe.json", "--data", d / "test", "-o", out / "pred_recipe.csv",
-          "--device", device],
-         lambda: predict.predict(None, d / "test", out / "pred_recipe.csv", recipe=out / "recipe.json",
-                                 device=device)),
-        (["predict", f0, "--data", d / "test", "-o", out / "pred_fold0.csv", "--probs", out / "probs_fold0",
-          "--device", device],
-         lambda: predict.predict([f0], d / "test", out / "pred_fold0.csv", out / "probs_fold0", device=device)),
-        (["predict", f1, "--data", d / "test", "-o", out / "pred_fold1.csv", "--probs", out / "probs_fold1",
-          "--device", device],
-         lambda: predict.predict([f1], d / "test", out / "pred_fold1.csv", out / "probs_fold1", device=device)),
-        (["predict", f0, f1, "--data", d / "test", "-o", out / "pred_2folds.csv", "--device", device],
-         lambda: predict.predict([f0, f1], d / "test", out / "pred_2folds.csv", device=device)),
-        (["tta", f0, "--data", d / "test_gt", "-o", out / "pred_tta.csv", "--transforms", "hflip,scale:0.9,1.1",
-          "--device", device],
-         lambda: predict.tta([f0], d / "test_gt", out / "pred_tta.csv", transforms="hflip,scale:0.9,1.1",
-                             device=device)),
-        (["vote", "hard", out / "pred_fold0.csv", out / "pred_fold1.csv", out / "pred_2folds.csv",
-          "-o", out / "vote_hard.csv"],
-         lambda: vote.hard([out / "pred_fold0.csv", out / "pred_fold1.csv", out / "pred_2folds.csv"],
-                           out / "vote_hard.csv")),
-        (["vote", "soft", out / "probs_fold0", out / "probs_fold1", "-o", out / "vote_soft.csv"],
-         lambda: vote.soft([out / "probs_fold0", out / "probs_fold1"], out / "vote_soft.csv")),
-        (["pseudo", out / "probs_fold0", "--data", d / "test", "--out", out / "pseudo"], make_pseudo),
-        (["compare", out / "pred_fold0.csv", out / "pred_fold1.csv", out / "pred_2folds.csv", out / "vote_hard.csv",
-          out / "vote_soft.csv", out / "pred_recipe.csv", "--gt", d / "test_gt", "--json", out / "scores.json",
-          "--out", out / "report"],
-         lambda: compare.compare([out / "pred_fold0.csv", out / "pred_fold1.csv", out / "pred_2folds.csv",
-                                  out / "vote_hard.csv", out / "vote_soft.csv", out / "pred_recipe.csv"],
-                                 gt=d / "test_gt", json_out=out / "scores.json", out=out / "report")),
-        (["eda", "--data", d / "train", "--out", out / "eda"], lambda: eda.eda(d / "train", out=out / "eda")),
+        ["synth", d, "--ids", ids, "--test-ids", 3, "--size", size, "--seed", 0],
+        ["prep", "json2npy", "--data", d / "train"],
+        ["prep", "png2npy", "--data", d / "train"],
+        ["kfold", "--data", d / "train", "--folds", 2, "--stratify", "bend", "-o", out / "splits.json"],
+        ["train", *train_flags, "--fold", 0, "--out", f0],
+        ["train", *train_flags, "--fold", 1, "--out", f1],
+        ["select", f0, f1, "-o", out / "recipe.json"],
+        ["predict", "--recipe", out / "recipe.json", "--data", d / "test", "-o", out / "pred_recipe.csv", *on],
+        ["predict", f0, "--data", d / "test", "-o", out / "pred_fold0.csv", "--probs", out / "probs_fold0", *on],
+        ["predict", f1, "--data", d / "test", "-o", out / "pred_fold1.csv", "--probs", out / "probs_fold1", *on],
+        ["predict", f0, f1, "--data", d / "test", "-o", out / "pred_2folds.csv", *on],
+        ["tta", f0, "--data", d / "test_gt", "-o", out / "pred_tta.csv", "--transforms", "hflip,scale:0.9,1.1", *on],
+        ["vote", "hard", out / "pred_fold0.csv", out / "pred_fold1.csv", out / "pred_2folds.csv",
+         "-o", out / "vote_hard.csv"],
+        ["vote", "soft", out / "probs_fold0", out / "probs_fold1", "-o", out / "vote_soft.csv"],
+        ["pseudo", out / "probs_fold0", "--data", d / "test", "--out", out / "pseudo"],
+        ["compare", out / "pred_fold0.csv", out / "pred_fold1.csv", out / "pred_2folds.csv", out / "vote_hard.csv",
+         out / "vote_soft.csv", out / "pred_recipe.csv", "--gt", d / "test_gt", "--json", out / "scores.json",
+         "--out", out / "report"],
+        ["eda", "--data", d / "train", "--out", out / "eda"],
     ]
+
+    def run(argv: list[str]) -> None:
+        code = app(args=expand_list_options(argv), prog_name="handseg", standalone_mode=False)
+        if isinstance(code, int) and code != 0:
+            raise HandsegError(f"the demo's step `handseg {' '.join(argv)}` exited with code {code}")
+
     t0 = time.perf_counter()
-    for shown, run in steps:
-        stdout.print(f"\n[bold cyan]$ handseg {' '.join(str(a) for a in shown)}[/bold cyan]")
-        run()
+    for step in steps:
+        argv = [str(a) for a in step]
+        stdout.print(f"\n[bold cyan]$ handseg {' '.join(argv)}[/bold cyan]")
+        try:
+            run(argv)
+        except HandsegError as e:
+            # a model trained for a minute may miss a bone on every test image: pseudo then (rightly)
+            # keeps nothing and fails; the demo says so and goes on, as a script would with `|| true`
+            if argv[0] != "pseudo":
+                raise
+            stdout.print(f"[yellow]pseudo kept no image, as it should for this weak a model: {e}[/yellow]")
     stdout.print(f"\n[bold green]demo done in {time.perf_counter() - t0:.0f}s[/bold green]")
     stdout.print(f"  scores:      {out / 'scores.json'}   recipe: {out / 'recipe.json'}")
     stdout.print(f"  compare:     {out / 'report' / 'index.html'}")
