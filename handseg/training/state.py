@@ -144,7 +144,27 @@ def _read(path: Path, tensors: bool) -> tuple[dict, dict]:
         if missing:
             raise HandsegError(f"resume state is incomplete: its {part} lacks {', '.join(missing)} (written by "
                                "another handseg version, or edited); it cannot be checked against this run", path)
+    for part in ("optimizer", "scheduler", "scaler", "best", "run"):
+        _check_finite(header[part], part, path)
+    run = header["run"]
+    if not (all(isinstance(run[k], int) and not isinstance(run[k], bool) and run[k] > 0
+                for k in ("batch_size", "accum", "epochs"))
+            and isinstance(run["lr"], int | float) and not isinstance(run["lr"], bool) and run["lr"] > 0):
+        raise HandsegError("resume state is malformed: its run's lr, batch_size, accum or epochs is not a positive "
+                           "number", path)
     return found, header
+
+
+def _check_finite(value: Any, where: str, path: Path) -> None:
+    """NaN or infinity in saved state would surface later as a diverged loss blamed on ``--lr``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise HandsegError(f"resume state holds {value} ({where})", path)
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, f"{where}.{k}", path)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{where}.{i}", path)
 
 
 def restore(tensors: dict, header: dict, optimizer, scheduler, scaler, path: Path) -> None:
@@ -159,7 +179,7 @@ def restore(tensors: dict, header: dict, optimizer, scheduler, scaler, path: Pat
                 state.setdefault(int(pid), {})[name] = value
         for pid, entries in header["optimizer"]["scalars"].items():
             state.setdefault(int(pid), {}).update(entries)
-        _check_state(state, header, [p for g in optimizer.param_groups for p in g["params"]], path)
+        _check_state(state, [p for g in optimizer.param_groups for p in g["params"]], path)
         groups = header["optimizer"]["param_groups"]
         for g in groups:
             if "betas" in g:
@@ -182,10 +202,10 @@ def restore(tensors: dict, header: dict, optimizer, scheduler, scaler, path: Pat
                            f"{str(e).splitlines()[0][:140]})", path) from None
 
 
-def _check_state(state: dict[int, dict], header: dict, params: list, path: Path) -> None:
+def _check_state(state: dict[int, dict], params: list, path: Path) -> None:
     """Refuse, before the first step, optimizer state that does not fit the model (AdamW loads it
-    without looking, and fails at its first step) and any NaN or infinity, which would otherwise
-    surface later as a diverged loss blamed on ``--lr``."""
+    without looking, and fails at its first step) and NaN or infinity in its tensors (see
+    :func:`_check_finite`)."""
     import torch
 
     for pid, entries in sorted(state.items()):
@@ -198,19 +218,6 @@ def _check_state(state: dict[int, dict], header: dict, params: list, path: Path)
                                    f"{list(value.shape)}, its parameter {list(params[pid].shape)}", path)
             if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(value.isfinite().all()):
                 raise HandsegError(f"resume state holds NaN or infinity (optimizer.{pid}.{name})", path)
-
-    def finite(value: Any, where: str) -> None:
-        if isinstance(value, float) and not math.isfinite(value):
-            raise HandsegError(f"resume state holds {value} ({where})", path)
-        if isinstance(value, dict):
-            for k, v in value.items():
-                finite(v, f"{where}.{k}")
-        elif isinstance(value, list):
-            for i, v in enumerate(value):
-                finite(v, f"{where}.{i}")
-
-    for part in ("optimizer", "scheduler", "scaler", "best"):
-        finite(header[part], part)
 
 
 def find_resume(out: Path) -> tuple[Path, ModelCard]:

@@ -651,6 +651,8 @@ def _nan_moment(tensors, header):
     (lambda t, h: h["run"].pop("lr"), "its run lacks lr"),
     (_wrong_shape, "does not fit this run: optimizer.0.exp_avg has shape [3], its parameter [64, 1, 7, 7]"),
     (_nan_lr, "resume state holds nan (optimizer.param_groups.0.lr)"),
+    (lambda t, h: h["run"].update(lr=float("nan")), "resume state holds nan (run.lr)"),
+    (lambda t, h: h["run"].update(batch_size="4"), "its run's lr, batch_size, accum or epochs is not a positive"),
     (_nan_moment, "resume state holds NaN or infinity (optimizer.1.exp_avg_sq)"),
 ])
 def test_resume_state_is_checked_whole_before_the_first_step(resumable, synth_data, tmp_path, capsys, edit, needle):
