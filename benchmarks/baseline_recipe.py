@@ -130,7 +130,7 @@ def run(budget: float, image_size: int, size: int, ids: int, test_ids: int, devi
     from handseg.data.cache import build_cache
     from handseg.data.layout import discover
     from handseg.data.synth import make_dataset
-    from handseg.inference.run import run_predictions
+    from handseg.inference.run import PredictConfig, run_predictions
     from handseg.inference.runtime import pick_device
     from handseg.training.config import TrainConfig
     from handseg.training.loop import train
@@ -161,7 +161,7 @@ def run(budget: float, image_size: int, size: int, ids: int, test_ids: int, devi
         result = train(cfg, log=lambda *a: None)
         ours_s = time.perf_counter() - t0
         ours = run_predictions([Path(tmp) / "run" / "last.safetensors"], data / "test_gt", Path(tmp) / "p.csv",
-                               device=device)
+                               config=PredictConfig(device=device))
     return {"device": device, "workers": workers, "baseline_workers": baseline_workers,
             "train_images": len(train_samples), "test_images": len(test_samples),
             "image_size": image_size, "size": size, "budget_s": budget,

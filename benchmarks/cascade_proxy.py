@@ -41,7 +41,7 @@ def run(args) -> dict:
     from handseg.data.kfold import make_splits
     from handseg.data.layout import discover
     from handseg.data.synth import make_dataset
-    from handseg.inference.run import run_predictions
+    from handseg.inference.run import PredictConfig, run_predictions
     from handseg.inference.runtime import pick_device
     from handseg.training.config import TrainConfig
     from handseg.training.loop import train
@@ -89,8 +89,8 @@ def run(args) -> dict:
                               "loop": loops + _loop_seconds(r), "runs": [r]}
 
         for name, r in results.items():
-            pred = run_predictions(r.pop("runs"), data / "test_gt", tmp / f"{name}.csv", device=device,
-                                   batch=args.batch)
+            pred = run_predictions(r.pop("runs"), data / "test_gt", tmp / f"{name}.csv",
+                                   config=PredictConfig(device=device, batch=args.batch))
             r["dice"] = pred.dice["identity"]
             r["per_class"] = pred.per_class
     return {"device": device, "train_images": n, "test_images": 2 * args.test_ids, "args": vars(args), **results}

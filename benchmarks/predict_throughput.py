@@ -208,7 +208,7 @@ def run(checkpoint: Path | None, data: Path | None, arch: str, encoder: str, siz
     from handseg.data.layout import discover
     from handseg.data.synth import make_dataset
     from handseg.formats.tta import parse_transforms
-    from handseg.inference.run import run_predictions
+    from handseg.inference.run import PredictConfig, run_predictions
     from handseg.inference.runtime import pick_device
 
     device = pick_device(device)
@@ -231,7 +231,8 @@ def run(checkpoint: Path | None, data: Path | None, arch: str, encoder: str, siz
             transforms = parse_transforms("hflip" if use_tta else "")
             # warm-up (model load, CUDA kernels, worker start) on one batch of each loop
             baseline_predict(checkpoint, samples[:batch], tmp / "warm.csv", device, use_tta, batch, baseline_workers)
-            run_predictions([checkpoint], data, tmp / "warm.csv", transforms=transforms, device=device, batch=batch,
+            run_predictions([checkpoint], data, tmp / "warm.csv",
+                            config=PredictConfig(transforms=transforms, device=device, batch=batch),
                             samples=unlabelled[:batch])
 
             reset_peak(device)
@@ -242,7 +243,8 @@ def run(checkpoint: Path | None, data: Path | None, arch: str, encoder: str, siz
 
             reset_peak(device)
             t0 = time.perf_counter()
-            run_predictions([checkpoint], data, tmp / "ours.csv", transforms=transforms, device=device, batch=batch,
+            run_predictions([checkpoint], data, tmp / "ours.csv",
+                            config=PredictConfig(transforms=transforms, device=device, batch=batch),
                             samples=unlabelled)
             ours_s = time.perf_counter() - t0
             ours_gib = peak_gib(device)

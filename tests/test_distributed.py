@@ -19,7 +19,7 @@ from handseg.data.layout import discover
 from handseg.formats.probs import ProbMap
 from handseg.formats.rle import runs_to_mask
 from handseg.formats.submission import read_predictions
-from handseg.inference.run import run_predictions
+from handseg.inference.run import PredictConfig, run_predictions
 from handseg.models.checkpoint import read_card
 from tests.conftest import copy_default_val_fold
 
@@ -56,7 +56,8 @@ def test_torchrun_training_shards_data_and_reduces_validation(synth_data, tmp_pa
     # the validation Dice reduced over both ranks equals one process validating every image
     card = read_card(run / "last.safetensors")
     fold = copy_default_val_fold(synth_data / "train", tmp_path / "fold0")
-    single = run_predictions([run / "last.safetensors"], fold, tmp_path / "single.csv", device="cpu")
+    single = run_predictions([run / "last.safetensors"], fold, tmp_path / "single.csv",
+                             config=PredictConfig(device="cpu"))
     assert card.score == pytest.approx(single.dice["identity"], rel=1e-6, abs=1e-9)
     # the out-of-fold maps are written by both ranks inside the process group, each validation image once
     assert (run / "oof" / "manifest.json").is_file()
@@ -84,7 +85,8 @@ def test_torchrun_predict_writes_the_single_process_csv(synth_data, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # torchrun's processes run one intra-op thread each: the same summation order
     try:
-        run_predictions([ckpt / "last.safetensors"], data, single, probs_dir=tmp_path / "p1", device="cpu")
+        run_predictions([ckpt / "last.safetensors"], data, single, probs_dir=tmp_path / "p1",
+                        config=PredictConfig(device="cpu"))
     finally:
         torch.set_num_threads(threads)
     _torchrun(["predict", ckpt, "--data", data, "-o", tmp_path / "ddp.csv", "--probs", tmp_path / "p2",

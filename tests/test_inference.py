@@ -224,12 +224,12 @@ def test_predict_on_gpu_agrees_with_cpu(runs, synth_data, tmp_path):
     """The device path (AMP, channels_last, thresholds and runs on the GPU) against the CPU path."""
     from handseg.analysis.metrics import dice_scores
     from handseg.formats.tta import parse_transforms
-    from handseg.inference.run import run_predictions
+    from handseg.inference.run import PredictConfig, run_predictions
 
     for amp in (False, True):
-        run_predictions(runs, synth_data / "test", tmp_path / "cpu.csv", tmp_path / "pc", device="cpu")
-        run_predictions(runs, synth_data / "test", tmp_path / "gpu.csv", tmp_path / "pg", device="cuda", amp=amp,
-                        transforms=parse_transforms(""))
+        run_predictions(runs, synth_data / "test", tmp_path / "cpu.csv", tmp_path / "pc", PredictConfig(device="cpu"))
+        run_predictions(runs, synth_data / "test", tmp_path / "gpu.csv", tmp_path / "pg",
+                        PredictConfig(transforms=parse_transforms(""), device="cuda", amp=amp))
         report = dice_scores(read_predictions(tmp_path / "cpu.csv"), read_predictions(tmp_path / "gpu.csv"))
         assert report.dice.mean() > (0.999 if not amp else 0.95)
         for f in (tmp_path / "pc").glob("*.npy"):

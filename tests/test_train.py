@@ -149,13 +149,13 @@ def test_workers_draw_different_crops_and_augmentations(synth_data):
 
 
 def test_validation_dice_equals_predict_on_the_fold(synth_data, tmp_path):
-    from handseg.inference.run import run_predictions
+    from handseg.inference.run import PredictConfig, run_predictions
 
     out = tmp_path / "uh"
     train(_cfg(synth_data, out, epochs=1, unify_hands=True), log=lambda *a: None)
     last = list(csv.DictReader(open(out / "metrics.csv")))[-1]
     fold = copy_default_val_fold(synth_data / "train", tmp_path / "fold0")
-    result = run_predictions([out / "last.safetensors"], fold, tmp_path / "p.csv", device="cpu")
+    result = run_predictions([out / "last.safetensors"], fold, tmp_path / "p.csv", config=PredictConfig(device="cpu"))
     assert result.dice["identity"] == pytest.approx(float(last["val_dice"]), abs=1e-6)
 
 
@@ -185,7 +185,7 @@ def test_a_slow_loader_is_reported(synth_data, tmp_path, monkeypatch):
 
 
 def test_metrics_from_an_older_version_are_rewritten_with_todays_columns(tmp_path):
-    from handseg.training.loop import METRIC_FIELDS, append_metrics
+    from handseg.training.records import METRIC_FIELDS, append_metrics
 
     old_fields = [f for f in METRIC_FIELDS if f != "data_wait"]
     path = tmp_path / "metrics.csv"

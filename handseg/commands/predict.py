@@ -157,7 +157,7 @@ def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, dev
     from handseg.ensemble.masks import format_keep_largest, parse_keep_largest
     from handseg.formats.files import atomic_dir, check_output, sidecar_manifest_path, write_manifest
     from handseg.formats.tta import parse_transforms
-    from handseg.inference.run import read_thresholds, run_predictions, write_thresholds
+    from handseg.inference.run import PredictConfig, read_thresholds, run_predictions, write_thresholds
     from handseg.models.checkpoint import resolve_checkpoint
     from handseg.models.context import model_inputs
 
@@ -193,9 +193,12 @@ def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, dev
                     else contextlib.nullcontext(None))
     with probs_folder as probs_tmp:
         with progress_task(stage) as tick:
-            result = run_predictions(resolved, data, out, probs_tmp, transform_list, merge, thr, tune, device, amp,
-                                     progress=tick, batch=batch_size, samples=samples,
-                                     probs_format=ProbsFormat(probs_format).value, keep_largest=keep)
+            result = run_predictions(
+                resolved, data, out, probs_tmp,
+                PredictConfig(transforms=transform_list, merge=merge, thresholds=thr, tune=tune, device=device,
+                              amp=amp, batch=batch_size, probs_format=ProbsFormat(probs_format).value,
+                              keep_largest=keep),
+                samples=samples, progress=tick)
         # a model zip's checkpoints are named in it (ZIP:MEMBER), not in the temporary folder they ran from
         label = bundle.label if bundle is not None else str
         inputs = {"data": str(data), **(bundle.inputs() if bundle is not None else {})}

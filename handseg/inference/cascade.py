@@ -27,7 +27,7 @@ from handseg.common.errors import HandsegError
 from handseg.formats.files import atomic_dir, atomic_write_json
 from handseg.formats.oof import OOF_DIR
 from handseg.formats.probs import ProbMap, probs_name, read_probs_index
-from handseg.inference.run import run_predictions
+from handseg.inference.run import PredictConfig, run_predictions
 from handseg.models.checkpoint import checkpoint_sha256
 from handseg.models.context import stage1_checkpoints
 
@@ -100,8 +100,8 @@ def build_context(stage1_runs: list[Path], samples: list, cache_root: Path, devi
             log(f"stage-1 context: {len(missing)} images that no stage-1 fold held out are predicted by the mean of "
                 f"{len(checkpoints)} stage-1 models (once; cached in {folder})")
             with atomic_dir(folder, overwrite=True) as tmp:  # built beside the old cache, then swapped in
-                run_predictions(checkpoints, Path("."), tmp / "context.csv", tmp, device=device, batch=batch,
-                                samples=missing, distributed=False)
+                run_predictions(checkpoints, Path("."), tmp / "context.csv", tmp,
+                                PredictConfig(device=device, batch=batch), samples=missing, distributed=False)
                 for name in cached:  # keep what was cached before
                     os.link(folder / probs_name(name), tmp / probs_name(name))
                 atomic_write_json(tmp / "index.json", {"images": sorted(cached | {s.name for s in missing})})

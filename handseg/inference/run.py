@@ -61,43 +61,91 @@ def check_thresholds(values, where: str | Path | None = None) -> np.ndarray:
     return thr
 
 
+@dataclass
+class PredictConfig:
+    """How ``predict`` and ``tta`` run: everything but the checkpoints, the images and the outputs.
+
+    ``batch`` network inputs go through the model per forward pass (images for resize models, windows
+    for sliding-window models). ``thresholds`` default to the checkpoints' own; ``tune`` searches one
+    per class on labelled images (the CSV then uses them). ``probs_format``: see
+    :data:`~handseg.formats.probs.PROBS_FORMATS`. ``keep_largest`` (one flag per class) keeps only the
+    largest connected component of the flagged classes (:mod:`handseg.ensemble.masks`), on runs.
+    """
+
+    transforms: list[Transform] = field(default_factory=lambda: [IDENTITY])
+    merge: str = "mean"
+    thresholds: list[float] | None = None
+    tune: bool = False
+    device: str = "auto"
+    amp: bool = True
+    batch: int = 4
+    probs_format: str = "packed"
+    keep_largest: Sequence[bool] | None = None
+
+
 def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_dir: Path | None = None,
-                    transforms: list[Transform] | None = None, merge: str = "mean",
-                    thresholds: list[float] | None = None, tune: bool = False, device: str = "auto",
-                    amp: bool = True, progress: Callable[..., None] | None = None, batch: int = 4,
-                    samples: list[Sample] | None = None, probs_format: str = "packed",
-                    keep_largest: Sequence[bool] | None = None, context_source=None,
+                    config: PredictConfig | None = None, *, samples: list[Sample] | None = None,
+                    progress: Callable[..., None] | None = None, context_source=None,
                     distributed: bool = True) -> PredictResult:
     """Predict every image of ``data`` and write the CSV (and probability maps) in submission order.
 
-    ``batch`` network inputs go through the model per forward pass (images for resize models,
-    windows for sliding-window models). PNGs are decoded in threads ahead of the model, and the RLE
-    text is made in a thread behind it; thresholds and runs are computed on the device, so only run
-    boundaries (and uint8 maps, with ``probs_dir``) cross to the host.
-
-    With labels in ``data`` the Dice of each transform and of the merge is measured; ``tune``
-    searches a threshold per class on those labels (the CSV then uses the tuned thresholds).
-    Under torchrun each rank predicts a shard; rank 0 writes the CSV in order. ``samples`` replaces
-    the images of ``data`` (e.g. a fold's held-out images). ``probs_format``: see
-    :data:`~handseg.formats.probs.PROBS_FORMATS`. ``keep_largest`` (one flag per class) keeps only the
-    largest connected component of the flagged classes (:mod:`handseg.ensemble.masks`), on runs;
-    the Dice on labelled data is that of the masks written. ``context_source`` gives a cascade's
-    stage-1 maps per image (:class:`~handseg.inference.cascade.ContextSource`) instead of running stage 1;
+    PNGs are decoded in threads ahead of the model, and the RLE text is made in a thread behind it;
+    thresholds and runs are computed on the device, so only run boundaries (and uint8 maps, with
+    ``probs_dir``) cross to the host. With labels in ``data`` the Dice of each transform and of the
+    merge is measured (that of the masks written). Under torchrun each rank predicts a shard; rank 0
+    writes the CSV in order. ``samples`` replaces the images of ``data`` (e.g. a fold's held-out
+    images). ``context_source`` gives a cascade's stage-1 maps per image
+    (:class:`~handseg.inference.cascade.ContextSource`) instead of running stage 1;
     ``distributed=False`` keeps a torchrun process to its own work (no shards, no gather).
+
+    Example:
+        >>> run_predictions([Path("runs/f0")], Path("data/test"), Path("pred.csv"),
+        ...                 config=PredictConfig(transforms=parse_transforms("hflip"), device="cpu"))
     """
-    import torch
+    cfg = config or PredictConfig()
+    transforms = cfg.transforms or [IDENTITY]
+    samples = samples if samples is not None else discover(data, labels="optional", role="test")
+    names, labelled, keep = _check_request(samples, data, cfg, probs_dir)
+    predictor = Predictor.load(checkpoints, cfg.device, cfg.amp, cfg.batch)
+    _say_idle_scales(predictor, transforms)
+    thr = check_thresholds(cfg.thresholds if cfg.thresholds is not None else predictor.thresholds)
+    d = dist_env() if distributed else Dist()
+    if cfg.tune and d.world > 1:
+        raise HandsegError("--tune-thresholds runs on one process; run it without torchrun")
+    shard = samples[d.rank :: d.world]
+    rows, dice_sum, tune_sum, merged_key = _predict_shard(predictor, shard, transforms, cfg, thr, keep, labelled,
+                                                          probs_dir, progress, context_source)
+    if cfg.tune:
+        best = np.argmax(tune_sum, axis=1)
+        thr = np.asarray(GRID, dtype=np.float64)[best]
+        rows = {n: [per_class[c][best[c]] for c in range(NUM_CLASSES)] for n, per_class in rows.items()}
+    if d.world > 1:  # every rank's rows and Dice sums to rank 0
+        created = join_group(predictor.device)
+        gathered = all_gather((rows, dice_sum), d)
+        if created:
+            shutdown(d)
+        if not d.main:
+            return PredictResult(len(shard), thr.tolist(), main=False)
+        rows = {name: r for part, _ in gathered for name, r in part.items()}
+        dice_sum = {k: sum(sums[k] for _, sums in gathered) for k in dice_sum}
+    write_predictions(out_csv, ((n, rows[n]) for n in names))
+    if probs_dir is not None:
+        what = "per-class bbox crops" if cfg.probs_format == "packed" else "(29, H, W) arrays"
+        atomic_write_json(Path(probs_dir) / PROBS_INDEX, {"images": names, "classes": list(CLASSES),
+                                                          "format": cfg.probs_format,
+                                                          "quantisation": f"uint8 p*255, {what}"})
+    return _result(len(samples), thr, cfg.tune, labelled, dice_sum, tune_sum, merged_key)
 
 
-    transforms = transforms or [IDENTITY]
-    if probs_format not in PROBS_FORMATS:
-        raise HandsegError(f"unknown --probs-format {probs_format!r}; valid: {', '.join(PROBS_FORMATS)}")
-    if samples is None:
-        samples = discover(data, labels="optional", role="test")
+def _check_request(samples: list[Sample], data: Path, cfg: PredictConfig, probs_dir: Path | None):
+    """``(names, labelled, keep-largest flags or None)``, once the request is known to make sense."""
+    if cfg.probs_format not in PROBS_FORMATS:
+        raise HandsegError(f"unknown --probs-format {cfg.probs_format!r}; valid: {', '.join(PROBS_FORMATS)}")
     labelled = all(s.label_path is not None for s in samples)
-    if tune and not labelled:
+    if cfg.tune and not labelled:
         raise HandsegError("--tune-thresholds needs labels (outputs_json/) for every image", data)
-    keep = keep_largest if keep_largest is not None and any(keep_largest) else None
-    if tune and keep is not None:
+    keep = cfg.keep_largest if cfg.keep_largest is not None and any(cfg.keep_largest) else None
+    if cfg.tune and keep is not None:
         raise HandsegError("--tune-thresholds and --keep-largest together: `handseg select` tunes both on "
                            "out-of-fold maps")
     names = [s.name for s in samples]
@@ -105,21 +153,32 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
         dup = next(n for n in names if names.count(n) > 1)
         raise HandsegError(f"two images share the basename {dup}; submission rows could not tell them apart", data)
     if probs_dir is not None:
-
         stems = [probs_name(n) for n in names]
         if len(set(stems)) != len(stems):
             dup = next(n for n, m in zip(names, stems) if stems.count(m) > 1)
             raise HandsegError(f"two images share the name {Path(dup).stem} (e.g. {dup}); their probability maps "
                                "would be one file", data)
-    predictor = Predictor.load(checkpoints, device, amp, batch)
-    _say_idle_scales(predictor, transforms)
-    thr = check_thresholds(thresholds if thresholds is not None else predictor.thresholds)
+    return names, labelled, keep
 
-    d = dist_env() if distributed else Dist()
-    if tune and d.world > 1:
-        raise HandsegError("--tune-thresholds runs on one process; run it without torchrun")
-    shard = samples[d.rank :: d.world]
 
+def _result(n: int, thr: np.ndarray, tune: bool, labelled: bool, dice_sum: dict, tune_sum, merged_key: str
+            ) -> PredictResult:
+    result = PredictResult(n, [float(v) for v in thr], tuned=tune)
+    if labelled:
+        result.dice = {k: float(v.mean() / n) for k, v in dice_sum.items()}
+        result.per_class = {c: float(v / n) for c, v in zip(CLASSES, dice_sum[merged_key])}
+        if tune:
+            result.per_class = {c: float(tune_sum[i].max() / n) for i, c in enumerate(CLASSES)}
+            result.dice[merged_key] = float(np.mean(list(result.per_class.values())))
+    return result
+
+
+def _predict_shard(predictor: Predictor, shard: list[Sample], transforms: list[Transform], cfg: PredictConfig,
+                   thr: np.ndarray, keep, labelled: bool, probs_dir: Path | None, progress, context_source):
+    """This process's images through the model: ``(rows, Dice sums, tuning sums, merged key)``."""
+    import torch
+
+    tune, merge, probs_format, batch = cfg.tune, cfg.merge, cfg.probs_format, cfg.batch
     dice_sum = {t.name: np.zeros(NUM_CLASSES) for t in transforms}
     if len(transforms) > 1:
         dice_sum["merged"] = np.zeros(NUM_CLASSES)
@@ -173,35 +232,7 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
         for future in saves:
             future.result()  # a failed write is an error, not a missing map
 
-    if tune:
-        best = np.argmax(tune_sum, axis=1)
-        thr = np.asarray(GRID, dtype=np.float64)[best]
-        rows = {n: [per_class[c][best[c]] for c in range(NUM_CLASSES)] for n, per_class in rows.items()}
-
-    if d.world > 1:  # every rank's rows and Dice sums to rank 0
-        created = join_group(predictor.device)
-        gathered = all_gather((rows, dice_sum), d)
-        if created:
-            shutdown(d)
-        if not d.main:
-            return PredictResult(len(shard), thr.tolist(), main=False)
-        rows = {name: r for part, _ in gathered for name, r in part.items()}
-        dice_sum = {k: sum(sums[k] for _, sums in gathered) for k in dice_sum}
-    write_predictions(out_csv, ((n, rows[n]) for n in names))
-    if probs_dir is not None:
-        what = "per-class bbox crops" if probs_format == "packed" else "(29, H, W) arrays"
-        atomic_write_json(Path(probs_dir) / PROBS_INDEX, {"images": names, "classes": list(CLASSES),
-                                                          "format": probs_format,
-                                                          "quantisation": f"uint8 p*255, {what}"})
-    result = PredictResult(len(samples), [float(v) for v in thr], tuned=tune)
-    if labelled:
-        n = len(samples)
-        result.dice = {k: float(v.mean() / n) for k, v in dice_sum.items()}
-        result.per_class = {c: float(v / n) for c, v in zip(CLASSES, dice_sum[merged_key])}
-        if tune:
-            result.per_class = {c: float(tune_sum[i].max() / n) for i, c in enumerate(CLASSES)}
-            result.dice[merged_key] = float(np.mean(list(result.per_class.values())))
-    return result
+    return rows, dice_sum, tune_sum, merged_key
 
 
 def _say_idle_scales(predictor: Predictor, transforms: list[Transform]) -> None:

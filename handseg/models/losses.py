@@ -1,4 +1,5 @@
-"""Multi-label segmentation losses, from one registry, combinable with weights.
+"""Multi-label segmentation losses, from one registry, combinable with weights: smp's Dice, Jaccard,
+focal, Tversky and Lovász losses, plus BCE and our boundary-weighted BCE.
 
 Every loss takes logits and targets of shape ``(N, C, H, W)`` and optional per-class weights
 ``(C,)``; a spec such as ``bce:0.5,dice:0.5`` builds a weighted sum.
@@ -27,28 +28,62 @@ def bce_loss(logits, target, class_weights=None):
     return _class_mean(per_class, class_weights)
 
 
+def _smp(name: str):
+    """One of segmentation_models_pytorch's losses in multi-label mode, built once (they hold no state
+    that training changes)."""
+    from segmentation_models_pytorch import losses as smp_losses
+
+    if name not in _SMP_CACHE:
+        multilabel = smp_losses.MULTILABEL_MODE
+        _SMP_CACHE[name] = {
+            "dice": lambda: smp_losses.DiceLoss(multilabel, from_logits=True, smooth=SMOOTH),
+            "jaccard": lambda: smp_losses.JaccardLoss(multilabel, from_logits=True, smooth=SMOOTH),
+            "focal": lambda: smp_losses.FocalLoss(multilabel, alpha=0.25, gamma=2.0),
+            "tversky": lambda: smp_losses.TverskyLoss(multilabel, from_logits=True, smooth=SMOOTH, alpha=0.3,
+                                                      beta=0.7),
+            "lovasz": lambda: smp_losses.LovaszLoss(smp_losses.BINARY_MODE, from_logits=True),
+        }[name]()
+    return _SMP_CACHE[name]
+
+
+_SMP_CACHE: dict = {}
+
+
+def _per_class(name: str, logits, target, class_weights):
+    """smp's loss of each class on its own channel, then the (weighted) class mean. Without weights the
+    loss runs on all channels at once where smp's own multi-label mean is that same class mean."""
+    fn = _smp(name)
+    if class_weights is None and name != "lovasz":
+        return fn(logits, target)
+    import torch
+
+    per_class = torch.stack([fn(logits[:, c:c + 1], target[:, c:c + 1]) for c in range(logits.shape[1])])
+    return _class_mean(per_class, class_weights)
+
+
 def dice_loss(logits, target, class_weights=None):
-    p = logits.sigmoid()
-    inter = (p * target).sum(dim=(0, 2, 3))
-    total = p.sum(dim=(0, 2, 3)) + target.sum(dim=(0, 2, 3))
-    return _class_mean(1.0 - (2.0 * inter + SMOOTH) / (total + SMOOTH), class_weights)
+    """smp's soft Dice (smooth 1; a class absent from the whole batch adds no loss)."""
+    return _per_class("dice", logits, target, class_weights)
 
 
 def jaccard_loss(logits, target, class_weights=None):
-    p = logits.sigmoid()
-    inter = (p * target).sum(dim=(0, 2, 3))
-    union = p.sum(dim=(0, 2, 3)) + target.sum(dim=(0, 2, 3)) - inter
-    return _class_mean(1.0 - (inter + SMOOTH) / (union + SMOOTH), class_weights)
+    """smp's soft Jaccard (IoU), smooth 1."""
+    return _per_class("jaccard", logits, target, class_weights)
 
 
-def focal_loss(logits, target, class_weights=None, gamma: float = 2.0, alpha: float = 0.25):
-    import torch.nn.functional as F
+def focal_loss(logits, target, class_weights=None):
+    """smp's focal loss (gamma 2, alpha 0.25), averaged over pixels and classes."""
+    return _per_class("focal", logits, target, class_weights)
 
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    p_t = (-bce).exp()
-    a_t = alpha * target + (1 - alpha) * (1 - target)
-    per_class = (a_t * (1 - p_t) ** gamma * bce).mean(dim=(0, 2, 3))
-    return _class_mean(per_class, class_weights)
+
+def tversky_loss(logits, target, class_weights=None):
+    """smp's Tversky loss with alpha 0.3, beta 0.7: missed bone pixels cost more than extra ones."""
+    return _per_class("tversky", logits, target, class_weights)
+
+
+def lovasz_loss(logits, target, class_weights=None):
+    """smp's Lovász hinge, a surrogate of the Jaccard index, on each class's channel."""
+    return _per_class("lovasz", logits, target, class_weights)
 
 
 def boundary_loss(logits, target, class_weights=None, width: int = 5, boost: float = 4.0):
@@ -71,6 +106,8 @@ LOSSES: dict[str, Callable] = {
     "focal": focal_loss,
     "jaccard": jaccard_loss,
     "iou": jaccard_loss,
+    "tversky": tversky_loss,
+    "lovasz": lovasz_loss,
     "boundary": boundary_loss,
 }
 

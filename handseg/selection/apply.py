@@ -33,7 +33,7 @@ from handseg.formats.rle import (
 )
 from handseg.formats.submission import write_predictions
 from handseg.formats.tta import parse_transforms
-from handseg.inference.run import run_predictions
+from handseg.inference.run import PredictConfig, run_predictions
 from handseg.models.checkpoint import checkpoint_sha256, resolve_checkpoint
 from handseg.models.context import model_inputs
 from handseg.selection.configs import TruthSource, read_oof_run
@@ -99,8 +99,9 @@ def run_recipe(recipe_path: Path, data: Path, out_csv: Path, maps_dir: Path, dev
         transforms = parse_transforms(cfg.tta_spec)
         dest = maps_dir / _folder_name(m)
         if not oof:
-            run_predictions(cfg.checkpoints, data, maps_dir / f"{_folder_name(m)}.csv", dest, transforms, cfg.merge,
-                            device=device, amp=amp, progress=progress, batch=batch, samples=samples)
+            run_predictions(cfg.checkpoints, data, maps_dir / f"{_folder_name(m)}.csv", dest,
+                            PredictConfig(transforms, cfg.merge, device=device, amp=amp, batch=batch),
+                            samples=samples, progress=progress)
             folders[m] = dest
             continue
         parts = []
@@ -110,9 +111,9 @@ def run_recipe(recipe_path: Path, data: Path, out_csv: Path, maps_dir: Path, dev
             if missing:
                 raise HandsegError(f"fold {fold}'s image {missing[0]} is not in {data}", run)
             part = dest / f"fold{fold}"
-            run_predictions([run], data, maps_dir / f"{_folder_name(m)}_fold{fold}.csv", part, transforms,
-                            cfg.merge, device=device, amp=amp, progress=progress, batch=batch,
-                            samples=[by_name[name] for name in held_out])
+            run_predictions([run], data, maps_dir / f"{_folder_name(m)}_fold{fold}.csv", part,
+                            PredictConfig(transforms, cfg.merge, device=device, amp=amp, batch=batch),
+                            samples=[by_name[name] for name in held_out], progress=progress)
             parts.append(part)
         folders[m] = parts
     names = [s.name for s in samples]

@@ -19,7 +19,8 @@ from handseg.training.dataset import (
     split_items,
     unpack_mask_bits,
 )
-from handseg.training.loop import METRIC_FIELDS, append_metrics, train
+from handseg.training.loop import train
+from handseg.training.records import METRIC_FIELDS, append_metrics
 
 __all__ = [
     "AUGMENT_PRESETS", "METRIC_FIELDS", "Item", "SegmentationDataset", "TrainConfig", "append_metrics", "augmenter",
