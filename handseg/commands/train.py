@@ -52,8 +52,8 @@ def train(
                                             "GPU (resized images, or crops).")] = 4,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, warm-up then cosine).")] = 1e-3,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")] = 1e-4,
-    loss: Annotated[str, typer.Option("--loss", help="bce, dice, focal, jaccard (iou), tversky, lovasz, boundary, or a weighted "
-                                      "sum like bce:0.5,dice:0.5.")] = "bce:0.5,dice:0.5",
+    loss: Annotated[str, typer.Option("--loss", help="bce, dice, focal, jaccard (iou), tversky, lovasz, boundary, "
+                                      "or a weighted sum like bce:0.5,dice:0.5.")] = "bce:0.5,dice:0.5",
     class_weights: Annotated[str | None, typer.Option("--class-weights", help="29 comma-separated weights.")] = None,
     augment: Annotated[Augment, typer.Option("--augment", help="Augmentation preset.")] = Augment.default,
     unify_hands: Annotated[bool, typer.Option("--unify-hands", help="Mirror left hands (and labels) to the "
