@@ -147,7 +147,20 @@ def test_context_needs_crops_and_whole_image_stage1(stage1, tmp_path):
     train(_cfg(data, crop_run, crop=64, fold=-1), log=lambda *a: None)
     with pytest.raises(HandsegError, match="stage 1 must see whole images"):
         train(_cfg(data, tmp_path / "b", crop=64, context=[crop_run]), log=lambda *a: None)
-    assert isinstance(ContextSource(), ContextSource)
+
+
+def test_a_context_source_places_each_stored_crop_and_names_a_missing_image(tmp_path):
+    from handseg.formats.probs import write_probs
+
+    level = np.zeros((29, 6, 8), dtype=np.uint8)
+    level[3, 1:3, 2:5] = 200
+    level[28, 5, 7] = 9
+    write_probs(tmp_path / "a.npy", level, "packed")
+    source = ContextSource(where={"a.png": tmp_path / "a.npy"})
+    np.testing.assert_array_equal(source.full("a.png", (6, 8)), level)
+    assert [c for c, *_ in source.crops("a.png")] == [3, 28]
+    with pytest.raises(HandsegError, match="no stage-1 context for b.png"):
+        source.full("b.png", (6, 8))
 
 
 def test_the_cascade_proxy_benchmark_runs_tiny(capsys):
