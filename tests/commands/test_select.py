@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import run_cli
-from tests.test_selection import truth_masks, write_config, write_labelled, write_oof
+from tests.selection.test_search import truth_masks, write_config, write_labelled, write_oof
 
 
 @pytest.fixture()

@@ -167,7 +167,7 @@ def test_the_cascade_proxy_benchmark_runs_tiny(capsys):
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     import cascade_proxy
 
     r = cascade_proxy.main(["--image-size", "64", "--size", "32", "--stage1", "32", "--crop", "32", "--ids", "3",

@@ -401,7 +401,7 @@ def test_option_space_order_prefers_the_simplest():
 
 
 def test_select_benchmark_agrees_with_its_baseline(capsys):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     import bench_select
 
     r = bench_select.main(["--images", "6", "--distinct", "2", "--size", "128", "--folds", "3",
