@@ -28,6 +28,17 @@ def synth_data(tmp_path_factory) -> Path:
     return out
 
 
+def train_tiny(data: Path, out: Path, **options) -> Path:
+    """Train the tests' tiny model (UNet/ResNet18 at 64 px, one epoch on the CPU) into ``out``."""
+    from handseg.training.config import TrainConfig
+    from handseg.training.loop import train
+
+    cfg = dict(data=data, arch="unet", encoder="resnet18", encoder_weights="none", size=64, epochs=1, batch_size=4,
+               workers=0, device="cpu", out=out, augment="none")
+    train(TrainConfig(**{**cfg, **options}), log=lambda *a: None)
+    return out
+
+
 def run_cli(args: list[str], capsys=None) -> tuple[int, str, str]:
     """Run the real CLI entry point in-process; returns (exit code, stdout, stderr)."""
     from handseg.cli import main

@@ -12,20 +12,13 @@ import pytest
 
 from handseg.data.layout import discover
 from handseg.formats.submission import read_predictions, write_predictions
-from tests.conftest import run_cli
+from tests.conftest import run_cli, train_tiny
 
 
 @pytest.fixture(scope="module")
 def run(synth_data, tmp_path_factory):
-    """A tiny trained run and a copy of the synthetic data set to break."""
-    from handseg.training.config import TrainConfig
-    from handseg.training.loop import train
-
-    base = tmp_path_factory.mktemp("bad")
-    out = base / "run"
-    train(TrainConfig(data=synth_data / "train", arch="unet", encoder="resnet18", encoder_weights="none", size=64,
-                      epochs=1, batch_size=4, workers=0, device="cpu", out=out, augment="none"), log=lambda *a: None)
-    return out
+    """A tiny trained run."""
+    return train_tiny(synth_data / "train", tmp_path_factory.mktemp("bad") / "run")
 
 
 def _fails(capsys, args, *needles, output=None):

@@ -11,7 +11,7 @@ from handseg.formats.probs import quantise_probs
 from handseg.formats.recipe import SOFT, ClassRecipe, Recipe, RecipeConfig
 from handseg.formats.submission import read_predictions
 from handseg.selection.apply import apply_recipe
-from tests.conftest import run_cli
+from tests.conftest import run_cli, train_tiny
 
 
 def test_level_cuts_are_255_t_sum_w():
@@ -32,13 +32,8 @@ def test_a_probability_on_a_level_boundary_is_cut_by_its_stored_level():
 
 @pytest.fixture(scope="module")
 def predicted(synth_data, tmp_path_factory):
-    from handseg.training import TrainConfig, train
-
     base = tmp_path_factory.mktemp("cut")
-    run = base / "run"
-    train(TrainConfig(data=synth_data / "train", arch="unet", encoder="resnet18", encoder_weights="none", size=64,
-                      epochs=1, batch_size=4, workers=0, device="cpu", out=run, augment="none"), log=lambda *a: None)
-    return base, run
+    return base, train_tiny(synth_data / "train", base / "run")
 
 
 def test_predict_vote_soft_and_the_recipe_give_identical_masks_at_every_threshold(predicted, synth_data, capsys):
