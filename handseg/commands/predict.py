@@ -178,13 +178,15 @@ def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, dev
     resolved = [resolve_checkpoint(c) for c in checkpoints]
     transform_list = parse_transforms(transforms)
     thr = read_thresholds(thresholds) if thresholds else None
-    samples = None
+    samples, context = None, None
     if (splits is None) != (fold is None):
         raise HandsegError("--splits and --fold go together")
     if splits is not None:
         from handseg.data.kfold import fold_samples
+        from handseg.inference.cascade import held_out_context
 
         data, samples = fold_samples(splits, fold, data, checkpoints)
+        context = held_out_context(resolved, samples)  # a cascade's stage 1 out-of-fold too, as training had it
     else:
         source = resolve_data(data if data is not None else Path("data/test"), "test")
         if main:
@@ -196,7 +198,8 @@ def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, dev
         with progress_task(stage) as tick:
             result = run_predictions(resolved, data, out, probs_tmp, transform_list, merge, thr, tune, device, amp,
                                      progress=tick, batch=batch_size, samples=samples,
-                                     probs_format=ProbsFormat(probs_format).value, keep_largest=keep)
+                                     probs_format=ProbsFormat(probs_format).value, keep_largest=keep,
+                                     context_source=context)
         # a model zip's checkpoints are named in it (ZIP:MEMBER), not in the temporary folder they ran from
         label = bundle.label if bundle is not None else str
         inputs = {"data": str(data), **(bundle.inputs() if bundle is not None else {})}

@@ -24,7 +24,7 @@ from handseg.common.notices import notice
 from handseg.data.anatomy import side_of
 from handseg.data.images import resize_image
 from handseg.formats.probs import quantise_probs
-from handseg.formats.tta import IDENTITY, MERGES, Transform
+from handseg.formats.tta import IDENTITY, MERGES, Transform, parse_transforms, tta_option
 from handseg.inference.runtime import amp_dtype, pick_device
 from handseg.inference.tta import _ttach_flip
 from handseg.models.checkpoint import ModelCard, load_checkpoint, resolve_checkpoint
@@ -240,9 +240,11 @@ class Predictor:
             stage1 = self.stage1.get(m)
             if stage1 is None:
                 raise HandsegError("a cascade model needs its stage-1 maps (load it with Predictor.load)")
-            if id(stage1) not in done:
-                done[id(stage1)] = [quantise_probs(p).float().div_(255.0) for p in stage1.predict(images)]
-            out[m] = done[id(stage1)]
+            tta = tuple(card.context_tta or ["identity"])  # as the stage-1 maps of training were made
+            if (id(stage1), tta) not in done:
+                done[id(stage1), tta] = [quantise_probs(p).float().div_(255.0)
+                                         for p in stage1.predict(images, parse_transforms(tta_option(tta)))]
+            out[m] = done[id(stage1), tta]
         return out
 
     def _model_probs(self, m: int, images: list[np.ndarray], t: Transform, mirror: dict[int, list[bool]],

@@ -46,6 +46,9 @@ class ModelCard:
     relative to this checkpoint's folder, or absolute); see :mod:`handseg.inference.cascade`."""
     context_sha256: list[str] | None = None
     """The stage-1 checkpoints' SHA-256: another file at a stage-1 path is refused, not used."""
+    context_tta: list[str] | None = None
+    """The TTA (transform names, mean-merged) of the stage-1 maps stage 2 was trained on; predict runs
+    stage 1 with it, so that test context is made as training context was. None: the identity."""
     plan: dict | None = None
     """How the model was built (:class:`handseg.models.plan.ModelPlan`: input size, encoder options);
     filled from the model when saved. Cards written before it existed rebuild from arch, encoder and size."""
@@ -95,6 +98,9 @@ def _check_card(card: ModelCard) -> None:
     if card.context_sha256 is not None and not (isinstance(card.context_sha256, list)
                                                 and all(isinstance(c, str) for c in card.context_sha256)):
         raise ValueError("context_sha256 must be a list of SHA-256 strings")
+    if card.context_tta is not None and not (isinstance(card.context_tta, list)
+                                             and all(isinstance(c, str) for c in card.context_tta)):
+        raise ValueError("context_tta must be a list of transform names")
 
 
 def checkpoint_bytes(weights: dict, card: ModelCard) -> bytes:

@@ -33,6 +33,7 @@ from handseg.formats.rle import (
 )
 from handseg.formats.submission import write_predictions
 from handseg.formats.tta import parse_transforms
+from handseg.inference.cascade import held_out_context
 from handseg.inference.run import run_predictions
 from handseg.models.checkpoint import checkpoint_sha256, resolve_checkpoint
 from handseg.models.context import model_inputs
@@ -110,9 +111,10 @@ def run_recipe(recipe_path: Path, data: Path, out_csv: Path, maps_dir: Path, dev
             if missing:
                 raise HandsegError(f"fold {fold}'s image {missing[0]} is not in {data}", run)
             part = dest / f"fold{fold}"
+            fold_images = [by_name[name] for name in held_out]
             run_predictions([run], data, maps_dir / f"{_folder_name(m)}_fold{fold}.csv", part, transforms,
-                            cfg.merge, device=device, amp=amp, progress=progress, batch=batch,
-                            samples=[by_name[name] for name in held_out])
+                            cfg.merge, device=device, amp=amp, progress=progress, batch=batch, samples=fold_images,
+                            context_source=held_out_context([run], fold_images))
             parts.append(part)
         folders[m] = parts
     names = [s.name for s in samples]

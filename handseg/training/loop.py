@@ -132,7 +132,8 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
 
         card.context = context_refs(stage1, out)
         card.context_sha256 = [checkpoint_sha256(p) for p in stage1]
-        context = _cascade_context(cfg, train_items + val_items, device, d, log)
+        context = _cascade_context(cfg, train_items + val_items, device, d, log, {i.sample.name for i in val_items})
+        card.context_tta = context.transforms  # predict runs stage 1 with the TTA of these maps
     start_epoch, step, best, resume_state = 0, 0, -1.0, None
     if cfg.resume:
         resume_path, last_card = find_resume(out)
@@ -328,17 +329,19 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
 
 
 
-def _cascade_context(cfg: TrainConfig, items: list, device: str, d, log):
+def _cascade_context(cfg: TrainConfig, items: list, device: str, d, log, held_out=()):
     """The stage-1 maps of every training and validation image (see :mod:`handseg.inference.cascade`); under
-    torchrun rank 0 predicts what is missing while the others wait, then every rank reads the cache."""
+    torchrun rank 0 predicts what is missing while the others wait, then every rank reads the cache.
+    ``held_out`` (the validation images) must have out-of-fold stage-1 maps."""
 
     data = resolve_data(cfg.data, "train").root
     cache_root = find_cache(data, cfg.cache) or Path(cfg.cache or default_cache_dir(data))
     samples = [i.sample for i in items]
     if d.world > 1 and not d.main:
         barrier(d)
-        return build_context(cfg.context, samples, cache_root, device, cfg.batch_size, log=lambda *a: None)
-    source = build_context(cfg.context, samples, cache_root, device, cfg.batch_size, log)
+        return build_context(cfg.context, samples, cache_root, device, cfg.batch_size, log=lambda *a: None,
+                             held_out=held_out)
+    source = build_context(cfg.context, samples, cache_root, device, cfg.batch_size, log, held_out=held_out)
     barrier(d)
     log(f"stage-1 context: {source.out_of_fold} images out-of-fold, {source.in_sample} from the mean of the "
         "stage-1 models")
