@@ -79,6 +79,17 @@ def lr_lambda(total_steps: int, warmup: int):
     return f
 
 
+def planned_schedule(epochs: int, steps_per_epoch: int, max_steps: int | None = None):
+    """The learning-rate factor per optimizer step (:func:`lr_lambda`) over the steps the run will take:
+    ``epochs * steps_per_epoch``, or ``max_steps`` where that stops it first (its warm-up and cosine end
+    there, not at steps the run never reaches)."""
+
+    total = epochs * steps_per_epoch
+    if max_steps:
+        total = min(total, max_steps)
+    return lr_lambda(total, min(100, total // 20 + 1))
+
+
 def accumulation_groups(batches: int, accum: int) -> list[int]:
     """The size of the accumulation group each batch belongs to: ``accum`` except for a shorter last
     group, so every optimizer step averages the gradients of the batches it actually took."""
@@ -193,8 +204,8 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
     dtype = resolve_amp(cfg.amp, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(loader) / cfg.accum)
-    total_steps = cfg.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, min(100, total_steps // 20 + 1)))
+    schedule = planned_schedule(cfg.epochs, steps_per_epoch, cfg.max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler("cuda", enabled=(dtype == torch.float16))
     if resume_state is not None:
 
