@@ -21,9 +21,8 @@ from handseg.ensemble.masks import (
     soft_level,
 )
 from handseg.formats import cropfile
-from handseg.formats.files import safe_name
 from handseg.formats.probs import PROBS_MAGIC, pack_probs, probs_name, read_probs_index
-from handseg.formats.recipe import HARD, SOFT, Recipe, read_recipe
+from handseg.formats.recipe import HARD, SOFT, Recipe, config_folder, read_recipe
 from handseg.formats.rle import (
     EMPTY_RUNS,
     Runs,
@@ -68,7 +67,7 @@ def _accumulating(progress):
 
 def _folder_name(name: str) -> str:
 
-    return safe_name(name, "config", "@+")
+    return config_folder(name)
 
 
 def run_recipe(recipe_path: Path, data: Path, out_csv: Path, maps_dir: Path, device: str = "auto", amp: bool = True,

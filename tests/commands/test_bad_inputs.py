@@ -690,3 +690,37 @@ def test_resume_takes_the_options_not_given_from_the_run_and_says_a_longer_plan(
     assert "--epochs 2: the run planned 1; its learning-rate schedule is re-planned over 2 epochs from step" in said
     options = json.loads((out / "manifest.json").read_text())["options"]
     assert (options["lr"], options["batch_size"], options["accum"], options["epochs"]) == (3e-3, 3, 1, 2)
+
+
+def test_recipe_values_are_refused_in_one_line(run, synth_data, tmp_path, capsys):
+    """Names that clean to one map folder, non-finite or overflowing soft weights, and a keep_largest that
+    is not a boolean: each refused naming the recipe and the field (not an empty submission or a crash)."""
+    from handseg.common.constants import CLASSES
+
+    def two(names=("a", "b"), weights=None, keep=None):
+        doc = _recipe_doc({"0": str(run)})
+        doc["configurations"] = [dict(doc["configurations"][0], name=n) for n in names]
+        doc["classes"] = {c: {"source": "soft", "threshold": 0.5} for c in CLASSES}
+        if weights is not None:
+            doc["ensemble"] = {"soft": {"weights": weights}}
+        if keep is not None:
+            doc["classes"]["Radius"]["keep_largest"] = keep
+        return doc
+
+    out = tmp_path / "p.csv"
+    recipe = tmp_path / "recipe.json"
+    for doc, needle in [
+        (two(("a b", "a_b")), "configurations 'a b' and 'a_b' would share the map folder a_b"),
+        (two(("A", "a")), "configurations 'A' and 'a' would share the map folder a"),
+        (two(weights=[1e308, 1e308]), "ensemble.soft.weights sum to inf, more than 1e+06"),
+        (two(weights=[1, float("inf")]), "ensemble.soft.weights must be 2 finite positive numbers"),
+        (two(weights=[1, 10**400]), "ensemble.soft.weights must be 2 finite positive numbers"),
+        (two(keep="no"), "Radius: keep_largest must be true or false, got 'no'"),
+    ]:
+        recipe.write_text(json.dumps(doc))
+        _fails(capsys, ["predict", "--recipe", recipe, "--data", synth_data / "test", "-o", out],
+               "recipe.json: not a valid recipe", needle, output=out)
+    a = tmp_path / "a.csv"
+    _csv(a, ["x.png"])
+    _fails(capsys, ["vote", "soft", tmp_path, tmp_path, "--weights", "1e308,1e308", "-o", out],
+           "--weights sum to inf, more than 1e+06", output=out)
