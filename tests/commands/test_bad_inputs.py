@@ -724,3 +724,20 @@ def test_recipe_values_are_refused_in_one_line(run, synth_data, tmp_path, capsys
     _csv(a, ["x.png"])
     _fails(capsys, ["vote", "soft", tmp_path, tmp_path, "--weights", "1e308,1e308", "-o", out],
            "--weights sum to inf, more than 1e+06", output=out)
+
+
+def test_label_coordinates_must_be_numbers(synth_data, tmp_path, capsys):
+    """Booleans and strings as coordinates are not numbers, however numpy would read them."""
+    labelled = tmp_path / "train"
+    shutil.copytree(synth_data / "train", labelled)
+    label = sorted((labelled / "outputs_json").rglob("*.json"))[0]
+    doc = json.loads(label.read_text())
+    first = doc["annotations"][0]["label"]
+    for points, needle in [([[True, 1], [3, 4], [5, 6]], "True is not a number"),
+                           ([["7", 1], [3, 4], [5, 6]], "'7' is not a number"),
+                           ([[1, 2, 3], [3, 4], [5, 6]], "[1, 2, 3] is not an [x, y] pair"),
+                           ({"x": 1}, "expected a list of [x, y], got dict"),
+                           ([[10**400, 1], [3, 4], [5, 6]], "has a coordinate out of range (inf")]:
+        doc["annotations"][0]["points"] = points
+        label.write_text(json.dumps(doc))
+        _fails(capsys, ["prep", "json2npy", "--data", labelled], label.name, f"annotation 0 ({first})", needle)
