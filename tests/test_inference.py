@@ -78,6 +78,7 @@ def test_tta_reports_each_transform_and_tune_writes_thresholds(runs, synth_data,
     assert code == 0, err
     thr = json.loads((tmp_path / "v.thresholds.json").read_text())
     assert len(thr) == 29 and all(0.2 <= v <= 0.8 for v in thr.values())
+    assert "Dice on labelled data (thresholds tuned on these same images: optimistic)" in " ".join(out.split())
     code, _, err = run_cli(["tta", runs[0], "--data", synth_data / "test", "--transforms", "spin"], capsys)
     assert code == 2 and "unknown TTA transform 'spin'" in err
 

@@ -218,7 +218,8 @@ def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, dev
         write_thresholds(path, result.thresholds)
         stdout.print(f"tuned thresholds -> {path}")
     if result.dice:
-        table = Table(title="Dice on labelled data")
+        table = Table(title="Dice on labelled data" + (" (thresholds tuned on these same images: optimistic)"
+                                                       if result.tuned else ""))
         table.add_column("transform")
         table.add_column("mean Dice", justify="right")
         for name, value in result.dice.items():
