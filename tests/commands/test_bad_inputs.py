@@ -741,3 +741,44 @@ def test_label_coordinates_must_be_numbers(synth_data, tmp_path, capsys):
         doc["annotations"][0]["points"] = points
         label.write_text(json.dumps(doc))
         _fails(capsys, ["prep", "json2npy", "--data", labelled], label.name, f"annotation 0 ({first})", needle)
+
+
+def test_pseudo_labels_remember_their_runs_and_fold_k_refuses_others(synth_data, tmp_path, capsys):
+    """pseudo records the runs (and folds) that made its labels; train --fold 0 --extra refuses labels made
+    by fold 1's run (it trained on fold 0's validation images) or by unknown runs, and takes fold 0's own."""
+    from handseg.data.images import image_size
+    from handseg.data.labels import class_runs, read_polygons
+    from handseg.formats.rle import runs_to_rle
+    from handseg.training.dataset import check_extra_origin
+
+    train = synth_data / "train"
+    splits = tmp_path / "splits.json"
+    assert run_cli(["kfold", "--data", train, "--folds", 2, "-o", splits], capsys)[0] == 0
+    runs = []
+    for fold in (0, 1):  # run folders as train writes their manifests (no weights needed to name them)
+        run = tmp_path / f"r_f{fold}"
+        run.mkdir()
+        (run / "manifest.json").write_text(json.dumps({"stage": "train", "options": {"fold": fold},
+                                                       "inputs": {"splits": str(splits)}}))
+        runs.append(run)
+    samples = discover(synth_data / "test_gt", labels="required")
+    sets = {}
+    for name, made in (("f0", runs[0]), ("f1", runs[1]), ("anon", None)):
+        csv = tmp_path / f"{name}.csv"
+        write_predictions(csv, [(s.name, [runs_to_rle(r) for r in class_runs(read_polygons(s.label_path),
+                                                                              image_size(s.image_path))])
+                                for s in samples])
+        if made is not None:
+            (tmp_path / f"{name}.manifest.json").write_text(json.dumps(
+                {"stage": "predict", "options": {"checkpoints": [str(made / "best.safetensors")]}}))
+        assert run_cli(["pseudo", csv, "--data", synth_data / "test", "--out", tmp_path / f"ps_{name}"], capsys)[0] == 0
+        sets[name] = tmp_path / f"ps_{name}"
+    made_by = json.loads((sets["f1"] / "manifest.json").read_text())["made_by"]
+    assert made_by == [{"run": str(runs[1]), "fold": 1, "splits": str(splits)}]
+    out = tmp_path / "run"
+    args = ["train", "--data", train, "--splits", splits, "--fold", 0, "--encoder-weights", "none", "--out", out]
+    _fails(capsys, [*args, "--extra", sets["f1"]], "ps_f1: the pseudo labels were made by", "r_f1, which was trained "
+           "with --fold 1, so it trained on fold 0's validation images; make them with fold 0's own model", output=out)
+    _fails(capsys, [*args, "--extra", sets["anon"]], "ps_anon: the pseudo labels do not record which runs made them",
+           output=out)
+    check_extra_origin(sets["f0"], 0, splits)  # fold 0's own model: taken
