@@ -142,7 +142,7 @@ def _model_zip(checkpoints, out: Path, overwrite: bool):
         raise HandsegError("give a model zip alone (it holds every model it needs)")
     check_output(out, overwrite, inputs=zips)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open_model_zip(zips[0], out.parent) as bundle:
+    with open_model_zip(zips[0], out.parent, out.name) as bundle:
         yield bundle
 
 
