@@ -13,7 +13,7 @@ from handseg.common.constants import (
     CLASSES,
     NUM_CLASSES,
 )
-from handseg.common.errors import HandsegError
+from handseg.common.errors import JSON_TOO_DEEP, HandsegError
 from handseg.data.images import read_image
 from handseg.data.layout import Sample
 from handseg.formats.rle import EMPTY_RUNS, Runs, crop_to_runs
@@ -45,6 +45,8 @@ def read_polygons(path: str | Path, require_all: bool = True) -> Polygons:
         raise HandsegError("label file not found", path) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HandsegError(f"not valid JSON ({e})", path) from None
+    except RecursionError:
+        raise HandsegError(JSON_TOO_DEEP, path) from None
     annotations = doc.get("annotations") if isinstance(doc, dict) else None
     if not isinstance(annotations, list):
         raise HandsegError('no "annotations" list', path)

@@ -34,7 +34,7 @@ def _recorded_data(source: Path) -> Path | None:
         return None
     try:
         data = json.loads(manifest.read_text(encoding="utf-8")).get("inputs", {}).get("data")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return None
     return Path(data) if data and Path(data).is_dir() else None
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from handseg import __version__
 from handseg.common.constants import CLASSES, DEFAULT_THRESHOLD
-from handseg.common.errors import HandsegError
+from handseg.common.errors import JSON_TOO_DEEP, HandsegError
 from handseg.formats.files import atomic_open
 from handseg.models.build import build_model
 from handseg.models.plan import ModelPlan, model_plan
@@ -184,6 +184,8 @@ def read_card(path: str | Path) -> ModelCard:
         return ModelCard.from_dict(json.loads(meta[META_KEY]))
     except (ValueError, TypeError) as e:
         raise HandsegError(f"malformed model card ({e})", path) from None
+    except RecursionError:
+        raise HandsegError(f"malformed model card ({JSON_TOO_DEEP})", path) from None
 
 
 def load_weights(model, path: str | Path) -> None:

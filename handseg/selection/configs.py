@@ -94,7 +94,7 @@ def _card_from_checkpoint(run: Path) -> dict:
                 raise ValueError("header too large")
             meta = json.loads(f.read(size)).get("__metadata__") or {}
         return json.loads(meta[META_KEY])
-    except (OSError, ValueError, KeyError, struct.error, AttributeError):
+    except (OSError, ValueError, KeyError, struct.error, AttributeError, RecursionError):
         raise HandsegError("no model card in the oof manifest nor in the checkpoint header", path) from None
 
 

@@ -782,3 +782,127 @@ def test_pseudo_labels_remember_their_runs_and_fold_k_refuses_others(synth_data,
     _fails(capsys, [*args, "--extra", sets["anon"]], "ps_anon: the pseudo labels do not record which runs made them",
            output=out)
     check_extra_origin(sets["f0"], 0, splits)  # fold 0's own model: taken
+
+
+def test_one_writer_per_output(run, synth_data, tmp_path, capsys):
+    """While a command holds an output (another process here), a second writer of it is refused in one
+    line and the first one's output is untouched; once it is released, the output can be written."""
+    out = tmp_path / "p.csv"
+    out.write_text("first\n")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from handseg.formats.files import hold_output; "
+                               "hold_output(sys.argv[1]); print('held', flush=True); time.sleep(60)", str(out)],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        _fails(capsys, ["predict", run, "--data", synth_data / "test", "-o", out, "--overwrite", "--device", "cpu"],
+               "p.csv: another handseg command is writing this output now (it holds .p.csv.lock)")
+        assert out.read_text() == "first\n"
+    finally:
+        holder.kill()
+        holder.wait()
+    code, _, err = run_cli(["predict", run, "--data", synth_data / "test", "-o", out, "--overwrite", "--device", "cpu"],
+                           capsys)
+    assert code == 0, err
+    _no_leftovers(tmp_path, "p.csv", "p.manifest.json")  # its lock is gone with the command
+
+
+def test_killed_writers_leave_nothing_the_next_run_keeps(run, synth_data, tmp_path, capsys):
+    """What a kill -9 leaves beside an output (a hidden temporary file, a partial map folder, an unpacked
+    model zip, a half-replaced folder) is removed by the next writer of that output; others' are kept.
+    A CSV's old manifest goes as its new CSV comes, so the two always describe the same run."""
+    from handseg.formats.files import atomic_open
+
+    out = tmp_path / "p.csv"
+    debris = [tmp_path / ".p.csv.tmp-0123abcd", tmp_path / ".p.csv.unpacked-x1", tmp_path / ".probs.tmp-5e6f7a8b",
+              tmp_path / ".probs.old-9abc0def"]
+    debris[0].write_text("half")
+    for d in debris[1:]:
+        d.mkdir()
+        (d / "big.npy").write_bytes(b"x" * 100)
+    other = tmp_path / ".q.csv.tmp-0123abcd"  # another output's: not this run's to remove
+    other.write_text("half")
+    code, _, err = run_cli(["predict", run, "--data", synth_data / "test", "-o", out, "--probs", tmp_path / "probs",
+                            "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert not any(d.exists() for d in debris) and other.exists()
+    # a file written atomically is hidden while it is written
+    with atomic_open(tmp_path / "r.csv") as f:
+        assert os.path.basename(f.name).startswith(".r.csv.tmp-")
+    # a kill between the CSV and its manifest: the CSV has no manifest, never the old run's
+    manifest = tmp_path / "p.manifest.json"
+    assert manifest.is_file()
+    from handseg.formats.submission import write_predictions as write
+
+    write(out, [("x.png", [""] * 29)])
+    assert not manifest.exists()
+
+
+def test_select_workers_die_with_their_parent(tmp_path):
+    """kill -9 of a process scoring in a pool: its workers end too (they watch their parent)."""
+    import signal
+    import time
+
+    (tmp_path / "slowjob.py").write_text("import os, time\n\ndef job(ctx, j):\n    with open(ctx, 'a') as f:\n"
+                                         "        f.write(f'{os.getpid()}\\n')\n    time.sleep(120)\n    return j\n")
+    pids = tmp_path / "pids.txt"
+    script = ("import os, signal, sys, threading, time\nfrom handseg.selection.scoring import ordered_map\n"
+              "from slowjob import job\n"
+              "threading.Thread(target=lambda: list(ordered_map(job, sys.argv[1], list(range(4)), workers=2)),"
+              " daemon=True).start()\n"
+              "while not os.path.exists(sys.argv[1]) or len(open(sys.argv[1]).read().split()) < 2:\n"
+              "    time.sleep(0.05)\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), str(tmp_path)])}
+    proc = subprocess.run([sys.executable, "-c", script, str(pids)], env=env, timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    workers = [int(p) for p in pids.read_text().split()]
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                return "\nState:\tZ" not in f.read()
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 30
+    while any(alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in workers), workers
+
+
+def test_deeply_nested_json_and_odd_names_are_one_line(run, synth_data, tmp_path, capsys):
+    """JSON nested past the parser's recursion (labels, recipes, thresholds, indexes, configs), a probability
+    index listing non-names, file names that are not text, and a symlink loop: one line each, no traceback."""
+    from handseg.formats.probs import PROBS_INDEX
+
+    deep = "[" * 100_000 + "]" * 100_000
+    out = tmp_path / "p.csv"
+    test = synth_data / "test"
+    for name, args in [("thr.json", ["predict", run, "--data", test, "-o", out, "--thresholds"]),
+                       ("recipe.json", ["predict", "--data", test, "-o", out, "--recipe"]),
+                       ("run.yaml", ["train", "--data", synth_data / "train", "--out", tmp_path / "r", "--config"])]:
+        path = tmp_path / name
+        path.write_text(deep)
+        _fails(capsys, [*args, path], name, "nested too deeply", output=out)
+    labelled = tmp_path / "train"
+    shutil.copytree(synth_data / "train", labelled)
+    label = sorted((labelled / "outputs_json").rglob("*.json"))[0]
+    label.write_text(deep)
+    _fails(capsys, ["prep", "json2npy", "--data", labelled], label.name, "nested too deeply")
+
+    probs = tmp_path / "pa"
+    assert run_cli(["predict", run, "--data", test, "-o", tmp_path / "pa.csv", "--probs", probs, "--device", "cpu"],
+                   capsys)[0] == 0
+    (probs / PROBS_INDEX).write_text(json.dumps({"images": [1, 2]}))
+    _fails(capsys, ["vote", "soft", probs, probs, "-o", out], "index.json", '"images" must list each image name once '
+           "as text: 1 is not an image name", output=out)
+
+    for bad, shown in [(b"x\nrow.png", "'x\\nrow.png'"), (b"caf\xe9.png", "'caf\\udce9.png'")]:
+        folder = tmp_path / f"odd{len(bad)}"
+        folder.mkdir()
+        shutil.copy(discover(test)[0].image_path, os.fsdecode(bytes(folder) + b"/" + bad))
+        _fails(capsys, ["predict", run, "--data", folder, "-o", out], f"{folder}: the file name {shown}", output=out)
+    loop = tmp_path / "loop"
+    (loop / "a").mkdir(parents=True)
+    shutil.copy(discover(test)[0].image_path, loop / "a" / "x.png")
+    os.symlink(loop, loop / "a" / "back")
+    _fails(capsys, ["predict", run, "--data", loop, "-o", out], "symlink loop: this folder is", output=out)
