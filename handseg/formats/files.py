@@ -128,8 +128,24 @@ def check_output(path: str | Path, overwrite: bool = False, kind: OutputKind = "
             hold_output(path)
             return path  # an empty folder holds nothing to lose
         raise HandsegError("already exists; pass --overwrite to replace it", path)
+    if path.exists():
+        _check_replaceable(path)
     hold_output(path)
     return path
+
+
+def _check_replaceable(path: Path) -> None:
+    """An existing output is replaced by a rename at the very end: refuse now what would refuse it then (a
+    folder that cannot be renamed: not writable by us; a file in a sticky folder, owned by someone else)."""
+    import stat
+
+    if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+        raise HandsegError("cannot be replaced: the folder is not writable by this user (a folder output is "
+                           "replaced by moving it aside)", path)
+    parent = path.parent.stat()
+    mine = os.geteuid() in (0, path.lstat().st_uid, parent.st_uid)
+    if parent.st_mode & stat.S_ISVTX and not mine:
+        raise HandsegError(f"cannot be replaced: it belongs to another user in {path.parent}, a sticky folder", path)
 
 
 # ----------------------------------------------------------------------------------------------

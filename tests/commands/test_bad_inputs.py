@@ -906,3 +906,35 @@ def test_deeply_nested_json_and_odd_names_are_one_line(run, synth_data, tmp_path
     shutil.copy(discover(test)[0].image_path, loop / "a" / "x.png")
     os.symlink(loop, loop / "a" / "back")
     _fails(capsys, ["predict", run, "--data", loop, "-o", out], "symlink loop: this folder is", output=out)
+
+
+def test_an_output_that_cannot_be_replaced_is_refused_before_the_work(run, synth_data, tmp_path, capsys,
+                                                                       monkeypatch):
+    """A folder output that could not be moved aside at the end (not writable by us; simulated, as tests
+    run as root) is refused when the output is checked, before anything is predicted."""
+    import handseg.inference.run as inference_run
+
+    probs = tmp_path / "probs"
+    probs.mkdir()
+    (probs / "old.npy").write_bytes(b"x")
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if os.fspath(p) == os.fspath(probs)
+                        and mode & os.W_OK else real(p, mode, **k))
+    monkeypatch.setattr(inference_run, "run_predictions", lambda *a, **k: pytest.fail("predicted before refusing"))
+    out = tmp_path / "p.csv"
+    _fails(capsys, ["predict", run, "--data", synth_data / "test", "-o", out, "--probs", probs, "--overwrite"],
+           "probs: cannot be replaced: the folder is not writable by this user", output=out)
+    assert (probs / "old.npy").read_bytes() == b"x"
+
+
+def test_a_map_of_another_dtype_or_rank_says_what_a_map_is(run, synth_data, tmp_path, capsys):
+    probs = tmp_path / "pa"
+    assert run_cli(["predict", run, "--data", synth_data / "test", "-o", tmp_path / "pa.csv", "--probs", probs,
+                    "--device", "cpu"], capsys)[0] == 0
+    victim = sorted(probs.glob("*.npy"))[0]
+    out = tmp_path / "v.csv"
+    for array, shown in [(np.zeros((29, 8, 8), np.float32), "a float32 array of shape 29 x 8 x 8"),
+                         (np.zeros((8, 8), np.uint8), "a uint8 array of shape 8 x 8")]:
+        np.save(victim, array)
+        _fails(capsys, ["vote", "soft", probs, probs, "-o", out], victim.name, "not a handseg probability map: it "
+               f"holds {shown}; a handseg map is uint8, 29 x H x W (dense) or a packed crop file", output=out)
