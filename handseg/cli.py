@@ -98,11 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     (an unknown option, a value out of range) exits with code 2; Ctrl-C says so and exits with 130
     (outputs are written atomically, so an interrupted command leaves none)."""
     from handseg.common import notices
+    from handseg.formats.files import release_outputs
 
     notices.reset()  # each run says its notes afresh (main may run many times in one process)
     argv = train.expand_list_options(sys.argv[1:] if argv is None else argv)
     try:
-        code = app(args=argv, prog_name="handseg", standalone_mode=False)
+        try:
+            code = app(args=argv, prog_name="handseg", standalone_mode=False)
+        finally:
+            release_outputs()  # one writer per output until the command ends (see formats.files.hold_output)
     except HandsegError as e:
         if os.environ.get("HANDSEG_DEBUG") == "1":
             raise

@@ -141,7 +141,7 @@ def _model_zip(checkpoints, out: Path, overwrite: bool):
         raise HandsegError("give a model zip alone (it holds every model it needs)")
     check_output(out, overwrite, inputs=zips)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open_model_zip(zips[0], out.parent) as bundle:
+    with open_model_zip(zips[0], out.parent, out.name) as bundle:
         yield bundle
 
 
@@ -177,13 +177,15 @@ def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, dev
     resolved = [resolve_checkpoint(c) for c in checkpoints]
     transform_list = parse_transforms(transforms)
     thr = read_thresholds(thresholds) if thresholds else None
-    samples = None
+    samples, context = None, None
     if (splits is None) != (fold is None):
         raise HandsegError("--splits and --fold go together")
     if splits is not None:
         from handseg.data.kfold import fold_samples
+        from handseg.inference.cascade import held_out_context
 
         data, samples = fold_samples(splits, fold, data, checkpoints)
+        context = held_out_context(resolved, samples)  # a cascade's stage 1 out-of-fold too, as training had it
     else:
         source = resolve_data(data if data is not None else Path("data/test"), "test")
         if main:
@@ -198,7 +200,7 @@ def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, dev
                 PredictConfig(transforms=transform_list, merge=merge, thresholds=thr, tune=tune, device=device,
                               amp=amp, batch=batch_size, probs_format=ProbsFormat(probs_format).value,
                               keep_largest=keep),
-                samples=samples, progress=tick)
+                samples=samples, progress=tick, context_source=context)
         # a model zip's checkpoints are named in it (ZIP:MEMBER), not in the temporary folder they ran from
         label = bundle.label if bundle is not None else str
         inputs = {"data": str(data), **(bundle.inputs() if bundle is not None else {})}
@@ -217,7 +219,8 @@ def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, dev
         write_thresholds(path, result.thresholds)
         stdout.print(f"tuned thresholds -> {path}")
     if result.dice:
-        table = Table(title="Dice on labelled data")
+        table = Table(title="Dice on labelled data" + (" (thresholds tuned on these same images: optimistic)"
+                                                       if result.tuned else ""))
         table.add_column("transform")
         table.add_column("mean Dice", justify="right")
         for name, value in result.dice.items():

@@ -30,12 +30,13 @@ def pseudo(
     from handseg.commands.options import say_data
     from handseg.console import progress_task, stdout
     from handseg.data.layout import resolve_data
-    from handseg.ensemble.pseudo import make_pseudo
+    from handseg.ensemble.pseudo import make_pseudo, pseudo_origin
     from handseg.formats.files import atomic_dir, write_manifest
 
     source_data = resolve_data(data if data is not None else Path("data/test"), "test")
     say_data(source_data)
     data = source_data.root
+    made_by = pseudo_origin(source)  # train --fold K --extra checks that no run that made them trained on fold K
 
     # built beside --out and moved into place complete: a crash leaves no half data set, and
     # --overwrite replaces the previous run as a whole
@@ -46,7 +47,7 @@ def pseudo(
                        inputs={"source": str(source), "data": str(data)}, format="packed-bbox-v1",
                        samples=result.cache_entries)
         write_manifest(tmp, "pseudo", {"min_confidence": min_confidence}, inputs={"source": str(source),
-                       "data": str(data)}, kept=result.kept, dropped=result.dropped, complete=True)
+                       "data": str(data)}, kept=result.kept, dropped=result.dropped, made_by=made_by, complete=True)
     stdout.print(f"{len(result.kept)} images labelled, {len(result.dropped)} dropped -> {out}")
     for name, why in list(result.dropped.items())[:5]:
         stdout.print(f"  dropped {name}: {why}")

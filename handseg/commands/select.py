@@ -50,8 +50,15 @@ def select(
     stdout.print(candidates_table(result))
     doc = result.recipe
     nested = doc["nested_cv_dice"]
+    picked = (f" (the highest of {len(result.ranked)} such estimates on the same images: still optimistic)"
+              if doc.get("chosen_by") == "nested" else "")
     stdout.print(f"chosen: {doc['chosen']}: OOF Dice {doc['cv_dice']:.4f}"
-                 + (f", {nested:.4f} tuned on other folds" if nested is not None else "") + f" -> {out}")
+                 + (f", {nested:.4f} tuned on other folds{picked}" if nested is not None else "") + f" -> {out}")
+
+
+OOF_NOTE = ("Out-of-fold maps come from each run's best checkpoint, whose epoch was chosen on these same images: "
+            "every figure here leans optimistic.")
+"""The table's footnote: what every estimate shares."""
 
 
 def candidates_table(selection, limit: int | None = None):
@@ -59,7 +66,12 @@ def candidates_table(selection, limit: int | None = None):
     from rich.table import Table
 
     names = ", ".join(c.name for c in selection.configs)
-    table = Table(title=f"Candidates on {len(selection.scores.images)} out-of-fold images ({names})")
+    notes = [OOF_NOTE]
+    if selection.recipe.get("chosen_by") == "nested":
+        notes.append(f"The chosen row was picked for its 'tuned on other folds' figure among {len(selection.ranked)}"
+                     " candidates on the same images, so its figure is still optimistic.")
+    table = Table(title=f"Candidates on {len(selection.scores.images)} out-of-fold images ({names})",
+                  caption="\n".join(notes))
     table.add_column("#", justify="right")
     table.add_column("candidate")
     table.add_column("OOF Dice", justify="right")

@@ -166,6 +166,8 @@ def _apply_config(ctx: typer.Context, params: dict, path: Path) -> dict:
         raise HandsegError("config file not found", path)
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except RecursionError:
+        raise HandsegError("the configuration is nested too deeply", path) from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise HandsegError(f"not valid YAML ({str(e).splitlines()[0]})", path) from None
     if not isinstance(doc, dict):

@@ -37,3 +37,7 @@ ANNOTATION_SUFFIX = ".json"
 IMAGES_DIR = "DCM"
 LABELS_DIR = "outputs_json"
 CSV_COLUMNS: tuple[str, str, str] = ("image_name", "class", "rle")
+
+MAX_WEIGHT_SUM = 1e6
+"""The largest sum of ensemble weights (they are relative: only their ratios matter). Beyond it a soft
+vote's level (sum of w x 255 q) leaves the exact integers it is counted in, or overflows to inf."""

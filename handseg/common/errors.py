@@ -25,3 +25,7 @@ def one_line(message: str) -> str:
         if last.startswith(prefix):
             return last[len(prefix):]
     return last
+
+
+JSON_TOO_DEEP = "nested too deeply to read (arrays or objects inside each other hundreds of levels deep)"
+"""What a JSON file nested past the parser's recursion limit is called (instead of a RecursionError)."""

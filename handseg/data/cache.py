@@ -164,7 +164,7 @@ def read_cache_index(folder: Path) -> dict[str, dict]:
         return {}
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     samples = doc.get("samples") if isinstance(doc, dict) else None
     return {e["path"]: e for e in samples or [] if isinstance(e, dict) and isinstance(e.get("path"), str)}

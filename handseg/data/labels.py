@@ -13,7 +13,7 @@ from handseg.common.constants import (
     CLASSES,
     NUM_CLASSES,
 )
-from handseg.common.errors import HandsegError
+from handseg.common.errors import JSON_TOO_DEEP, HandsegError
 from handseg.data.images import read_image
 from handseg.data.layout import Sample
 from handseg.formats.rle import EMPTY_RUNS, Runs, crop_to_runs
@@ -45,6 +45,8 @@ def read_polygons(path: str | Path, require_all: bool = True) -> Polygons:
         raise HandsegError("label file not found", path) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HandsegError(f"not valid JSON ({e})", path) from None
+    except RecursionError:
+        raise HandsegError(JSON_TOO_DEEP, path) from None
     annotations = doc.get("annotations") if isinstance(doc, dict) else None
     if not isinstance(annotations, list):
         raise HandsegError('no "annotations" list', path)
@@ -57,10 +59,14 @@ def read_polygons(path: str | Path, require_all: bool = True) -> Polygons:
             raise HandsegError(f"annotation {i} has unknown class {label!r}", path)
         if label in polygons:
             raise HandsegError(f"class {label} is annotated twice", path)
+        raw = ann.get("points")
+        odd = _not_a_point(raw)
+        if odd is not None:  # booleans and strings would pass as numbers through numpy
+            raise HandsegError(f"annotation {i} ({label}) has malformed points: {odd}", path)
         try:
-            points = np.asarray(ann.get("points"), dtype=np.float64)
-        except (TypeError, ValueError):
-            raise HandsegError(f"annotation {i} ({label}) has malformed points", path) from None
+            points = np.asarray(raw, dtype=np.float64).reshape(-1, 2)
+        except OverflowError:  # an integer beyond any float: out of range like any huge coordinate
+            points = np.full((max(len(raw), 1), 2), np.inf)
         if points.ndim != 2 or points.shape[1] != 2 or points.shape[0] < 3:
             raise HandsegError(f"annotation {i} ({label}) needs at least 3 [x, y] points", path)
         if not np.isfinite(points).all() or np.abs(points).max() > MAX_COORDINATE:
@@ -73,6 +79,19 @@ def read_polygons(path: str | Path, require_all: bool = True) -> Polygons:
         if missing:
             raise HandsegError(f"missing classes: {', '.join(missing)}", path)
     return polygons
+
+
+def _not_a_point(raw) -> str | None:
+    """What is wrong with an annotation's ``points`` (a list of ``[x, y]`` numbers), or None."""
+    if not isinstance(raw, list):
+        return f"expected a list of [x, y], got {type(raw).__name__}"
+    for p in raw:
+        if not (isinstance(p, list) and len(p) == 2):
+            return f"{p!r:.40} is not an [x, y] pair"
+        for v in p:
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                return f"{v!r:.40} is not a number"
+    return None
 
 
 def polygon_document(polygons: Polygons, filename: str, parent_path: str, meta_size: int = 3060) -> dict:

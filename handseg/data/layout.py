@@ -108,7 +108,12 @@ def resolve_data(data_dir: str | Path, role: Role = "train") -> DataSource:
 def _walk_files(root: Path, skipped: list | None = None):
     """Files under ``root`` (symlinks included, dangling ones too), skipping hidden entries (``.DS_Store``,
     macOS ``._x.png`` copies, ``.git``); with ``skipped``, the hidden files are listed there."""
+    seen: dict[tuple[int, int], str] = {}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:  # followed links lead back to a folder already walked
+            raise HandsegError(f"symlink loop: this folder is {seen[st.st_dev, st.st_ino]} again", dirpath)
+        seen[st.st_dev, st.st_ino] = dirpath
         if skipped is not None:
             skipped += [Path(dirpath) / d for d in dirnames if d.startswith(".")]
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -117,6 +122,23 @@ def _walk_files(root: Path, skipped: list | None = None):
                 yield Path(dirpath) / name
             elif skipped is not None:
                 skipped.append(Path(dirpath) / name)
+
+
+def _check_name(rel: Path, root: Path) -> None:
+    """An image's name goes into CSV rows, manifests and one-line errors: it must be UTF-8 text without line
+    breaks or control characters (decided before any work; the name is shown escaped).
+
+    Raises:
+        HandsegError: naming ``root`` and the escaped name.
+    """
+    text = str(rel)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise HandsegError(f"the file name {ascii(text)} is not UTF-8 text; rename it", root) from None
+    if not text.isprintable():
+        raise HandsegError(f"the file name {ascii(text)} holds a line break or control character; rename it",
+                           root)
 
 
 OTHER_IMAGE_EXTENSIONS = (".tif", ".tiff", ".bmp", ".webp", ".jp2")
@@ -132,6 +154,7 @@ def _image_files(root: Path) -> list[Path]:
             if path.suffix.lower() in OTHER_IMAGE_EXTENSIONS:
                 other.append(path)
             continue
+        _check_name(path.relative_to(root), root)
         if not path.exists():
             raise HandsegError("broken link: the image it points to does not exist", path)
         if not path.is_file():

@@ -23,8 +23,9 @@ from handseg.data.images import image_size
 from handseg.data.labels import polygon_document
 from handseg.data.layout import Sample, discover
 from handseg.ensemble.masks import level_cuts
-from handseg.formats.files import MANIFEST_NAME, atomic_open, atomic_write_json, read_json
+from handseg.formats.files import MANIFEST_NAME, atomic_open, atomic_write_json, read_json, sidecar_manifest_path
 from handseg.formats.probs import ProbMap, probs_name, read_probs_index
+from handseg.formats.recipe import read_recipe
 from handseg.formats.rle import check_runs_fit, runs_to_crop
 from handseg.formats.submission import read_predictions
 
@@ -59,6 +60,35 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+def pseudo_origin(source: str | Path) -> list[dict] | None:
+    """The runs whose predictions ``source`` (a CSV or a probability folder) holds, from its handseg manifest:
+    ``[{"run", "fold", "splits"}]`` (``fold``/``splits`` as each run's manifest gives them, else None), or
+    None when the source does not say (no manifest, or made by a command that does not name its models).
+    ``train --fold K --extra`` reads it back (:func:`~handseg.training.dataset.check_extra_origin`)."""
+
+    source = Path(source)
+    manifest = source / MANIFEST_NAME if source.is_dir() else sidecar_manifest_path(source)
+    if not manifest.is_file():
+        return None
+    doc = read_json(manifest, "manifest")
+    options = doc.get("options") if isinstance(doc, dict) and isinstance(doc.get("options"), dict) else {}
+    if isinstance(options.get("checkpoints"), list):
+        runs = [Path(str(c)).parent for c in options["checkpoints"]]
+    elif isinstance(options.get("recipe"), str) and Path(options["recipe"]).is_file():
+        runs = [Path(r) for c in read_recipe(options["recipe"]).configs for r in c.checkpoints]
+    else:
+        return None
+    out = []
+    for run in runs:
+        doc = read_json(run / MANIFEST_NAME, "manifest") if (run / MANIFEST_NAME).is_file() else {}
+        opts = doc.get("options") if isinstance(doc, dict) and isinstance(doc.get("options"), dict) else {}
+        inputs = doc.get("inputs") if isinstance(doc, dict) and isinstance(doc.get("inputs"), dict) else {}
+        fold = opts.get("fold")
+        out.append({"run": str(run), "fold": fold if isinstance(fold, int) and not isinstance(fold, bool) else None,
+                    "splits": inputs.get("splits") if isinstance(inputs.get("splits"), str) else None})
+    return out
 
 
 def make_pseudo(source: Path, data: Path, out: Path, min_confidence: float | None = None,

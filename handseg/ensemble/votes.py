@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from handseg.common.constants import CLASS_INDEX, CLASSES, DEFAULT_THRESHOLD, NUM_CLASSES
+from handseg.common.constants import CLASS_INDEX, CLASSES, DEFAULT_THRESHOLD, MAX_WEIGHT_SUM, NUM_CLASSES
 from handseg.common.errors import HandsegError
 from handseg.common.notices import notice
 from handseg.data.images import image_size
@@ -35,7 +35,7 @@ def _recorded_data(source: Path) -> Path | None:
         return None
     try:
         data = json.loads(manifest.read_text(encoding="utf-8")).get("inputs", {}).get("data")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return None
     return Path(data) if data and Path(data).is_dir() else None
 
@@ -133,6 +133,10 @@ def check_weights(weights: list[float] | None, n: int) -> list[float]:
         raise HandsegError(f"--weights must be finite and not negative, got {','.join(f'{w:g}' for w in weights)}")
     if sum(weights) <= 0:
         raise HandsegError("--weights are all zero")
+    total = sum(float(w) for w in weights)
+    if total > MAX_WEIGHT_SUM:
+        raise HandsegError(f"--weights sum to {total:g}, more than {MAX_WEIGHT_SUM:g} (only their ratios matter: "
+                           "scale them down)")
     return [float(w) for w in weights]
 
 

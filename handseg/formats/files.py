@@ -1,11 +1,17 @@
 """Atomic writes and the manifest that every stage leaves beside its outputs.
 
-A file is written as ``name.tmp-<random>`` in its own folder and moved into place with
+A file is written as ``.name.tmp-<random>`` (hidden) in its own folder and moved into place with
 ``os.replace``, so a crash never leaves a file that looks finished. The manifest is written last.
+
+One writer per output: :func:`check_output` takes ``.NAME.lock`` beside the output (``fcntl.flock``, held
+until the command ends, released by the kernel if it is killed), so a second command writing the same
+output is refused; holding it, it removes what a killed earlier writer of that output left (its
+``.NAME.tmp-*``, ``.NAME.old-*``, ``.NAME.unpacked-*``, ``.NAME.maps-*``).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime as _dt
 import json
@@ -19,14 +25,17 @@ from typing import IO, Any, Literal
 
 from handseg import __version__
 from handseg.common.constants import CLASSES
-from handseg.common.errors import HandsegError
+from handseg.common.errors import JSON_TOO_DEEP, HandsegError
 
 MANIFEST_NAME = "manifest.json"
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
+def atomic_open(path: str | Path, mode: str = "w", retire: Path | None = None, **kwargs: Any) -> Iterator[IO]:
     """Open a temporary sibling of ``path`` for writing; move it onto ``path`` only on success.
+
+    ``retire``: a file that describes the old ``path`` (a CSV's sidecar manifest), removed just before the
+    new file takes its place, so that a kill between the two writes leaves no manifest of another run.
 
     Example:
         >>> with atomic_open("out/pred.csv", "w", newline="") as f:
@@ -34,11 +43,13 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{secrets.token_hex(4)}")
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
     try:
         with open(tmp, mode, **kwargs) as f:
             yield f
             f.flush()
+        if retire is not None:
+            Path(retire).unlink(missing_ok=True)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -78,6 +89,8 @@ def read_json(path: str | Path, what: str) -> Any:
         raise HandsegError(f"{what} not found", path) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HandsegError(f"not valid JSON ({e})", path) from None
+    except RecursionError:  # json recurses once per level: "[[[[...]]]]" would end in a traceback
+        raise HandsegError(JSON_TOO_DEEP, path) from None
 
 
 OutputKind = Literal["file", "dir"]
@@ -112,9 +125,117 @@ def check_output(path: str | Path, overwrite: bool = False, kind: OutputKind = "
             break
     if path.exists() and not overwrite:
         if kind == "dir" and not any(path.iterdir()):
+            hold_output(path)
             return path  # an empty folder holds nothing to lose
         raise HandsegError("already exists; pass --overwrite to replace it", path)
+    if path.exists():
+        _check_replaceable(path)
+    hold_output(path)
     return path
+
+
+def _check_replaceable(path: Path) -> None:
+    """An existing output is replaced by a rename at the very end: refuse now what would refuse it then (a
+    folder that cannot be renamed: not writable by us; a file in a sticky folder, owned by someone else)."""
+    import stat
+
+    if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+        raise HandsegError("cannot be replaced: the folder is not writable by this user (a folder output is "
+                           "replaced by moving it aside)", path)
+    parent = path.parent.stat()
+    mine = os.geteuid() in (0, path.lstat().st_uid, parent.st_uid)
+    if parent.st_mode & stat.S_ISVTX and not mine:
+        raise HandsegError(f"cannot be replaced: it belongs to another user in {path.parent}, a sticky folder", path)
+
+
+# ----------------------------------------------------------------------------------------------
+# one writer per output, and no debris
+
+
+_HELD: dict[Path, int] = {}
+"""Outputs this process holds the lock of: path -> the lock file's descriptor."""
+_DEBRIS = ("tmp", "old", "unpacked", "maps")
+"""The temporaries a writer of an output leaves beside it when killed: ``.NAME.<kind>-<random>``."""
+
+
+def lock_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
+
+
+def hold_output(path: str | Path) -> bool:
+    """Take the output's lock (``.NAME.lock`` beside it) for the rest of the command, then remove the
+    temporaries a killed earlier writer of it left. Taking it again in the same command is a no-op.
+
+    Returns:
+        True when taken now (False: this process already held it).
+
+    Raises:
+        HandsegError: another command holds it (it is writing the same output now).
+    """
+    import fcntl
+
+    key = Path(os.path.abspath(path))
+    if key in _HELD:
+        return False
+    lock = lock_path(key)
+    key.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise HandsegError(f"another handseg command is writing this output now (it holds {lock.name}); wait "
+                               "for it to finish or choose another output", path) from None
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its last holder removed the file between our open and lock: take the new one
+    _HELD[key] = fd
+    remove_debris(key)
+    return True
+
+
+def remove_debris(path: Path) -> None:
+    """Remove what killed writers of ``path`` left: its hidden temporaries beside it and, for a folder,
+    the temporary files inside it (call only while holding the output's lock). A torchrun launch's own
+    partial folder (named by its run id) is kept."""
+
+    token = os.environ.get("TORCHELASTIC_RUN_ID")
+    pattern = re.compile(rf"^\.?{re.escape(path.name)}\.({'|'.join(_DEBRIS)})-[^/]+$")
+    found = [p for p in path.parent.iterdir() if pattern.match(p.name)] if path.parent.is_dir() else []
+    if path.is_dir():
+        found += [p for p in path.iterdir() if re.match(r"^.+\.tmp-[0-9a-f]{8}$", p.name) and p.is_file()]
+    for p in found:
+        if token and p.name.endswith(f"-{token}"):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+
+def release_output(path: str | Path) -> None:
+    """Give up one output's lock (and remove its lock file: a later writer opens a new one)."""
+    key = Path(os.path.abspath(path))
+    fd = _HELD.pop(key, None)
+    if fd is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock_path(key))
+        os.close(fd)
+
+
+def release_outputs() -> None:
+    """Give up every output lock this process holds (at the end of a command, and at exit)."""
+    for key in list(_HELD):
+        release_output(key)
+
+
+atexit.register(release_outputs)
 
 
 def check_not_input(path: str | Path, inputs: Iterable[str | Path | None], shown: str | Path | None = None) -> None:
@@ -188,8 +309,17 @@ def atomic_dir(dest: str | Path, overwrite: bool = False, main: bool = True,
         ...     (tmp / "a.txt").write_text("done")
     """
     dest = Path(dest)
+    held = Path(os.path.abspath(dest)) in _HELD
     if main:
         check_output(dest, overwrite, "dir", inputs)
+    try:
+        yield from _build_dir(dest, main)
+    finally:
+        if main and not held:  # a lock taken here is given up here (the command's own stay until it ends)
+            release_output(dest)
+
+
+def _build_dir(dest: Path, main: bool) -> Iterator[Path]:
     tmp = partial_dir(dest)
     tmp.mkdir(parents=True, exist_ok=not main or "TORCHELASTIC_RUN_ID" in os.environ)
     try:

@@ -69,6 +69,10 @@ class ProbMap:
             if buf.ndim == 3 and buf.dtype == np.uint8:  # a dense map
                 self.array = buf
                 self.channels, height, width = buf.shape
+            elif not (buf.ndim == 1 and buf.dtype == np.uint8):  # neither format: say what a map is
+                raise HandsegError(f"not a handseg probability map: it holds a {buf.dtype} array of shape "
+                                   f"{' x '.join(map(str, buf.shape)) or 'scalar'}; a handseg map is uint8, "
+                                   f"{NUM_CLASSES} x H x W (dense) or a packed crop file (1-D uint8)", path)
             else:
                 self.crops = cropfile.CropFile.parse(buf, PROBS_MAGIC)
                 self.crops.validate(_row_bytes)
@@ -129,6 +133,10 @@ def read_probs_index(folder: Path) -> list[str]:
     images = doc.get("images") if isinstance(doc, dict) else None
     if not isinstance(images, list):
         raise HandsegError('no "images" list (made by `predict --probs`?)', index)
+    odd = next((n for n in images if not (isinstance(n, str) and n)), None)
+    if odd is not None or len(set(images)) != len(images):
+        what = f"{odd!r:.40} is not an image name" if odd is not None else "an image is listed twice"
+        raise HandsegError(f'"images" must list each image name once as text: {what}', index)
     for name in images:
         if not (Path(folder) / probs_name(name)).is_file():
             raise HandsegError(f"probability map for {name} is missing", folder)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from handseg.common.constants import CLASSES, DEFAULT_THRESHOLD
+from handseg.common.constants import CLASSES, DEFAULT_THRESHOLD, MAX_WEIGHT_SUM
 from handseg.common.errors import HandsegError
-from handseg.formats.files import read_json
+from handseg.formats.files import read_json, safe_name
 from handseg.formats.tta import tta_option
 
 SOFT, HARD = "soft", "hard"
@@ -83,6 +84,18 @@ class Recipe:
         return tuple(c.keep_largest for c in self.classes)
 
 
+def _finite(w: float) -> bool:
+    try:
+        return math.isfinite(w)
+    except OverflowError:  # an integer beyond any float
+        return False
+
+
+def config_folder(name: str) -> str:
+    """The folder a configuration's maps go to (``predict --recipe --probs DIR/<folder>``)."""
+    return safe_name(name, "config", "@+")
+
+
 def recipe_from_json(doc: dict, base: Path | None = None, where: Path | None = None) -> Recipe:
     """Parse and check a recipe document; run paths are taken relative to ``base`` (the recipe's folder).
 
@@ -113,6 +126,11 @@ def recipe_from_json(doc: dict, base: Path | None = None, where: Path | None = N
     names = [c.name for c in configs]
     if len(set(names)) != len(names) or {SOFT, HARD} & set(names):
         raise bad("configuration names must be distinct and not 'soft' or 'hard'")
+    folders: dict[str, str] = {}
+    for n in names:  # lower case: one folder on a case-insensitive disk too
+        other = folders.setdefault(config_folder(n).lower(), n)
+        if other != n:
+            raise bad(f"configurations {other!r} and {n!r} would share the map folder {config_folder(n)}; rename one")
     per_class = doc.get("classes")
     if not isinstance(per_class, dict) or set(per_class) != set(CLASSES):
         raise bad('"classes" must give each of the 29 classes')
@@ -135,12 +153,20 @@ def recipe_from_json(doc: dict, base: Path | None = None, where: Path | None = N
             if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not 0 <= thr < 1:
                 raise bad(f"{name}: threshold must be a number in [0, 1)")
             thr, votes = float(thr), None
-        classes.append(ClassRecipe(src, thr, votes, bool(e.get("keep_largest", False))))
+        keep = e.get("keep_largest", False)
+        if not isinstance(keep, bool):
+            raise bad(f"{name}: keep_largest must be true or false, got {keep!r}")
+        classes.append(ClassRecipe(src, thr, votes, keep))
     ensemble = doc.get("ensemble") or {}
     weights = (ensemble.get("soft") or {}).get("weights", [1.0] * len(configs))
     if (not isinstance(weights, list) or len(weights) != len(configs)
-            or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in weights)):
-        raise bad(f"ensemble.soft.weights must be {len(configs)} positive numbers")
+            or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 and _finite(w)
+                       for w in weights)):
+        raise bad(f"ensemble.soft.weights must be {len(configs)} finite positive numbers")
+    total = sum(float(w) for w in weights)
+    if total > MAX_WEIGHT_SUM:
+        raise bad(f"ensemble.soft.weights sum to {total:g}, more than {MAX_WEIGHT_SUM:g} (only their ratios matter: "
+                  "scale them down)")
     member = (ensemble.get("hard") or {}).get("member_threshold", MEMBER_THRESHOLD)
     if isinstance(member, bool) or not isinstance(member, (int, float)) or not 0 <= member < 1:
         raise bad("ensemble.hard.member_threshold must be a number in [0, 1)")

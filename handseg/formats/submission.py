@@ -14,7 +14,7 @@ from pathlib import Path
 
 from handseg.common.constants import CLASS_INDEX, CLASSES, CSV_COLUMNS, NUM_CLASSES
 from handseg.common.errors import HandsegError
-from handseg.formats.files import atomic_open
+from handseg.formats.files import atomic_open, sidecar_manifest_path
 from handseg.formats.rle import Runs, check_runs_fit, rle_to_runs, runs_to_rle
 
 # a noisy 2048 x 2048 mask can have an RLE of megabytes; the csv module stops at 128 KiB by default
@@ -99,7 +99,8 @@ def write_predictions(path: str | Path, rows: Iterable[tuple[str, list[str]]]) -
     Returns the number of images written.
     """
     count = 0
-    with atomic_open(path, "w", newline="", encoding="utf-8") as f:
+    # its old manifest goes as the new CSV comes: the manifest written after it always describes it
+    with atomic_open(path, "w", retire=sidecar_manifest_path(path), newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(CSV_COLUMNS)
         for image, rles in rows:

@@ -24,7 +24,7 @@ from handseg.common.notices import notice
 from handseg.data.anatomy import side_of
 from handseg.data.images import resize_image
 from handseg.formats.probs import quantise_probs
-from handseg.formats.tta import IDENTITY, MERGES, Transform
+from handseg.formats.tta import IDENTITY, MERGES, Transform, parse_transforms, tta_option
 from handseg.inference.runtime import pick_device, resolve_amp
 from handseg.inference.tta import _ttach_flip
 from handseg.models.checkpoint import ModelCard, load_checkpoint, resolve_checkpoint
@@ -50,6 +50,15 @@ def to_input(images, card: ModelCard, device: str):
     return x.unsqueeze(1).expand(-1, channels, -1, -1)
 
 
+def pad_values(card: ModelCard) -> list[float]:
+    """What lies beyond an image's edge, per input channel, as training's crops had it: a black pixel
+    (uint8 0, normalised) in the image channels and 0 in a cascade's context channels (see
+    :class:`~handseg.training.dataset.SegmentationDataset` and :func:`~handseg.inference.cascade.render_context`)."""
+    channels = card.in_channels - (CONTEXT_CHANNELS if card.context else 0)
+    black = (0.0 - card.norm["mean"]) / card.norm["std"]
+    return [black] * channels + [0.0] * (card.in_channels - channels)
+
+
 def input_size(card: ModelCard, scale: float = 1.0) -> int:
     """The side a resize model is run at: its training size times ``scale``, on a multiple of 32."""
     return max(32, int(round(card.size * scale / 32.0)) * 32)
@@ -71,23 +80,28 @@ def _starts(length: int, window: int, stride: int) -> list[int]:
     return sorted(set(starts))
 
 
-def sliding_window_logits(model, x, window: int, stride: int | None = None, batch: int = 4, dtype=None):
+def sliding_window_logits(model, x, window: int, stride: int | None = None, batch: int = 4, dtype=None,
+                          pad: list[float] | None = None):
     """Logits of a full-resolution image from overlapping ``window`` crops, Gaussian-blended.
 
     Args:
-        x: ``(1, C, H, W)`` input; images smaller than the window are padded.
+        x: ``(1, C, H, W)`` input; images smaller than the window are padded at the bottom and right.
         batch: windows per forward pass.
+        pad: the value of each of the ``C`` channels beyond the image (:func:`pad_values`: as in
+            training); default 0.
     Returns:
         ``(1, K, H, W)`` float32 logits.
     """
     import torch
-    import torch.nn.functional as F
 
     stride = stride or window // 2
     _, _, h, w = x.shape
     ph, pw = max(window - h, 0), max(window - w, 0)
     if ph or pw:
-        x = F.pad(x, (0, pw, 0, ph), mode="constant", value=float(x.min()))
+        fill = torch.as_tensor(pad if pad is not None else [0.0] * x.shape[1], dtype=x.dtype, device=x.device)
+        padded = fill.view(1, -1, 1, 1).expand(1, x.shape[1], h + ph, w + pw).clone()
+        padded[..., :h, :w] = x
+        x = padded
     H, W = x.shape[-2:]
     weight = gaussian_window(window).to(x.device)
     acc = None
@@ -240,9 +254,11 @@ class Predictor:
             stage1 = self.stage1.get(m)
             if stage1 is None:
                 raise HandsegError("a cascade model needs its stage-1 maps (load it with Predictor.load)")
-            if id(stage1) not in done:
-                done[id(stage1)] = [quantise_probs(p).float().div_(255.0) for p in stage1.predict(images)]
-            out[m] = done[id(stage1)]
+            tta = tuple(card.context_tta or ["identity"])  # as the stage-1 maps of training were made
+            if (id(stage1), tta) not in done:
+                done[id(stage1), tta] = [quantise_probs(p).float().div_(255.0)
+                                         for p in stage1.predict(images, parse_transforms(tta_option(tta)))]
+            out[m] = done[id(stage1), tta]
         return out
 
     def _model_probs(self, m: int, images: list[np.ndarray], t: Transform, mirror: dict[int, list[bool]],
@@ -300,7 +316,8 @@ class Predictor:
                     x = torch.cat([x, ctx], dim=1)
                 if flip is not None:
                     x = flip.apply_aug_image(x, apply=True)
-                logits = sliding_window_logits(model, x, card.crop, batch=self.batch, dtype=self.dtype)
+                logits = sliding_window_logits(model, x, card.crop, batch=self.batch, dtype=self.dtype,
+                                               pad=pad_values(card))
                 if flip is not None:
                     logits = flip.apply_deaug_mask(logits, apply=True)
                 if logits.shape[-2:] != (h, w):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from handseg import __version__
 from handseg.common.constants import CLASSES, DEFAULT_THRESHOLD
-from handseg.common.errors import HandsegError
+from handseg.common.errors import JSON_TOO_DEEP, HandsegError
 from handseg.formats.files import atomic_open
 from handseg.models.build import build_model
 from handseg.models.plan import ModelPlan, model_plan
@@ -47,6 +47,9 @@ class ModelCard:
     relative to this checkpoint's folder, or absolute); see :mod:`handseg.inference.cascade`."""
     context_sha256: list[str] | None = None
     """The stage-1 checkpoints' SHA-256: another file at a stage-1 path is refused, not used."""
+    context_tta: list[str] | None = None
+    """The TTA (transform names, mean-merged) of the stage-1 maps stage 2 was trained on; predict runs
+    stage 1 with it, so that test context is made as training context was. None: the identity."""
     plan: dict | None = None
     """How the model was built (:class:`handseg.models.plan.ModelPlan`: input size, encoder options);
     filled from the model when saved. Cards written before it existed rebuild from arch, encoder and size."""
@@ -96,6 +99,9 @@ def _check_card(card: ModelCard) -> None:
     if card.context_sha256 is not None and not (isinstance(card.context_sha256, list)
                                                 and all(isinstance(c, str) for c in card.context_sha256)):
         raise ValueError("context_sha256 must be a list of SHA-256 strings")
+    if card.context_tta is not None and not (isinstance(card.context_tta, list)
+                                             and all(isinstance(c, str) for c in card.context_tta)):
+        raise ValueError("context_tta must be a list of transform names")
 
 
 def checkpoint_bytes(weights: dict, card: ModelCard) -> bytes:
@@ -186,12 +192,16 @@ def read_card(path: str | Path) -> ModelCard:
             raise ValueError("its metadata is not an object")
     except (OSError, ValueError, struct.error, AttributeError, UnicodeDecodeError) as e:
         raise HandsegError(f"not a safetensors checkpoint ({str(e)[:120]})", path) from None
+    except RecursionError:
+        raise HandsegError(f"not a safetensors checkpoint (its header: {JSON_TOO_DEEP})", path) from None
     if META_KEY not in meta:
         raise HandsegError("checkpoint has no handseg model card (not written by handseg train?)", path)
     try:
         return ModelCard.from_dict(json.loads(meta[META_KEY]))
     except (ValueError, TypeError) as e:
         raise HandsegError(f"malformed model card ({e})", path) from None
+    except RecursionError:
+        raise HandsegError(f"malformed model card ({JSON_TOO_DEEP})", path) from None
 
 
 def load_weights(model, path: str | Path) -> None:

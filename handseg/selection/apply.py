@@ -21,9 +21,8 @@ from handseg.ensemble.masks import (
     union_box,
 )
 from handseg.formats import cropfile
-from handseg.formats.files import safe_name
 from handseg.formats.probs import PROBS_MAGIC, pack_probs, probs_name, read_probs_index
-from handseg.formats.recipe import HARD, SOFT, Recipe, read_recipe
+from handseg.formats.recipe import HARD, SOFT, Recipe, config_folder, read_recipe
 from handseg.formats.rle import (
     EMPTY_RUNS,
     Runs,
@@ -33,6 +32,7 @@ from handseg.formats.rle import (
 )
 from handseg.formats.submission import write_predictions
 from handseg.formats.tta import parse_transforms
+from handseg.inference.cascade import held_out_context
 from handseg.inference.run import PredictConfig, run_predictions
 from handseg.models.checkpoint import checkpoint_sha256, resolve_checkpoint
 from handseg.models.context import model_inputs
@@ -67,7 +67,7 @@ def _accumulating(progress):
 
 def _folder_name(name: str) -> str:
 
-    return safe_name(name, "config", "@+")
+    return config_folder(name)
 
 
 def run_recipe(recipe_path: Path, data: Path, out_csv: Path, maps_dir: Path, device: str = "auto", amp: bool = True,
@@ -111,9 +111,10 @@ def run_recipe(recipe_path: Path, data: Path, out_csv: Path, maps_dir: Path, dev
             if missing:
                 raise HandsegError(f"fold {fold}'s image {missing[0]} is not in {data}", run)
             part = dest / f"fold{fold}"
+            fold_images = [by_name[name] for name in held_out]
             run_predictions([run], data, maps_dir / f"{_folder_name(m)}_fold{fold}.csv", part,
                             PredictConfig(transforms, cfg.merge, device=device, amp=amp, batch=batch),
-                            samples=[by_name[name] for name in held_out], progress=progress)
+                            samples=fold_images, progress=progress, context_source=held_out_context([run], fold_images))
             parts.append(part)
         folders[m] = parts
     names = [s.name for s in samples]

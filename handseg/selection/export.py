@@ -168,7 +168,7 @@ def max_zip_bytes() -> int:
 
 
 @contextlib.contextmanager
-def open_model_zip(path: Path, workdir: Path) -> Iterator[ModelBundle]:
+def open_model_zip(path: Path, workdir: Path, output: str | None = None) -> Iterator[ModelBundle]:
     """Unpack the members a model zip's index names into a temporary folder inside ``workdir``.
 
     The zip is self-contained: every path its index, its recipe or a cascade's card names lies inside
@@ -187,7 +187,8 @@ def open_model_zip(path: Path, workdir: Path) -> Iterator[ModelBundle]:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
         raise HandsegError(f"not a handseg model zip ({e})", path) from None
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.stem}.unpacked-", dir=workdir)).resolve()
+    # named after the output it serves: a later writer of that output removes it if this one is killed
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output or path.stem}.unpacked-", dir=workdir)).resolve()
     try:
         try:
             with archive:
@@ -299,8 +300,8 @@ def _read_index(archive: zipfile.ZipFile, path: Path) -> dict:
         raise HandsegError(f"{INDEX} claims {info.file_size:,} bytes", path)
     try:
         doc = json.loads(archive.read(info))
-    except (ValueError, UnicodeDecodeError):
-        raise HandsegError(f"{INDEX} is not valid JSON", path) from None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise HandsegError(f"{INDEX} is not valid JSON (or nested too deeply)", path) from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise HandsegError(f"not a handseg model zip ({INDEX} has no format {FORMAT!r})", path)
     if doc.get("version") != VERSION:

@@ -229,6 +229,24 @@ _WORKER: tuple | None = None
 def _init_worker(fn: Callable, ctx: object) -> None:
     global _WORKER
     _WORKER = (fn, ctx)
+    _die_with_parent()
+
+
+def _die_with_parent(every: float = 0.2) -> None:
+    """A worker ends when its parent is gone (``kill -9`` of select gives the pool no chance to stop it):
+    a daemon thread watches the parent's pid and exits the process when it changes."""
+    import os
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="handseg-orphan-watch", daemon=True).start()
 
 
 def _run_chunk(jobs: Sequence) -> list:

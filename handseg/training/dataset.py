@@ -291,6 +291,8 @@ def split_items(cfg: TrainConfig) -> tuple[list[Item], list[Item]]:
     val = [Item(s, cache if s.rel in usable else None) for s in samples if fold_of[s.rel] == cfg.fold]
     for extra in cfg.extra:
         check_extra_complete(extra)
+        if cfg.splits is not None and cfg.fold >= 0:
+            check_extra_origin(extra, cfg.fold, cfg.splits)
         extra_samples = discover(extra, labels="required")
         extra_cache = find_cache(extra)
         extra_usable = check_cache_fresh(extra_cache, extra_samples) if extra_cache is not None else set()
@@ -337,3 +339,37 @@ def check_extra_complete(folder: Path) -> None:
     if (folder / "cache").is_dir() or not (folder / "outputs_json").is_dir():
         raise HandsegError("not a complete data set: no manifest.json (a pseudo-label folder is complete "
                            "only once `handseg pseudo` has finished)", folder)
+
+
+def check_extra_origin(folder: Path, fold: int, splits: Path) -> None:
+    """Pseudo labels for ``--fold K`` must come from models that held fold K out (fold K's own runs, with
+    these splits): a model that trained on fold K's validation images leaks them into its labels.
+
+    Raises:
+        HandsegError: the pseudo-label set does not record its runs, or one of them trained on fold K.
+    """
+
+    import hashlib
+
+    manifest = Path(folder) / MANIFEST_NAME
+    doc = read_json(manifest, "manifest") if manifest.is_file() else None
+    if not (isinstance(doc, dict) and doc.get("stage") == "pseudo"):
+        return  # a labelled data set, not pseudo labels
+    made_by = doc.get("made_by")
+    if not isinstance(made_by, list) or not made_by:
+        raise HandsegError(f"the pseudo labels do not record which runs made them, so they may have seen fold {fold}'s "
+                           f"validation images; make them from fold {fold}'s own predictions (predict RUN_f{fold} "
+                           "with its manifest, then `handseg pseudo`)", folder)
+    wanted = hashlib.sha256(Path(splits).read_bytes()).hexdigest()
+    for entry in made_by:
+        run = entry.get("run") if isinstance(entry, dict) else entry
+        used = entry.get("splits") if isinstance(entry, dict) else None
+        same = (isinstance(used, str) and Path(used).is_file()
+                and hashlib.sha256(Path(used).read_bytes()).hexdigest() == wanted)
+        if not (isinstance(entry, dict) and entry.get("fold") == fold and same):
+            held = entry.get("fold") if isinstance(entry, dict) else None
+            why = (f"was trained with --fold {held}" if held is not None and same else
+                   "was not trained with these splits" if held is not None else "does not say which fold it held out")
+            raise HandsegError(f"the pseudo labels were made by {run}, which {why}, so it trained on fold {fold}'s "
+                               f"validation images; make them with fold {fold}'s own model (as "
+                               "examples/pseudo_round.sh does)", folder)

@@ -71,6 +71,17 @@ def lr_lambda(total_steps: int, warmup: int):
     return f
 
 
+def planned_schedule(epochs: int, steps_per_epoch: int, max_steps: int | None = None):
+    """The learning-rate factor per optimizer step (:func:`lr_lambda`) over the steps the run will take:
+    ``epochs * steps_per_epoch``, or ``max_steps`` where that stops it first (its warm-up and cosine end
+    there, not at steps the run never reaches)."""
+
+    total = epochs * steps_per_epoch
+    if max_steps:
+        total = min(total, max_steps)
+    return lr_lambda(total, min(100, total // 20 + 1))
+
+
 def accumulation_groups(batches: int, accum: int) -> list[int]:
     """The size of the accumulation group each batch belongs to: ``accum`` except for a shorter last
     group, so every optimizer step averages the gradients of the batches it actually took."""
@@ -146,9 +157,10 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
     plan, card, stage1 = _plan_run(cfg)  # says why a model cannot run, before any data is read
     loss_fn = _loss(cfg)
     if d.main:
-        _checkrun_folder(cfg, out)
+        _check_run_folder(cfg, out)
     train_items, val_items = split_items(cfg)
-    context = _stage1_context(cfg, card, stage1, out, train_items + val_items, device, d, log)
+    context = _stage1_context(cfg, card, stage1, out, train_items + val_items, device, d, log,
+                              {i.sample.name for i in val_items})
     start = _resume_point(cfg, out, card)
     if start.epoch >= cfg.epochs:
         return _finished(cfg, out, start, val_items, device, log, context, d)
@@ -190,7 +202,7 @@ def _loss(cfg: TrainConfig):
     return build_loss(cfg.loss, torch.tensor(cfg.class_weights, dtype=torch.float32) if cfg.class_weights else None)
 
 
-def _checkrun_folder(cfg: TrainConfig, out: Path) -> None:
+def _check_run_folder(cfg: TrainConfig, out: Path) -> None:
     """The run folder is new, empty, resumed (--resume) or replaced (--overwrite), and holds no input."""
     check_output(out, True, "dir", [cfg.data, cfg.splits, cfg.cache, *cfg.extra, *cfg.context])
     if out.is_dir() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
@@ -202,13 +214,16 @@ def _checkrun_folder(cfg: TrainConfig, out: Path) -> None:
 
 
 def _stage1_context(cfg: TrainConfig, card: ModelCard, stage1: list[Path], out: Path, items: list, device: str,
-                    d: Dist, log):
-    """A cascade's stage-1 maps of every image (named and pinned in the card); None for other models."""
+                    d: Dist, log, held_out: set[str]):
+    """A cascade's stage-1 maps of every image (named and pinned in the card); None for other models.
+    ``held_out`` (the validation images) must have out-of-fold stage-1 maps."""
     if not cfg.context:
         return None
     card.context = context_refs(stage1, out)
     card.context_sha256 = [checkpoint_sha256(p) for p in stage1]
-    return cascade_context(cfg, items, device, d, log)
+    source = cascade_context(cfg, items, device, d, log, held_out)
+    card.context_tta = source.transforms  # predict runs stage 1 with the TTA of these maps
+    return source
 
 
 def _resume_point(cfg: TrainConfig, out: Path, card: ModelCard) -> _Start:
@@ -262,8 +277,8 @@ def _build_run(cfg: TrainConfig, card: ModelCard, plan, loss_fn, train_items: li
         model = model.to(memory_format=torch.channels_last)
     dtype = resolve_amp(cfg.amp, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total_steps = cfg.epochs * math.ceil(len(loader) / cfg.accum)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, min(100, total_steps // 20 + 1)))
+    schedule = planned_schedule(cfg.epochs, math.ceil(len(loader) / cfg.accum), cfg.max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler("cuda", enabled=(dtype == torch.float16))
     if start.state is not None:
         _restore(cfg, model, optimizer, scheduler, scaler, start, log)

@@ -22,17 +22,19 @@ from handseg.models.checkpoint import BEST, LAST, read_card
 from handseg.training.config import TrainConfig
 
 
-def cascade_context(cfg: TrainConfig, items: list, device: str, d, log):
+def cascade_context(cfg: TrainConfig, items: list, device: str, d, log, held_out=()):
     """The stage-1 maps of every training and validation image (see :mod:`handseg.inference.cascade`); under
-    torchrun rank 0 predicts what is missing while the others wait, then every rank reads the cache."""
+    torchrun rank 0 predicts what is missing while the others wait, then every rank reads the cache.
+    ``held_out`` (the validation images) must have out-of-fold stage-1 maps."""
 
     data = resolve_data(cfg.data, "train").root
     cache_root = find_cache(data, cfg.cache) or Path(cfg.cache or default_cache_dir(data))
     samples = [i.sample for i in items]
     if d.world > 1 and not d.main:
         barrier(d)
-        return build_context(cfg.context, samples, cache_root, device, cfg.batch_size, log=lambda *a: None)
-    source = build_context(cfg.context, samples, cache_root, device, cfg.batch_size, log)
+        return build_context(cfg.context, samples, cache_root, device, cfg.batch_size, log=lambda *a: None,
+                             held_out=held_out)
+    source = build_context(cfg.context, samples, cache_root, device, cfg.batch_size, log, held_out=held_out)
     barrier(d)
     log(f"stage-1 context: {source.out_of_fold} images out-of-fold, {source.in_sample} from the mean of the "
         "stage-1 models")

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from handseg.common.errors import HandsegError
+from handseg.common.errors import JSON_TOO_DEEP, HandsegError
 from handseg.data.layout import resolve_data
 from handseg.formats.files import atomic_write_bytes
 from handseg.models.checkpoint import BEST, LAST, ModelCard, checkpoint_bytes, read_card, unwrap
@@ -137,6 +137,8 @@ def _read(path: Path, tensors: bool) -> tuple[dict, dict]:
             raise TypeError("epoch and step must be integers")
     except (KeyError, TypeError, ValueError) as e:
         raise HandsegError(f"not a handseg resume file (bad header: {e})", path) from None
+    except RecursionError:
+        raise HandsegError(f"not a handseg resume file (bad header: {JSON_TOO_DEEP})", path) from None
     # a resumed run is checked against these: a key left out would let any value through
     for part, keys in (("model", MODEL_KEYS), ("run", RUN_KEYS)):
         saved = header[part]

@@ -685,3 +685,251 @@ def test_resume_takes_the_options_not_given_from_the_run_and_says_a_longer_plan(
     assert "--epochs 2: the run planned 1; its learning-rate schedule is re-planned over 2 epochs from step" in said
     options = json.loads((out / "manifest.json").read_text())["options"]
     assert (options["lr"], options["batch_size"], options["accum"], options["epochs"]) == (3e-3, 3, 1, 2)
+
+
+def test_recipe_values_are_refused_in_one_line(run, synth_data, tmp_path, capsys):
+    """Names that clean to one map folder, non-finite or overflowing soft weights, and a keep_largest that
+    is not a boolean: each refused naming the recipe and the field (not an empty submission or a crash)."""
+    from handseg.common.constants import CLASSES
+
+    def two(names=("a", "b"), weights=None, keep=None):
+        doc = _recipe_doc({"0": str(run)})
+        doc["configurations"] = [dict(doc["configurations"][0], name=n) for n in names]
+        doc["classes"] = {c: {"source": "soft", "threshold": 0.5} for c in CLASSES}
+        if weights is not None:
+            doc["ensemble"] = {"soft": {"weights": weights}}
+        if keep is not None:
+            doc["classes"]["Radius"]["keep_largest"] = keep
+        return doc
+
+    out = tmp_path / "p.csv"
+    recipe = tmp_path / "recipe.json"
+    for doc, needle in [
+        (two(("a b", "a_b")), "configurations 'a b' and 'a_b' would share the map folder a_b"),
+        (two(("A", "a")), "configurations 'A' and 'a' would share the map folder a"),
+        (two(weights=[1e308, 1e308]), "ensemble.soft.weights sum to inf, more than 1e+06"),
+        (two(weights=[1, float("inf")]), "ensemble.soft.weights must be 2 finite positive numbers"),
+        (two(weights=[1, 10**400]), "ensemble.soft.weights must be 2 finite positive numbers"),
+        (two(keep="no"), "Radius: keep_largest must be true or false, got 'no'"),
+    ]:
+        recipe.write_text(json.dumps(doc))
+        _fails(capsys, ["predict", "--recipe", recipe, "--data", synth_data / "test", "-o", out],
+               "recipe.json: not a valid recipe", needle, output=out)
+    a = tmp_path / "a.csv"
+    _csv(a, ["x.png"])
+    _fails(capsys, ["vote", "soft", tmp_path, tmp_path, "--weights", "1e308,1e308", "-o", out],
+           "--weights sum to inf, more than 1e+06", output=out)
+
+
+def test_label_coordinates_must_be_numbers(synth_data, tmp_path, capsys):
+    """Booleans and strings as coordinates are not numbers, however numpy would read them."""
+    labelled = tmp_path / "train"
+    shutil.copytree(synth_data / "train", labelled)
+    label = sorted((labelled / "outputs_json").rglob("*.json"))[0]
+    doc = json.loads(label.read_text())
+    first = doc["annotations"][0]["label"]
+    for points, needle in [([[True, 1], [3, 4], [5, 6]], "True is not a number"),
+                           ([["7", 1], [3, 4], [5, 6]], "'7' is not a number"),
+                           ([[1, 2, 3], [3, 4], [5, 6]], "[1, 2, 3] is not an [x, y] pair"),
+                           ({"x": 1}, "expected a list of [x, y], got dict"),
+                           ([[10**400, 1], [3, 4], [5, 6]], "has a coordinate out of range (inf")]:
+        doc["annotations"][0]["points"] = points
+        label.write_text(json.dumps(doc))
+        _fails(capsys, ["prep", "json2npy", "--data", labelled], label.name, f"annotation 0 ({first})", needle)
+
+
+def test_pseudo_labels_remember_their_runs_and_fold_k_refuses_others(synth_data, tmp_path, capsys):
+    """pseudo records the runs (and folds) that made its labels; train --fold 0 --extra refuses labels made
+    by fold 1's run (it trained on fold 0's validation images) or by unknown runs, and takes fold 0's own."""
+    from handseg.data.images import image_size
+    from handseg.data.labels import class_runs, read_polygons
+    from handseg.formats.rle import runs_to_rle
+    from handseg.training.dataset import check_extra_origin
+
+    train = synth_data / "train"
+    splits = tmp_path / "splits.json"
+    assert run_cli(["kfold", "--data", train, "--folds", 2, "-o", splits], capsys)[0] == 0
+    runs = []
+    for fold in (0, 1):  # run folders as train writes their manifests (no weights needed to name them)
+        run = tmp_path / f"r_f{fold}"
+        run.mkdir()
+        (run / "manifest.json").write_text(json.dumps({"stage": "train", "options": {"fold": fold},
+                                                       "inputs": {"splits": str(splits)}}))
+        runs.append(run)
+    samples = discover(synth_data / "test_gt", labels="required")
+    sets = {}
+    for name, made in (("f0", runs[0]), ("f1", runs[1]), ("anon", None)):
+        csv = tmp_path / f"{name}.csv"
+        write_predictions(csv, [(s.name, [runs_to_rle(r) for r in class_runs(read_polygons(s.label_path),
+                                                                              image_size(s.image_path))])
+                                for s in samples])
+        if made is not None:
+            (tmp_path / f"{name}.manifest.json").write_text(json.dumps(
+                {"stage": "predict", "options": {"checkpoints": [str(made / "best.safetensors")]}}))
+        assert run_cli(["pseudo", csv, "--data", synth_data / "test", "--out", tmp_path / f"ps_{name}"], capsys)[0] == 0
+        sets[name] = tmp_path / f"ps_{name}"
+    made_by = json.loads((sets["f1"] / "manifest.json").read_text())["made_by"]
+    assert made_by == [{"run": str(runs[1]), "fold": 1, "splits": str(splits)}]
+    out = tmp_path / "run"
+    args = ["train", "--data", train, "--splits", splits, "--fold", 0, "--encoder-weights", "none", "--out", out]
+    _fails(capsys, [*args, "--extra", sets["f1"]], "ps_f1: the pseudo labels were made by", "r_f1, which was trained "
+           "with --fold 1, so it trained on fold 0's validation images; make them with fold 0's own model", output=out)
+    _fails(capsys, [*args, "--extra", sets["anon"]], "ps_anon: the pseudo labels do not record which runs made them",
+           output=out)
+    check_extra_origin(sets["f0"], 0, splits)  # fold 0's own model: taken
+
+
+def test_one_writer_per_output(run, synth_data, tmp_path, capsys):
+    """While a command holds an output (another process here), a second writer of it is refused in one
+    line and the first one's output is untouched; once it is released, the output can be written."""
+    out = tmp_path / "p.csv"
+    out.write_text("first\n")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from handseg.formats.files import hold_output; "
+                               "hold_output(sys.argv[1]); print('held', flush=True); time.sleep(60)", str(out)],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        _fails(capsys, ["predict", run, "--data", synth_data / "test", "-o", out, "--overwrite", "--device", "cpu"],
+               "p.csv: another handseg command is writing this output now (it holds .p.csv.lock)")
+        assert out.read_text() == "first\n"
+    finally:
+        holder.kill()
+        holder.wait()
+    code, _, err = run_cli(["predict", run, "--data", synth_data / "test", "-o", out, "--overwrite", "--device", "cpu"],
+                           capsys)
+    assert code == 0, err
+    _no_leftovers(tmp_path, "p.csv", "p.manifest.json")  # its lock is gone with the command
+
+
+def test_killed_writers_leave_nothing_the_next_run_keeps(run, synth_data, tmp_path, capsys):
+    """What a kill -9 leaves beside an output (a hidden temporary file, a partial map folder, an unpacked
+    model zip, a half-replaced folder) is removed by the next writer of that output; others' are kept.
+    A CSV's old manifest goes as its new CSV comes, so the two always describe the same run."""
+    from handseg.formats.files import atomic_open
+
+    out = tmp_path / "p.csv"
+    debris = [tmp_path / ".p.csv.tmp-0123abcd", tmp_path / ".p.csv.unpacked-x1", tmp_path / ".probs.tmp-5e6f7a8b",
+              tmp_path / ".probs.old-9abc0def"]
+    debris[0].write_text("half")
+    for d in debris[1:]:
+        d.mkdir()
+        (d / "big.npy").write_bytes(b"x" * 100)
+    other = tmp_path / ".q.csv.tmp-0123abcd"  # another output's: not this run's to remove
+    other.write_text("half")
+    code, _, err = run_cli(["predict", run, "--data", synth_data / "test", "-o", out, "--probs", tmp_path / "probs",
+                            "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert not any(d.exists() for d in debris) and other.exists()
+    # a file written atomically is hidden while it is written
+    with atomic_open(tmp_path / "r.csv") as f:
+        assert os.path.basename(f.name).startswith(".r.csv.tmp-")
+    # a kill between the CSV and its manifest: the CSV has no manifest, never the old run's
+    manifest = tmp_path / "p.manifest.json"
+    assert manifest.is_file()
+    from handseg.formats.submission import write_predictions as write
+
+    write(out, [("x.png", [""] * 29)])
+    assert not manifest.exists()
+
+
+def test_select_workers_die_with_their_parent(tmp_path):
+    """kill -9 of a process scoring in a pool: its workers end too (they watch their parent)."""
+    import signal
+    import time
+
+    (tmp_path / "slowjob.py").write_text("import os, time\n\ndef job(ctx, j):\n    with open(ctx, 'a') as f:\n"
+                                         "        f.write(f'{os.getpid()}\\n')\n    time.sleep(120)\n    return j\n")
+    pids = tmp_path / "pids.txt"
+    script = ("import os, signal, sys, threading, time\nfrom handseg.selection.scoring import ordered_map\n"
+              "from slowjob import job\n"
+              "threading.Thread(target=lambda: list(ordered_map(job, sys.argv[1], list(range(4)), workers=2)),"
+              " daemon=True).start()\n"
+              "while not os.path.exists(sys.argv[1]) or len(open(sys.argv[1]).read().split()) < 2:\n"
+              "    time.sleep(0.05)\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), str(tmp_path)])}
+    proc = subprocess.run([sys.executable, "-c", script, str(pids)], env=env, timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    workers = [int(p) for p in pids.read_text().split()]
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                return "\nState:\tZ" not in f.read()
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 30
+    while any(alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in workers), workers
+
+
+def test_deeply_nested_json_and_odd_names_are_one_line(run, synth_data, tmp_path, capsys):
+    """JSON nested past the parser's recursion (labels, recipes, thresholds, indexes, configs), a probability
+    index listing non-names, file names that are not text, and a symlink loop: one line each, no traceback."""
+    from handseg.formats.probs import PROBS_INDEX
+
+    deep = "[" * 100_000 + "]" * 100_000
+    out = tmp_path / "p.csv"
+    test = synth_data / "test"
+    for name, args in [("thr.json", ["predict", run, "--data", test, "-o", out, "--thresholds"]),
+                       ("recipe.json", ["predict", "--data", test, "-o", out, "--recipe"]),
+                       ("run.yaml", ["train", "--data", synth_data / "train", "--out", tmp_path / "r", "--config"])]:
+        path = tmp_path / name
+        path.write_text(deep)
+        _fails(capsys, [*args, path], name, "nested too deeply", output=out)
+    labelled = tmp_path / "train"
+    shutil.copytree(synth_data / "train", labelled)
+    label = sorted((labelled / "outputs_json").rglob("*.json"))[0]
+    label.write_text(deep)
+    _fails(capsys, ["prep", "json2npy", "--data", labelled], label.name, "nested too deeply")
+
+    probs = tmp_path / "pa"
+    assert run_cli(["predict", run, "--data", test, "-o", tmp_path / "pa.csv", "--probs", probs, "--device", "cpu"],
+                   capsys)[0] == 0
+    (probs / PROBS_INDEX).write_text(json.dumps({"images": [1, 2]}))
+    _fails(capsys, ["vote", "soft", probs, probs, "-o", out], "index.json", '"images" must list each image name once '
+           "as text: 1 is not an image name", output=out)
+
+    for bad, shown in [(b"x\nrow.png", "'x\\nrow.png'"), (b"caf\xe9.png", "'caf\\udce9.png'")]:
+        folder = tmp_path / f"odd{len(bad)}"
+        folder.mkdir()
+        shutil.copy(discover(test)[0].image_path, os.fsdecode(bytes(folder) + b"/" + bad))
+        _fails(capsys, ["predict", run, "--data", folder, "-o", out], f"{folder}: the file name {shown}", output=out)
+    loop = tmp_path / "loop"
+    (loop / "a").mkdir(parents=True)
+    shutil.copy(discover(test)[0].image_path, loop / "a" / "x.png")
+    os.symlink(loop, loop / "a" / "back")
+    _fails(capsys, ["predict", run, "--data", loop, "-o", out], "symlink loop: this folder is", output=out)
+
+
+def test_an_output_that_cannot_be_replaced_is_refused_before_the_work(run, synth_data, tmp_path, capsys,
+                                                                       monkeypatch):
+    """A folder output that could not be moved aside at the end (not writable by us; simulated, as tests
+    run as root) is refused when the output is checked, before anything is predicted."""
+    import handseg.inference.run as inference_run
+
+    probs = tmp_path / "probs"
+    probs.mkdir()
+    (probs / "old.npy").write_bytes(b"x")
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if os.fspath(p) == os.fspath(probs)
+                        and mode & os.W_OK else real(p, mode, **k))
+    monkeypatch.setattr(inference_run, "run_predictions", lambda *a, **k: pytest.fail("predicted before refusing"))
+    out = tmp_path / "p.csv"
+    _fails(capsys, ["predict", run, "--data", synth_data / "test", "-o", out, "--probs", probs, "--overwrite"],
+           "probs: cannot be replaced: the folder is not writable by this user", output=out)
+    assert (probs / "old.npy").read_bytes() == b"x"
+
+
+def test_a_map_of_another_dtype_or_rank_says_what_a_map_is(run, synth_data, tmp_path, capsys):
+    probs = tmp_path / "pa"
+    assert run_cli(["predict", run, "--data", synth_data / "test", "-o", tmp_path / "pa.csv", "--probs", probs,
+                    "--device", "cpu"], capsys)[0] == 0
+    victim = sorted(probs.glob("*.npy"))[0]
+    out = tmp_path / "v.csv"
+    for array, shown in [(np.zeros((29, 8, 8), np.float32), "a float32 array of shape 29 x 8 x 8"),
+                         (np.zeros((8, 8), np.uint8), "a uint8 array of shape 8 x 8")]:
+        np.save(victim, array)
+        _fails(capsys, ["vote", "soft", probs, probs, "-o", out], victim.name, "not a handseg probability map: it "
+               f"holds {shown}; a handseg map is uint8, 29 x H x W (dense) or a packed crop file", output=out)

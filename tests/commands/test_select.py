@@ -50,9 +50,18 @@ def test_select_writes_recipe_and_prints_table(two_configs, capsys):
 
     code, _, err = run_cli(["select", *runs, "-o", out], capsys)
     assert code == 2 and "already exists" in err
-    code, _, err = run_cli(["select", *runs, "-o", out, "--overwrite", "--data", data, "--choose", "nested"], capsys)
+    flat = " ".join(stdout.split())
+    assert "Out-of-fold maps come from each run's best checkpoint, whose epoch was chosen on these same images: " \
+           "every figure here leans optimistic." in flat and "still optimistic" not in flat
+    code, stdout, err = run_cli(["select", *runs, "-o", out, "--overwrite", "--data", data, "--choose", "nested"],
+                                capsys)
     assert code == 0, err
     assert json.loads(out.read_text())["chosen_by"] == "nested"
+    # the chosen row is the highest of many nested estimates on the same images: said in the table and the line
+    flat = " ".join(stdout.split())
+    assert "The chosen row was picked for its 'tuned on other folds' figure among 24 candidates on the same " \
+           "images, so its figure is still optimistic." in flat
+    assert "tuned on other folds (the highest of 24 such estimates on the same images: still optimistic)" in flat
 
 
 def test_select_bad_inputs_exit_2_with_one_line_and_no_recipe(two_configs, capsys):

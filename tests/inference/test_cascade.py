@@ -95,7 +95,23 @@ def test_cascade_trains_predicts_once_per_image_and_names_missing_stage1(stage1,
 
     card = read_card(stage2[0])
     assert card.in_channels == 30 and card.crop == 64 and len(card.context) == 2
+    assert card.context_tta == ["identity"]  # the stage-1 maps' TTA: predict runs stage 1 with it
     assert (stage2[0] / "oof" / "manifest.json").is_file()
+
+    # the held-out images again, as training's oof/ made them (stage 1 out-of-fold, not the mean of all folds)
+    code, _, err = run_cli(["predict", stage2[0], "--splits", splits, "--fold", 0, "-o", tmp_path / "f0.csv",
+                            "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "f0.csv").read_bytes() == (stage2[0] / "oof" / "oof.csv").read_bytes()
+    # select on the cascade's folds, and predict --recipe --oof reproduces its cv_dice
+    recipe = tmp_path / "recipe.json"
+    code, _, err = run_cli(["select", *stage2, "-o", recipe, "-j", 1], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["predict", "--recipe", recipe, "--oof", "--data", data, "-o", tmp_path / "oof.csv",
+                            "--device", "cpu"], capsys)
+    assert code == 0, err
+    reported = json.loads((tmp_path / "oof.manifest.json").read_text())["dice"]
+    assert reported == pytest.approx(json.loads(recipe.read_text())["cv_dice"], abs=1e-9)
 
     # predict RUN runs stage 1 then stage 2 with no flags; stage 1 once per image for both stage-2 folds
     import handseg.inference.predictor as inference
@@ -137,6 +153,19 @@ def test_cascade_trains_predicts_once_per_image_and_names_missing_stage1(stage1,
     finally:
         (runs[0] / "best.moved").rename(runs[0] / "best.safetensors")
     assert code == 2 and err.count("\n") == 1 and "names the stage-1 checkpoint" in err and "which is missing" in err
+
+
+def test_a_validation_image_without_out_of_fold_stage1_context_is_refused(stage1, tmp_path, capsys):
+    """Stage 2's fold 1 with only stage 1's fold 0: fold 1's images would get context from a model that
+    trained on them. Refused in one line naming the stage-1 fold that is missing."""
+    data, splits, runs = stage1
+    out = tmp_path / "c1"
+    code, _, err = run_cli(["train", "--data", data, "--splits", splits, "--fold", 1, "--arch", "unet", "--encoder",
+                            "resnet18", "--encoder-weights", "none", "--crop", 64, "--epochs", 1, "--workers", 0,
+                            "--device", "cpu", "--context", runs[0], "--out", out], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "has no out-of-fold stage-1 map: it is in fold 1 of" in err and "give stage 1's fold-1 run" in err
+    assert not out.exists()
 
 
 def test_context_needs_crops_and_whole_image_stage1(stage1, tmp_path):

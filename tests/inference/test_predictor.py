@@ -78,6 +78,7 @@ def test_tta_reports_each_transform_and_tune_writes_thresholds(runs, synth_data,
     assert code == 0, err
     thr = json.loads((tmp_path / "v.thresholds.json").read_text())
     assert len(thr) == 29 and all(0.2 <= v <= 0.8 for v in thr.values())
+    assert "Dice on labelled data (thresholds tuned on these same images: optimistic)" in " ".join(out.split())
     code, _, err = run_cli(["tta", runs[0], "--data", synth_data / "test", "--transforms", "spin"], capsys)
     assert code == 2 and "unknown TTA transform 'spin'" in err
 
@@ -249,3 +250,27 @@ def test_dense_probability_maps_load_without_handseg_and_vote_like_packed(runs, 
     soft_vote([tmp_path / "packed", tmp_path / "dense"], tmp_path / "mixed.csv")
     soft_vote([tmp_path / "packed", tmp_path / "packed"], tmp_path / "same.csv")
     assert (tmp_path / "mixed.csv").read_text() == (tmp_path / "same.csv").read_text()
+
+
+def test_sliding_windows_pad_as_training_crops_do():
+    """An image smaller than the window: beyond its edge the image channels hold a black pixel normalised
+    (training's crop window is uint8 zeros) and a cascade's context channels 0 (render_context), whatever
+    the image's own minimum is."""
+    from handseg.inference.predictor import pad_values, sliding_window_logits
+    from handseg.models.checkpoint import ModelCard
+    from handseg.training.dataset import DEFAULT_NORM
+
+    card = ModelCard(arch="unet", encoder="resnet18", size=64, crop=64, in_channels=30, context=["stage1.safetensors"])
+    x = torch.full((1, 30, 40, 50), 0.7)  # bright everywhere: its minimum is not black
+    seen = []
+
+    def model(crops):
+        seen.append(crops.clone())
+        return torch.zeros(crops.shape[0], 29, *crops.shape[-2:])
+
+    sliding_window_logits(model, x, 64, pad=pad_values(card))
+    (crop,) = seen[0]
+    black = (0.0 - DEFAULT_NORM["mean"]) / DEFAULT_NORM["std"]
+    assert torch.all(crop[:, :40, :50] == 0.7)
+    assert torch.allclose(crop[0, 40:], torch.tensor(black)) and torch.allclose(crop[0, :, 50:], torch.tensor(black))
+    assert not crop[1:, 40:].any() and not crop[1:, :, 50:].any()

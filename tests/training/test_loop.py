@@ -215,3 +215,16 @@ def test_a_corrupt_cache_file_is_named_and_leaves_no_run_folder(synth_data, tmp_
         train(_cfg(tmp_path / "copy", tmp_path / "run", epochs=1, fold=-1), log=lambda *a: None)
     assert bad.name in str(err.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_max_steps_plans_warm_up_and_cosine_over_the_steps_it_takes():
+    """100 epochs of 10 steps cut at 43 steps: warm-up 3 steps (43 // 20 + 1), then the cosine reaches its
+    floor (2% of --lr) at step 43 and is at half way (0.02 + 0.98 / 2) at step 3 + 20; not the schedule of
+    1000 steps, which would still be warming up."""
+    from handseg.training.loop import planned_schedule
+
+    f = planned_schedule(100, 10, max_steps=43)
+    assert f(0) == pytest.approx(1 / 3) and f(2) == pytest.approx(1.0)
+    assert f(23) == pytest.approx(0.51) and f(43) == pytest.approx(0.02)
+    full = planned_schedule(100, 10)
+    assert full(43) == pytest.approx(44 / 51) and full(1000) == pytest.approx(0.02)  # still warming up at 43
