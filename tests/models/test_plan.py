@@ -254,7 +254,7 @@ def test_vit_weights_at_224_load_into_a_model_built_for_64(tmp_path):
 def test_swin_and_hiera_weights_at_224_load_at_64_and_imagenet_goes_the_same_way(tmp_path, monkeypatch):
     import timm
 
-    import handseg.models.plan as models
+    import handseg.models.build as models  # where build_model looks the pretrained state up
 
     state = timm.create_model("swin_tiny_patch4_window7_224").state_dict()
     # saved in the original repository's layout (each stage ends with the next one's downsampling),

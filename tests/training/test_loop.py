@@ -117,7 +117,8 @@ def test_timm_encoder_builds_and_runs():
 def test_nan_loss_stops_with_a_message(synth_data, tmp_path, monkeypatch):
     import handseg.models.losses as losses
 
-    monkeypatch.setattr(losses, "build_loss", lambda *a, **k: lambda logits, y: logits.mean() * float("nan"))
+    # through the registry, which build_loss reads when the run starts
+    monkeypatch.setitem(losses.LOSSES, "bce", lambda logits, target, weights=None: logits.mean() * float("nan"))
     with pytest.raises(HandsegError, match="loss became nan at epoch 1"):
         train(_cfg(synth_data, tmp_path / "nan", epochs=1), log=lambda *a: None)
     with pytest.raises(HandsegError, match="--lr"):
