@@ -65,7 +65,10 @@ def train(
                                                 "format on CUDA.")] = True,
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
     accum: Annotated[int, typer.Option("--accum", min=1, help="Gradient accumulation steps.")] = 1,
-    workers: Annotated[int, typer.Option("--workers", "-j", min=0, help="DataLoader worker processes.")] = 4,
+    workers: Annotated[int | None, typer.Option("--workers", "-j", min=0, help="DataLoader worker processes "
+                                                "(default: fitted to the CPUs this process may use, or to "
+                                                "`handseg --threads N`; 0 loads in the main process).",
+                                                show_default=False)] = None,
     device: Device = "auto",
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("runs/run"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped "

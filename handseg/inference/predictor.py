@@ -21,11 +21,12 @@ import numpy as np
 from handseg.common.constants import CLASS_INDEX
 from handseg.common.errors import HandsegError
 from handseg.common.notices import notice
+from handseg.common.threads import recorded as recorded_threads
 from handseg.data.anatomy import side_of
 from handseg.data.images import resize_image
 from handseg.formats.probs import quantise_probs
 from handseg.formats.tta import IDENTITY, MERGES, Transform
-from handseg.inference.runtime import pick_device, resolve_amp
+from handseg.inference.runtime import apply_threads, pick_device, resolve_amp
 from handseg.inference.tta import _ttach_flip
 from handseg.models.checkpoint import ModelCard, load_checkpoint, resolve_checkpoint
 from handseg.models.context import CONTEXT_CHANNELS, resolve_context
@@ -141,6 +142,8 @@ class Predictor:
 
 
         device = pick_device(device)
+        if recorded_threads() is None:  # training decided them already (with its workers)
+            apply_threads(device)
         models, cards, stage1, shared = [], [], {}, {}
         for p in paths:
             model, card = load_checkpoint(p, device)

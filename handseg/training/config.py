@@ -52,7 +52,8 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     accum: int = 1
-    workers: int = 4
+    workers: int | None = None
+    """DataLoader workers; ``None``: fitted to the usable CPUs (:mod:`handseg.common.threads`)."""
     device: str = "auto"
     out: Path = Path("runs/run")
     resume: bool = False
@@ -209,7 +210,8 @@ _RULES = {
     "batch_size": _int(1), "lr": _float(0.0, exclusive=True), "weight_decay": _float(0.0, exclusive=False),
     "loss": _text, "class_weights": parse_class_weights, "augment": _choice(AUGMENT_PRESETS),
     "unify_hands": _bool, "val_every": _int(1), "amp": _choice(AMP_CHOICES), "channels_last": _bool,
-    "compile": _bool, "accum": _int(1), "workers": _int(0), "device": _text, "out": _path(), "resume": _bool,
+    "compile": _bool, "accum": _int(1), "workers": _int(0, optional=True), "device": _text, "out": _path(),
+    "resume": _bool,
     "overwrite": _bool,
     "extra": _paths, "cache": _path(optional=True), "seed": _int(0), "max_steps": _int(1, optional=True),
     "logger": _choice(LOGGERS), "oof_tta": _tta_spec, "context": _paths,

@@ -8,7 +8,6 @@ validate, and hand the state to the background checkpoint writer. Files are writ
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from collections.abc import Callable
@@ -27,12 +26,13 @@ from handseg.common.distributed import (
     shutdown,
 )
 from handseg.common.errors import HandsegError
+from handseg.common.threads import budget as thread_budget
 from handseg.formats.files import (
     check_output,
     write_manifest,
 )
 from handseg.formats.oof import OOF_DIR
-from handseg.inference.runtime import pick_device, resolve_amp
+from handseg.inference.runtime import apply_threads, pick_device, resolve_amp
 from handseg.models.build import build_model
 from handseg.models.checkpoint import BEST, LAST, ModelCard, checkpoint_sha256, load_weights, read_card, unwrap
 from handseg.models.context import CONTEXT_CHANNELS, context_refs, stage1_checkpoints
@@ -141,6 +141,7 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
     """
     cfg = cfg.validated()
     device = pick_device(cfg.device)
+    cfg = _fit_threads(cfg, device, log)
     d = setup_distributed(device)  # pick_device already gave each torchrun process its own GPU
     out = Path(cfg.out)
     plan, card, stage1 = _plan_run(cfg)  # says why a model cannot run, before any data is read
@@ -169,6 +170,14 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
     shutdown(d)
     return {"best_dice": run.best if run.best >= 0 else None, "last_dice": run.last_dice, "epochs": run.epochs_run,
             "steps": run.step, "out": str(out)}
+
+
+def _fit_threads(cfg: TrainConfig, device: str, log) -> TrainConfig:
+    """The run's threads (see :mod:`handseg.common.threads`): ``--workers`` fitted to the usable CPUs or
+    ``handseg --threads``, so the manifest's options say what ran."""
+    from dataclasses import replace
+
+    return replace(cfg, workers=apply_threads(device, cfg.workers, log).workers)
 
 
 def _plan_run(cfg: TrainConfig) -> tuple:
@@ -446,7 +455,7 @@ def _checkpoint_epoch(run: _Run, epoch: int, stats: dict, per_class, val_seconds
     dice_text = f" val dice {run.last_dice:.4f}" if per_class is not None else ""
     run.log(f"epoch {epoch + 1}: loss {stats['train_loss']:.4f}{dice_text} ({stats['images_per_s']:.1f} img/s, "
             f"{stats['seconds']:.1f}s)")
-    if stats["data_wait"] > DATA_WAIT_HINT and cfg.workers < (os.cpu_count() or 1):
+    if stats["data_wait"] > DATA_WAIT_HINT and cfg.workers + 1 < thread_budget()[0]:
         run.log(f"  the loop waited for data {stats['data_wait']:.0%} of this epoch: more --workers (now "
                 f"{cfg.workers}) or `handseg prep` caches would help")
 
