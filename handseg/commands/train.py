@@ -48,8 +48,9 @@ def train(
     crop: Annotated[int | None, typer.Option("--crop", min=1, help="Instead of resizing, train on random CROP px "
                                              "crops at full resolution (predict uses a sliding window).")] = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 30,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Network inputs per forward pass, per "
-                                            "GPU (resized images, or crops).")] = 4,
+    batch_size: Annotated[str, typer.Option("--batch-size", help="Network inputs per forward pass, per GPU "
+                                            "(resized images, or crops), or auto: the largest that fits the GPU "
+                                            "(trial steps, with a margin; on CPU a small batch).")] = "4",
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, warm-up then cosine).")] = 1e-3,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")] = 1e-4,
     loss: Annotated[str, typer.Option("--loss", help="bce, dice, focal, jaccard (iou), tversky, lovasz, boundary, "

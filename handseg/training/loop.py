@@ -38,6 +38,7 @@ from handseg.models.checkpoint import BEST, LAST, ModelCard, checkpoint_sha256, 
 from handseg.models.context import CONTEXT_CHANNELS, context_refs, stage1_checkpoints
 from handseg.models.losses import build_loss
 from handseg.models.plan import DEFAULT_NORM, plan_model, resolve_arch, resolve_encoder
+from handseg.training.batchsize import auto_batch_size, trial_fits
 from handseg.training.config import TrainConfig
 from handseg.training.dataset import SegmentationDataset, seed_worker, split_items, unpack_mask_bits
 from handseg.training.oof import cascade_context, write_oof
@@ -120,6 +121,8 @@ class _Run:
     identity: dict = field(default_factory=dict)
     last_dice: float | None = None
     epochs_run: int = 0
+    batch_auto: dict | None = None
+    """How ``--batch-size auto`` chose (for the manifest), or None."""
 
     @property
     def cuda(self) -> bool:
@@ -149,11 +152,13 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
     if d.main:
         _checkrun_folder(cfg, out)
     train_items, val_items = split_items(cfg)
+    cfg, batch_auto = _auto_batch(cfg, plan, card, loss_fn, device, len(train_items), log)
     context = _stage1_context(cfg, card, stage1, out, train_items + val_items, device, d, log)
     start = _resume_point(cfg, out, card)
     if start.epoch >= cfg.epochs:
         return _finished(cfg, out, start, val_items, device, log, context, d)
     run = _build_run(cfg, card, plan, loss_fn, train_items, context, device, d, start, log)
+    run.batch_auto = batch_auto
     with run_folder(out, d.main, run.writer, replace=cfg.overwrite, resume=cfg.resume):
         logger = _start_run(run, out, len(train_items), len(val_items), start)
         run.run_model.train()
@@ -178,6 +183,24 @@ def _fit_threads(cfg: TrainConfig, device: str, log) -> TrainConfig:
     from dataclasses import replace
 
     return replace(cfg, workers=apply_threads(device, cfg.workers, log).workers)
+
+
+def _auto_batch(cfg: TrainConfig, plan, card: ModelCard, loss_fn, device: str, n_train: int, log):
+    """``(cfg with a number for --batch-size, how auto chose it or None)``: trial steps of the run's model,
+    size and AMP on the device (see :mod:`handseg.training.batchsize`)."""
+    from dataclasses import replace
+
+    if cfg.batch_size != "auto":
+        return cfg, None
+
+    def make_model():
+        return build_model(card.arch, card.encoder, "none", in_channels=card.in_channels, size=cfg.crop or cfg.size,
+                           plan=plan, size_flag="--crop" if cfg.crop else "--size")
+
+    fits = trial_fits(make_model, loss_fn, cfg.crop or cfg.size, card.in_channels, device,
+                      resolve_amp(cfg.amp, device))
+    chosen = auto_batch_size(fits, device, n_train, log)
+    return replace(cfg, batch_size=chosen["batch_size"]), chosen
 
 
 def _plan_run(cfg: TrainConfig) -> tuple:
@@ -331,7 +354,8 @@ def _start_run(run: _Run, out: Path, n_train: int, n_val: int, start: _Start):
         return None
     logger = make_logger(cfg, out)
     write_manifest(out, "train", cfg.to_json(), inputs={"data": str(cfg.data), "splits": str(cfg.splits)},
-                   train_images=n_train, val_images=n_val, world_size=run.d.world)
+                   train_images=n_train, val_images=n_val, world_size=run.d.world,
+                   **({"batch_size_auto": run.batch_auto} if run.batch_auto else {}))
     # the resolved configuration, said once everything has been checked (a failed start says one line)
     run.log("handseg train " + " ".join(f"{k}={v}" for k, v in cfg.to_json().items()))
     run.log(f"{n_train} training images, {n_val} validation images -> {out}")
