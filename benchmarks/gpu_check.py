@@ -39,7 +39,7 @@ GOALS = {"train_loop_share": 0.90, "predict_resize_img_s": 25.0, "predict_hflip_
          "predict_crop_img_s": 8.0}
 FULL = {"image_size": 2048, "size": 1024, "crop": 1024, "steps": 60, "images": 48, "ids": 24,
         "configs": ["unetplusplus/hrnet_w48", "unet/resnet34"]}
-TINY = {"image_size": 128, "size": 64, "crop": 64, "steps": 2, "images": 2, "ids": 4,
+TINY = {"image_size": 128, "size": 64, "crop": 64, "steps": 2, "images": 2, "ids": 6,
         "configs": ["unet/resnet18"]}
 
 
