@@ -69,8 +69,15 @@ def _root(
                                           help="Print the version.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Errors and results only: no progress bars or "
                                         "messages.")] = False,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads in all (the model's plus "
+                                                "data loaders'); default: the CPUs this process may use "
+                                                "(affinity and cgroup quota). Manifests record what was used.",
+                                                show_default=False)] = None,
 ) -> None:
     """Hand-bone X-ray segmentation."""
+    from handseg.common import threads as thread_budget
+
+    thread_budget.set_override(threads)
     if quiet:
         from handseg.console import be_quiet
 
@@ -97,10 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI. Every error is one line on stderr: a HandsegError (bad input) or a usage error
     (an unknown option, a value out of range) exits with code 2; Ctrl-C says so and exits with 130
     (outputs are written atomically, so an interrupted command leaves none)."""
-    from handseg.common import notices
+    from handseg.common import notices, threads
     from handseg.formats.files import release_outputs
 
-    notices.reset()  # each run says its notes afresh (main may run many times in one process)
+    notices.reset()
+    threads.reset()  # each run says its notes afresh (main may run many times in one process)
     argv = train.expand_list_options(sys.argv[1:] if argv is None else argv)
     try:
         try:

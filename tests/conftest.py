@@ -13,9 +13,10 @@ os.environ.setdefault("HANDSEG_NO_PROGRESS", "1")
 @pytest.fixture(autouse=True)
 def _fresh_notices():
     """Each test says its notes afresh (notes are said once per process otherwise)."""
-    from handseg.common import notices
+    from handseg.common import notices, threads
 
     notices.reset()
+    threads.reset()
 
 
 @pytest.fixture(scope="session")

@@ -127,3 +127,17 @@ def test_baseline_recipe_runs_tiny(capsys):
     for recipe in ("baseline", "handseg"):
         assert r[recipe]["steps"] >= 1 and 0.0 <= r[recipe]["dice"] <= 1.0
     assert r["baseline_workers"] == 1 and r["test_images"] == 2 and "official baseline" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_tiny_on_cpu(capsys):
+    import gpu_check
+
+    r = gpu_check.main(["--tiny", "--device", "cpu"])
+    assert set(r["train"]) == {"unet/resnet18"} and set(r["predict"]) == {"resize", "hflip", "crop"}
+    t = r["train"]["unet/resnet18"]
+    assert t["img_s"] > 0 and 0 < t["loop_share"] < 1
+    assert all(p["img_s"] > 0 for p in r["predict"].values())
+    assert r["batch_size_auto"]["batch_size"] == 4 and r["batch_size_auto"]["device"] == "cpu"
+    assert r["goals"] == {k: "n/a on CPU" for k in gpu_check.GOALS}
+    assert '"batch_size_auto"' in capsys.readouterr().out

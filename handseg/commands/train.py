@@ -48,8 +48,9 @@ def train(
     crop: Annotated[int | None, typer.Option("--crop", min=1, help="Instead of resizing, train on random CROP px "
                                              "crops at full resolution (predict uses a sliding window).")] = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 30,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Network inputs per forward pass, per "
-                                            "GPU (resized images, or crops).")] = 4,
+    batch_size: Annotated[str, typer.Option("--batch-size", help="Network inputs per forward pass, per GPU "
+                                            "(resized images, or crops), or auto: the largest that fits the GPU "
+                                            "(trial steps, with a margin; on CPU a small batch).")] = "4",
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, warm-up then cosine).")] = 1e-3,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")] = 1e-4,
     loss: Annotated[str, typer.Option("--loss", help="bce, dice, focal, jaccard (iou), tversky, lovasz, boundary, "
@@ -65,7 +66,10 @@ def train(
                                                 "format on CUDA.")] = True,
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
     accum: Annotated[int, typer.Option("--accum", min=1, help="Gradient accumulation steps.")] = 1,
-    workers: Annotated[int, typer.Option("--workers", "-j", min=0, help="DataLoader worker processes.")] = 4,
+    workers: Annotated[int | None, typer.Option("--workers", "-j", min=0, help="DataLoader worker processes "
+                                                "(default: fitted to the CPUs this process may use, or to "
+                                                "`handseg --threads N`; 0 loads in the main process).",
+                                                show_default=False)] = None,
     device: Device = "auto",
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("runs/run"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped "

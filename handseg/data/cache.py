@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import numpy as np
 from handseg.common.constants import NUM_CLASSES
 from handseg.common.errors import HandsegError
 from handseg.common.notices import collect_only, drain, notice
+from handseg.common.threads import budget as thread_budget
 from handseg.data.images import image_size, read_image
 from handseg.data.labels import BoneCrops, Polygons, place_crops, polygon_crops, read_polygons
 from handseg.data.layout import Sample, discover
@@ -344,4 +344,6 @@ def find_cache(data_dir: str | Path, cache_dir: str | Path | None = None) -> Pat
 
 
 def default_workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
+    """Worker processes for CPU-bound jobs (prep, select): the thread budget (usable CPUs or
+    ``--threads``), at most 8."""
+    return max(1, min(8, thread_budget()[0]))

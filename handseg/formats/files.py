@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from handseg import __version__
+from handseg.common import threads
 from handseg.common.constants import CLASSES
 from handseg.common.errors import JSON_TOO_DEEP, HandsegError
 
@@ -353,6 +354,7 @@ def manifest(stage: str, options: dict[str, Any], inputs: dict[str, Any] | None 
         "options": options,
         "inputs": inputs or {},
         "classes": list(CLASSES),
+        **({"threads": used} if (used := threads.recorded()) is not None else {}),
         **extra,
     }
 

@@ -21,13 +21,15 @@ import numpy as np
 from handseg.common.constants import CLASS_INDEX
 from handseg.common.errors import HandsegError
 from handseg.common.notices import notice
+from handseg.common.threads import recorded as recorded_threads
 from handseg.data.anatomy import side_of
 from handseg.data.images import resize_image
 from handseg.formats.probs import quantise_probs
 from handseg.formats.tta import IDENTITY, MERGES, Transform, parse_transforms, tta_option
-from handseg.inference.runtime import pick_device, resolve_amp
+from handseg.inference.onnx import load_onnx, onnx_beside
+from handseg.inference.runtime import apply_threads, pick_device, resolve_amp
 from handseg.inference.tta import _ttach_flip
-from handseg.models.checkpoint import ModelCard, load_checkpoint, resolve_checkpoint
+from handseg.models.checkpoint import ModelCard, load_checkpoint, read_card, resolve_checkpoint
 from handseg.models.context import CONTEXT_CHANNELS, resolve_context
 from handseg.models.plan import model_plan
 
@@ -155,10 +157,17 @@ class Predictor:
 
 
         device = pick_device(device)
+        if recorded_threads() is None:  # training decided them already (with its workers)
+            apply_threads(device)
         models, cards, stage1, shared = [], [], {}, {}
         for p in paths:
-            model, card = load_checkpoint(p, device)
-            if device.startswith("cuda"):
+            graph = onnx_beside(resolve_checkpoint(p))
+            if graph is not None:  # a model zip exported with --format onnx: onnxruntime runs it
+                card = read_card(resolve_checkpoint(p))
+                model = load_onnx(graph, card, device, (recorded_threads() or {}).get("intra_op"))
+            else:
+                model, card = load_checkpoint(p, device)
+            if device.startswith("cuda") and graph is None:
                 model = model.to(memory_format=torch.channels_last)
             if card.context:
 

@@ -19,6 +19,7 @@ from handseg.common.constants import CLASSES, NUM_CLASSES
 from handseg.common.distributed import Dist, all_gather, dist_env, join_group, shutdown
 from handseg.common.errors import HandsegError
 from handseg.common.notices import notice
+from handseg.common.threads import budget as thread_budget
 from handseg.data.images import read_image
 from handseg.data.labels import class_masks, read_polygons
 from handseg.data.layout import Sample, discover
@@ -273,7 +274,7 @@ def _tune_rows(level: np.ndarray, truth: np.ndarray, tune_sum: np.ndarray) -> li
 
 def _prefetch_groups(samples: list[Sample], size: int, ahead: int = 2):
     """Lists of ``(sample, image)`` of ``size`` images, in order, decoded in threads ahead of the model."""
-    workers = max(2, min(8, size * ahead))
+    workers = max(2, min(8, size * ahead, thread_budget()[0]))  # decoding shares the cores with the model
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = [pool.submit(read_image, s.image_path) for s in samples[: size * (ahead + 1)]]
         submitted = len(futures)

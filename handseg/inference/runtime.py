@@ -1,9 +1,14 @@
-"""Where inference and training run: the device and the AMP dtype."""
+"""Where inference and training run: the device, the AMP dtype and the CPU threads."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+
+from handseg.common import threads
 from handseg.common.distributed import dist_env
 from handseg.common.errors import HandsegError
+from handseg.common.notices import notice
 
 
 def pick_device(device: str = "auto") -> str:
@@ -32,3 +37,48 @@ def resolve_amp(amp: str, device: str):
     if amp == "bf16" or (device.startswith("cuda") and torch.cuda.is_bf16_supported()):
         return torch.bfloat16
     return torch.float16
+
+
+def apply_threads(device: str = "cpu", workers: int | None = None, say=None):
+    """Decide this run's threads (:func:`~handseg.common.threads.plan_threads` over the usable CPUs or
+    ``--threads``), set torch's and OpenCV's intra-op threads to it, and record it for the manifest.
+
+    Returns:
+        The :class:`~handseg.common.threads.ThreadPlan`; ``plan.workers`` is the DataLoader's count.
+    """
+    import torch
+
+    n, source = threads.budget()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # torchrun: the processes of one machine share it
+    if local > 1:
+        n, source = max(1, n // local), f"{source}, shared by {local} processes"
+    plan = threads.plan_threads(n, device, workers, source, threads.intra_op_cap(n))
+    torch.set_num_threads(plan.intra_op)
+    with contextlib.suppress(RuntimeError):  # settable once, before the first parallel work
+        torch.set_num_interop_threads(1 if plan.intra_op <= 2 else 2)
+    _cv2_threads(plan.intra_op)
+    threads.record(plan)
+    if plan.busy:
+        n_intra = f"{plan.intra_op} intra-op thread{'s' if plan.intra_op != 1 else ''}"
+        notice(("busy", plan.intra_op), f"{plan.busy}: {n_intra} of {plan.budget} usable, as threads waiting for "
+               "descheduled ones would run slower (handseg --threads N to choose)")
+    if say is not None and workers is not None and plan.workers < workers:
+        say(f"--workers {workers} with {plan.budget} thread{'s' if plan.budget != 1 else ''} ({source}): "
+            f"using {plan.workers} worker{'s' if plan.workers != 1 else ''}, so that loaders and the model do "
+            "not fight over the cores")
+    return plan
+
+
+def worker_threads(worker_id: int = 0) -> None:
+    """In a DataLoader worker: one torch thread and one OpenCV thread (the budget is split between
+    processes, never multiplied by them)."""
+    import torch
+
+    torch.set_num_threads(1)
+    _cv2_threads(1)
+
+
+def _cv2_threads(n: int) -> None:
+    import cv2
+
+    cv2.setNumThreads(n)

@@ -28,6 +28,7 @@ from handseg.common.errors import HandsegError
 from handseg.common.limits import env_limit
 from handseg.formats.files import atomic_open, read_json, safe_name
 from handseg.formats.recipe import read_recipe
+from handseg.inference.onnx import ONNX_NAME, export_onnx
 from handseg.models.checkpoint import BEST, ModelCard, checkpoint_sha256, read_card, resolve_checkpoint, with_card
 from handseg.models.context import resolve_context
 from handseg.selection.apply import pinned_checkpoints
@@ -50,8 +51,10 @@ def _safe(name: str) -> str:
     return safe_name(name, "model", "@+")
 
 
-def export_models(runs: list[Path], out: Path, recipe: Path | None = None) -> dict:
-    """Write ``out`` (a zip) with the runs' checkpoints, or with every run a recipe uses.
+def export_models(runs: list[Path], out: Path, recipe: Path | None = None, fmt: str = "torch") -> dict:
+    """Write ``out`` (a zip) with the runs' checkpoints, or with every run a recipe uses; with
+    ``fmt="onnx"`` each checkpoint also gets its ONNX graph (``NAME/best.onnx``, pinned by SHA-256), which
+    ``handseg predict`` then runs with onnxruntime.
 
     Returns the index written into the zip.
 
@@ -91,9 +94,13 @@ def export_models(runs: list[Path], out: Path, recipe: Path | None = None) -> di
         raise HandsegError(f"two runs would be stored as {dup}; give run folders with distinct names")
     if not entries:
         raise HandsegError("nothing to export: give run folders or --recipe")
+    if fmt not in ("torch", "onnx"):
+        raise HandsegError(f"unknown --format {fmt!r}; valid: torch, onnx")
+    graphs = _graphs(entries) if fmt == "onnx" else {}
     index = {"format": FORMAT, "version": VERSION, "handseg_version": __version__,
              "models": [{"name": n, "file": f"{n}/{BEST}", "sha256": digest, "card": asdict(card),
-                         "role": "stage-1" if "/context/" in n else "model"}
+                         "role": "stage-1" if "/context/" in n else "model",
+                         **({"onnx": graphs[n][1]} if n in graphs else {})}
                         for (n, _, card), digest in zip(entries, digests)],
              "recipe": "recipe.json" if recipe_doc is not None else None}
     with atomic_open(out, "wb") as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as z:
@@ -102,10 +109,29 @@ def export_models(runs: list[Path], out: Path, recipe: Path | None = None) -> di
                 z.writestr(f"{name}/{BEST}", path)
             else:
                 z.write(path, f"{name}/{BEST}")
+            if name in graphs:
+                z.writestr(f"{name}/{ONNX_NAME}", graphs[name][0])
         if recipe_doc is not None:
             z.writestr("recipe.json", json.dumps(recipe_doc, indent=2))
         z.writestr(INDEX, json.dumps(index, indent=2))
     return index
+
+
+def _graphs(entries: list[tuple[str, Path | bytes, ModelCard]]) -> dict[str, tuple[bytes, dict]]:
+    """Each member's ONNX graph and its index entry (file, SHA-256, opset, input shape)."""
+    import hashlib
+
+    out = {}
+    for name, path, _ in entries:
+        if isinstance(path, bytes):  # a cascade's rewritten card: same weights, exported from a copy
+            with tempfile.TemporaryDirectory() as tmp:
+                copy = Path(tmp) / BEST
+                copy.write_bytes(path)
+                graph, info = export_onnx(copy)
+        else:
+            graph, info = export_onnx(path)
+        out[name] = (graph, {"file": f"{name}/{ONNX_NAME}", "sha256": hashlib.sha256(graph).hexdigest(), **info})
+    return out
 
 
 def _digest(member: Path | bytes) -> str:
@@ -213,6 +239,7 @@ def _unpack(archive: zipfile.ZipFile, path: Path, tmp: Path) -> ModelBundle:
                            "(set HANDSEG_MAX_ZIP_BYTES to raise it)", path)
     index = _read_index(archive, path)
     wanted = {m["file"]: m["sha256"] for m in index["models"]}
+    wanted.update({m["onnx"]["file"]: m["onnx"]["sha256"] for m in index["models"] if m.get("onnx")})
     if index.get("recipe"):
         wanted[index["recipe"]] = None
     infos = {name: _member(archive, path, name) for name in sorted(wanted)}
@@ -227,7 +254,8 @@ def _unpack(archive: zipfile.ZipFile, path: Path, tmp: Path) -> ModelBundle:
         with archive.open(info) as src, open(dest, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
         if wanted[name] is not None and checkpoint_sha256(dest) != wanted[name]:
-            raise HandsegError(f"{name} is not the checkpoint its index pins (its SHA-256 differs)", path)
+            what = "graph" if name.endswith(ONNX_NAME) else "checkpoint"
+            raise HandsegError(f"{name} is not the {what} its index pins (its SHA-256 differs)", path)
     for m in index["models"]:  # a cascade's stage-1 checkpoints are the zip's own
         _inside_card(tmp / m["file"], tmp, path)
     if index.get("recipe"):
@@ -317,6 +345,11 @@ def _read_index(archive: zipfile.ZipFile, path: Path) -> dict:
         if not isinstance(m.get("sha256"), str) or not _SHA256.fullmatch(m["sha256"]):
             raise HandsegError(f'{INDEX} gives no "sha256" for {m["name"]}: its checkpoint is not pinned '
                                "(made by an older `handseg export`? export it again)", path)
+        graph = m.get("onnx")
+        if graph is not None and (not isinstance(graph, dict) or graph.get("file") != f"{m['name']}/{ONNX_NAME}"
+                                  or not _SHA256.fullmatch(str(graph.get("sha256")))):
+            raise HandsegError(f"{INDEX}: the ONNX graph of {m['name']} is not {m['name']}/{ONNX_NAME} pinned by "
+                               "SHA-256", path)
     recipe = doc.get("recipe")
     if recipe is not None and (not isinstance(recipe, str) or not _MEMBER.fullmatch(recipe)
                                or ".." in recipe.split("/")):

@@ -40,7 +40,8 @@ class TrainConfig:
     size: int = 1024
     crop: int | None = None
     epochs: int = 30
-    batch_size: int = 4
+    batch_size: int | str = 4
+    """Inputs per step, or ``"auto"``: the largest that fits (:mod:`handseg.training.batchsize`)."""
     lr: float = 1e-3
     weight_decay: float = 1e-4
     loss: str = "bce:0.5,dice:0.5"
@@ -52,7 +53,8 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     accum: int = 1
-    workers: int = 4
+    workers: int | None = None
+    """DataLoader workers; ``None``: fitted to the usable CPUs (:mod:`handseg.common.threads`)."""
     device: str = "auto"
     out: Path = Path("runs/run")
     resume: bool = False
@@ -117,6 +119,17 @@ def _int(minimum: int | None = None, optional: bool = False):
         if minimum is not None and number < minimum:
             raise HandsegError(f"{_flag(name)}: must be at least {minimum}, got {number}")
         return number
+
+    return check
+
+
+def _int_or_auto(minimum: int):
+    number = _int(minimum)
+
+    def check(name: str, value: Any):
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        return number(name, value)
 
     return check
 
@@ -206,10 +219,11 @@ def parse_class_weights(name: str, value: Any) -> list[float] | None:
 _RULES = {
     "data": _path(), "splits": _path(optional=True), "fold": _int(-1), "arch": _text, "encoder": _text,
     "encoder_weights": _text, "size": _int(1), "crop": _int(1, optional=True), "epochs": _int(1),
-    "batch_size": _int(1), "lr": _float(0.0, exclusive=True), "weight_decay": _float(0.0, exclusive=False),
+    "batch_size": _int_or_auto(1), "lr": _float(0.0, exclusive=True), "weight_decay": _float(0.0, exclusive=False),
     "loss": _text, "class_weights": parse_class_weights, "augment": _choice(AUGMENT_PRESETS),
     "unify_hands": _bool, "val_every": _int(1), "amp": _choice(AMP_CHOICES), "channels_last": _bool,
-    "compile": _bool, "accum": _int(1), "workers": _int(0), "device": _text, "out": _path(), "resume": _bool,
+    "compile": _bool, "accum": _int(1), "workers": _int(0, optional=True), "device": _text, "out": _path(),
+    "resume": _bool,
     "overwrite": _bool,
     "extra": _paths, "cache": _path(optional=True), "seed": _int(0), "max_steps": _int(1, optional=True),
     "logger": _choice(LOGGERS), "oof_tta": _tta_spec, "context": _paths,

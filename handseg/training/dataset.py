@@ -25,6 +25,7 @@ from handseg.data.labels import BoneCrops, place_crops, polygon_crops, read_poly
 from handseg.data.layout import Sample, discover, resolve_data
 from handseg.formats.files import MANIFEST_NAME, read_json
 from handseg.inference.cascade import render_context
+from handseg.inference.runtime import worker_threads
 from handseg.models.plan import DEFAULT_NORM
 from handseg.training.config import AUGMENT_PRESETS, TrainConfig
 
@@ -250,6 +251,7 @@ def seed_worker(worker_id: int) -> None:
     import torch
     from torch.utils.data import get_worker_info
 
+    worker_threads(worker_id)  # one thread per worker: the budget is split between processes
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)

@@ -8,7 +8,6 @@ validate, and hand the state to the background checkpoint writer. Files are writ
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from collections.abc import Callable
@@ -27,17 +26,19 @@ from handseg.common.distributed import (
     shutdown,
 )
 from handseg.common.errors import HandsegError
+from handseg.common.threads import budget as thread_budget
 from handseg.formats.files import (
     check_output,
     write_manifest,
 )
 from handseg.formats.oof import OOF_DIR
-from handseg.inference.runtime import pick_device, resolve_amp
+from handseg.inference.runtime import apply_threads, pick_device, resolve_amp
 from handseg.models.build import build_model
 from handseg.models.checkpoint import BEST, LAST, ModelCard, checkpoint_sha256, load_weights, read_card, unwrap
 from handseg.models.context import CONTEXT_CHANNELS, context_refs, stage1_checkpoints
 from handseg.models.losses import build_loss
 from handseg.models.plan import DEFAULT_NORM, plan_model, resolve_arch, resolve_encoder
+from handseg.training.batchsize import resolve_batch_size
 from handseg.training.config import TrainConfig
 from handseg.training.dataset import SegmentationDataset, seed_worker, split_items, unpack_mask_bits
 from handseg.training.oof import cascade_context, write_oof
@@ -131,6 +132,8 @@ class _Run:
     identity: dict = field(default_factory=dict)
     last_dice: float | None = None
     epochs_run: int = 0
+    batch_auto: dict | None = None
+    """How ``--batch-size auto`` chose (for the manifest), or None."""
 
     @property
     def cuda(self) -> bool:
@@ -152,6 +155,7 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
     """
     cfg = cfg.validated()
     device = pick_device(cfg.device)
+    cfg = _fit_threads(cfg, device, log)
     d = setup_distributed(device)  # pick_device already gave each torchrun process its own GPU
     out = Path(cfg.out)
     plan, card, stage1 = _plan_run(cfg)  # says why a model cannot run, before any data is read
@@ -159,12 +163,14 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
     if d.main:
         _check_run_folder(cfg, out)
     train_items, val_items = split_items(cfg)
+    cfg, batch_auto = resolve_batch_size(cfg, plan, card, loss_fn, device, len(train_items), log)
     context = _stage1_context(cfg, card, stage1, out, train_items + val_items, device, d, log,
                               {i.sample.name for i in val_items})
     start = _resume_point(cfg, out, card)
     if start.epoch >= cfg.epochs:
         return _finished(cfg, out, start, val_items, device, log, context, d)
     run = _build_run(cfg, card, plan, loss_fn, train_items, context, device, d, start, log)
+    run.batch_auto = batch_auto
     with run_folder(out, d.main, run.writer, replace=cfg.overwrite, resume=cfg.resume):
         logger = _start_run(run, out, len(train_items), len(val_items), start)
         run.run_model.train()
@@ -181,6 +187,14 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
     shutdown(d)
     return {"best_dice": run.best if run.best >= 0 else None, "last_dice": run.last_dice, "epochs": run.epochs_run,
             "steps": run.step, "out": str(out)}
+
+
+def _fit_threads(cfg: TrainConfig, device: str, log) -> TrainConfig:
+    """The run's threads (see :mod:`handseg.common.threads`): ``--workers`` fitted to the usable CPUs or
+    ``handseg --threads``, so the manifest's options say what ran."""
+    from dataclasses import replace
+
+    return replace(cfg, workers=apply_threads(device, cfg.workers, log).workers)
 
 
 def _plan_run(cfg: TrainConfig) -> tuple:
@@ -337,7 +351,8 @@ def _start_run(run: _Run, out: Path, n_train: int, n_val: int, start: _Start):
         return None
     logger = make_logger(cfg, out)
     write_manifest(out, "train", cfg.to_json(), inputs={"data": str(cfg.data), "splits": str(cfg.splits)},
-                   train_images=n_train, val_images=n_val, world_size=run.d.world)
+                   train_images=n_train, val_images=n_val, world_size=run.d.world,
+                   **({"batch_size_auto": run.batch_auto} if run.batch_auto else {}))
     # the resolved configuration, said once everything has been checked (a failed start says one line)
     run.log("handseg train " + " ".join(f"{k}={v}" for k, v in cfg.to_json().items()))
     run.log(f"{n_train} training images, {n_val} validation images -> {out}")
@@ -461,7 +476,7 @@ def _checkpoint_epoch(run: _Run, epoch: int, stats: dict, per_class, val_seconds
     dice_text = f" val dice {run.last_dice:.4f}" if per_class is not None else ""
     run.log(f"epoch {epoch + 1}: loss {stats['train_loss']:.4f}{dice_text} ({stats['images_per_s']:.1f} img/s, "
             f"{stats['seconds']:.1f}s)")
-    if stats["data_wait"] > DATA_WAIT_HINT and cfg.workers < (os.cpu_count() or 1):
+    if stats["data_wait"] > DATA_WAIT_HINT and cfg.workers + 1 < thread_budget()[0]:
         run.log(f"  the loop waited for data {stats['data_wait']:.0%} of this epoch: more --workers (now "
                 f"{cfg.workers}) or `handseg prep` caches would help")
 

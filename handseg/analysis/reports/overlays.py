@@ -23,13 +23,13 @@ of 288 images at 2048 px holds one image's masks at a time (and the few overlays
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from pathlib import Path
 
 import numpy as np
 
 from handseg.common.constants import NUM_CLASSES
+from handseg.common.threads import budget as thread_budget
 from handseg.data.labels import polygon_crops
 from handseg.formats.files import safe_name
 from handseg.formats.rle import Runs, runs_to_mask
@@ -237,7 +237,7 @@ class OverlayWriter:
         self._mask = np.zeros((0, 0), np.bool_)
         self._flags = np.zeros((0, 0), np.uint8)
         self._used: set[str] = set()
-        workers = workers or max(1, min(8, (os.cpu_count() or 2) - 1))
+        workers = workers or max(1, min(8, thread_budget()[0] - 1))
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="handseg-overlay")
         self._pending: deque = deque()
         self._max_pending = 2 * workers
