@@ -67,8 +67,9 @@ def _version(value: bool) -> None:
 def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Errors and results only: no progress bars or "
-                                        "messages.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Errors and results only (scores, tables, the "
+                                        "chosen recipe, output paths): no progress bars or messages. Also "
+                                        "accepted after the command name.")] = False,
 ) -> None:
     """Hand-bone X-ray segmentation."""
     if quiet:
@@ -93,14 +94,30 @@ app.command("export")(export.export)
 app.command("demo")(demo.demo)
 
 
+QUIET_FLAGS = ("--quiet", "-q")
+
+
+def hoist_quiet(argv: list[str]) -> list[str]:
+    """``handseg compare a.csv b.csv --quiet`` -> ``handseg --quiet compare a.csv b.csv``: the global flag
+    is taken wherever it stands (no command has a ``-q`` or ``--quiet`` of its own), up to a ``--``."""
+    words = [str(a) for a in argv]
+    end = words.index("--") if "--" in words else len(words)
+    found = [i for i in range(end) if words[i] in QUIET_FLAGS]
+    if not found:
+        return words
+    return ["--quiet"] + [w for i, w in enumerate(words) if i not in found]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI. Every error is one line on stderr: a HandsegError (bad input) or a usage error
     (an unknown option, a value out of range) exits with code 2; Ctrl-C says so and exits with 130
     (outputs are written atomically, so an interrupted command leaves none)."""
     from handseg.common import notices
+    from handseg.console import be_quiet
 
     notices.reset()  # each run says its notes afresh (main may run many times in one process)
-    argv = train.expand_list_options(sys.argv[1:] if argv is None else argv)
+    be_quiet(False)
+    argv = hoist_quiet(train.expand_list_options(sys.argv[1:] if argv is None else argv))
     try:
         code = app(args=argv, prog_name="handseg", standalone_mode=False)
     except HandsegError as e:

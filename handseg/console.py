@@ -14,14 +14,27 @@ from handseg.common.distributed import dist_env
 
 console = Console(stderr=True, highlight=False)
 stdout = Console(highlight=False, soft_wrap=True)
+"""Results: scores, tables, the chosen recipe, output paths. They print with ``--quiet`` too."""
+log = Console(highlight=False, soft_wrap=True)
+"""Messages on standard output that are not results (training's epoch lines, the demo's commands):
+``--quiet`` silences them."""
+
+_quiet_set_progress = False
 
 
-def be_quiet() -> None:
-    """``handseg --quiet``: no progress bars and no messages; errors, notes and results (files,
-    ``--json -``) still appear."""
-    os.environ["HANDSEG_NO_PROGRESS"] = "1"
-    console.quiet = True
-    stdout.quiet = True
+def be_quiet(quiet: bool = True) -> None:
+    """``handseg --quiet``: no progress bars and no messages; errors, notes and results (scores, tables,
+    the chosen recipe, output paths, ``--json -``) still appear. ``be_quiet(False)`` undoes it (the CLI's
+    ``main`` may run many times in one process)."""
+    global _quiet_set_progress
+    if quiet and os.environ.get("HANDSEG_NO_PROGRESS", "") == "":
+        os.environ["HANDSEG_NO_PROGRESS"] = "1"
+        _quiet_set_progress = True
+    elif not quiet and _quiet_set_progress:
+        os.environ.pop("HANDSEG_NO_PROGRESS", None)
+        _quiet_set_progress = False
+    console.quiet = quiet
+    log.quiet = quiet
 
 
 def is_main_process() -> bool:

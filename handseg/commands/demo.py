@@ -31,7 +31,7 @@ def demo(
 
     from handseg.commands import compare, eda, kfold, predict, prep, pseudo, select, synth, vote
     from handseg.common.errors import HandsegError
-    from handseg.console import stdout
+    from handseg.console import log, stdout
     from handseg.formats.files import check_output
     from handseg.training.config import TrainConfig
     from handseg.training.loop import train as run_training
@@ -51,7 +51,7 @@ def demo(
         cfg = TrainConfig(data=d / "train", splits=out / "splits.json", fold=fold, arch="unet", encoder="resnet18",
                           encoder_weights="none", size=train_size, epochs=epochs, batch_size=4, lr=3e-3, workers=0,
                           device=device, augment="light", out=runs / f"fold{fold}")
-        run_training(cfg.validated(), log=stdout.print)
+        run_training(cfg.validated(), log=log.print)
 
     def make_pseudo() -> None:
         # a model trained for a minute may miss a bone on every test image: pseudo then (rightly) keeps
@@ -105,7 +105,7 @@ def demo(
     ]
     t0 = time.perf_counter()
     for shown, run in steps:
-        stdout.print(f"\n[bold cyan]$ handseg {' '.join(str(a) for a in shown)}[/bold cyan]")
+        log.print(f"\n[bold cyan]$ handseg {' '.join(str(a) for a in shown)}[/bold cyan]")
         run()
     stdout.print(f"\n[bold green]demo done in {time.perf_counter() - t0:.0f}s[/bold green]")
     stdout.print(f"  scores:      {out / 'scores.json'}   recipe: {out / 'recipe.json'}")

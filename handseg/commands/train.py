@@ -99,7 +99,7 @@ def train(
       handseg train --crop 1024 --context runs/low_f0 runs/low_f1 --fold 0 --out runs/cascade_f0   (a cascade)
       torchrun --nproc_per_node 4 -m handseg train --encoder hrnet_w48 --size 2048 --out runs/hr48
     """
-    from handseg.console import is_main_process, make_progress, stdout
+    from handseg.console import is_main_process, log, make_progress, stdout
     from handseg.training.config import TrainConfig
     from handseg.training.loop import train as run_training
 
@@ -116,7 +116,12 @@ def train(
     if config is not None:
         params = _apply_config(ctx, params, config)
     cfg = TrainConfig(**params).validated()  # one check for flags and config alike
-    say = stdout.print if is_main_process() else (lambda *args, **kwargs: None)  # torchrun: rank 0 speaks
+    def quiet_print(*args, **kwargs):
+        return None
+
+    # torchrun: rank 0 speaks; epoch lines are messages (--quiet hides them), the summary a result
+    say = log.print if is_main_process() else quiet_print
+    result_line = stdout.print if is_main_process() else quiet_print
 
     progress_cm = make_progress()
 
@@ -145,7 +150,7 @@ def train(
     best = result["best_dice"]
     summary = (f"done: {result['epochs']} epoch{'s' if result['epochs'] != 1 else ''}, {result['steps']} "
                f"step{'s' if result['steps'] != 1 else ''} in all")
-    say(f"{summary}; best val dice {best:.4f}" if best is not None else summary, f"-> {result['out']}")
+    result_line(f"{summary}; best val dice {best:.4f}" if best is not None else summary, f"-> {result['out']}")
 
 
 def _apply_config(ctx: typer.Context, params: dict, path: Path) -> dict:
