@@ -37,6 +37,22 @@ def be_quiet(quiet: bool = True) -> None:
     log.quiet = quiet
 
 
+def print_table(target: Console, table) -> None:
+    """Print a table whole: on a terminal at the terminal's width (rich wraps cells that do not fit);
+    anywhere else (a log, a pipe, CI, where rich would assume 80 columns and cut names to ``finger-…``)
+    at the width the table needs."""
+    if target.is_terminal:
+        target.print(table)
+        return
+    from rich.measure import Measurement
+
+    needed = Measurement.get(target, target.options.update_width(100_000), table).maximum
+    # Console.print caps its width at the console's: a console as wide as the table prints it
+    wide = Console(file=target.file, width=max(needed, target.width), highlight=False, quiet=target.quiet,
+                   color_system=target.color_system, force_terminal=False)
+    wide.print(table)
+
+
 def is_main_process() -> bool:
     """False in torchrun processes other than rank 0, which neither print nor show progress."""
 

@@ -54,7 +54,7 @@ def compare(
 ) -> None:
     from handseg.analysis.compare import read_compare_inputs, score_comparison
     from handseg.common.errors import HandsegError
-    from handseg.console import console, progress_task, stdout
+    from handseg.console import console, print_table, progress_task, stdout
     from handseg.formats.files import atomic_dir, atomic_write_json, check_output, write_manifest
 
     if gt is None and len(csvs) < 2:
@@ -76,7 +76,7 @@ def compare(
     with progress_task("compare", transient=True) as tick:
         result = score_comparison(inputs, progress=tick)
     say = console if to_stdout else stdout  # with --json - stdout carries the JSON alone
-    say.print(scores_table(result))
+    print_table(say, scores_table(result))
     if out is not None:
         from handseg.analysis.reports.compare import compare_report
 

@@ -153,7 +153,7 @@ def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, dev
     from handseg.commands.options import say_data
     from handseg.common.distributed import dist_env
     from handseg.common.errors import HandsegError
-    from handseg.console import progress_task, stdout
+    from handseg.console import print_table, progress_task, stdout
     from handseg.data.layout import resolve_data
     from handseg.ensemble.masks import format_keep_largest, parse_keep_largest
     from handseg.formats.files import atomic_dir, check_output, sidecar_manifest_path, write_manifest
@@ -220,7 +220,7 @@ def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, dev
         table.add_column("mean Dice", justify="right")
         for name, value in result.dice.items():
             table.add_row(name, f"{value:.4f}")
-        stdout.print(table)
+        print_table(stdout, table)
     stdout.print(f"{result.images} images -> {out}" + (f" (probabilities in {probs})" if probs else ""))
 
 

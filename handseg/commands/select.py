@@ -38,7 +38,7 @@ def select(
 
     Example: handseg select runs/unet_f0 runs/unet_f1 runs/hr48_f0 runs/hr48_f1 -o recipe.json
     """
-    from handseg.console import progress_task, stdout
+    from handseg.console import print_table, progress_task, stdout
     from handseg.data.cache import default_workers
     from handseg.formats.files import check_output
     from handseg.selection.search import select_recipe
@@ -47,7 +47,7 @@ def select(
     with progress_task("select", transient=True) as tick:
         result = select_recipe(runs, out, data, progress=tick, workers=workers or default_workers(),
                                choose=Choose(choose).value)
-    stdout.print(candidates_table(result))
+    print_table(stdout, candidates_table(result))
     doc = result.recipe
     nested = doc["nested_cv_dice"]
     stdout.print(f"chosen: {doc['chosen']}: OOF Dice {doc['cv_dice']:.4f}"

@@ -4,11 +4,15 @@ share a file name, empty predictions, and the habits users bring from nnU-Net an
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from handseg.common.constants import CLASSES
 from handseg.data.images import read_image
 from handseg.data.labels import class_masks, read_polygons
 from handseg.data.layout import discover
@@ -16,6 +20,8 @@ from handseg.formats.rle import rle_encode
 from handseg.formats.submission import write_predictions
 from tests.commands.test_select import two_configs  # noqa: F401  (a fixture)
 from tests.conftest import run_cli
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _write(path: Path, masks: dict[str, np.ndarray]) -> Path:
@@ -81,3 +87,37 @@ def test_quiet_after_double_dash_is_a_value_not_the_flag():
 
     assert hoist_quiet(["compare", "a.csv", "-q", "b.csv"]) == ["--quiet", "compare", "a.csv", "b.csv"]
     assert hoist_quiet(["compare", "a.csv", "--", "-q"]) == ["compare", "a.csv", "--", "-q"]
+
+
+# --- 1: tables off a terminal are printed whole ---------------------------------------------------------
+
+def _handseg_through_a_pipe(args: list, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The real CLI in another process, its standard output a pipe (as in `handseg ... | cat`, a log or CI)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("COLUMNS", None)
+    return subprocess.run([sys.executable, "-m", "handseg", *map(str, args)], capture_output=True,
+                          text=True, env=env, cwd=cwd, timeout=300)
+
+
+def test_compare_table_through_a_pipe_is_whole(truth, tmp_path):
+    names = [f"very_long_team_name_number_{k}_final_submission.csv" for k in range(6)]
+    csvs = [_write(tmp_path / n, truth) for n in names]
+    run = _handseg_through_a_pipe(["compare", *csvs])
+    assert run.returncode == 0, run.stderr
+    assert "…" not in run.stdout
+    lines = run.stdout.splitlines()
+    header = next(line for line in lines if "class" in line)
+    assert all(n in header for n in names[1:]), header  # each column headed by its whole name, on one line
+    for c in CLASSES:  # every class row whole, on one line
+        assert sum(1 for line in lines if line.startswith(f"│ {c} ")) == 1, c
+
+
+def test_select_table_through_a_pipe_is_whole(two_configs):  # noqa: F811
+    tmp_path, _, runs = two_configs
+    run = _handseg_through_a_pipe(["select", *runs, "-o", tmp_path / "r.json", "-j", 1])
+    assert run.returncode == 0, run.stderr
+    assert "…" not in run.stdout
+    doc = json.loads((tmp_path / "r.json").read_text())
+    rows = [line for line in run.stdout.splitlines() if line.startswith("│")]
+    for cand in doc["candidates"][:5]:  # each candidate's whole name on its row
+        assert any(f" {cand['name']} " in row or f" {cand['name']} (chosen) " in row for row in rows), cand["name"]
