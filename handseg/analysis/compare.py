@@ -14,6 +14,7 @@ from pathlib import Path
 from handseg.analysis.metrics import DiceReport, dice_scores
 from handseg.common.constants import CLASSES
 from handseg.common.errors import HandsegError
+from handseg.common.paths import distinct_labels
 from handseg.data.images import image_size
 from handseg.data.labels import class_runs, read_polygons
 from handseg.data.layout import Sample, discover
@@ -47,12 +48,21 @@ class Comparison:
     reports: list[DiceReport]
     samples: dict[str, Sample] = field(default_factory=dict)
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    labels: list[str] = field(default_factory=list)
+    """Each compared CSV's shortest distinct path suffix (``a/submission.csv``), as tables and reports head it."""
+    reference_label: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.labels:
+            self.labels = distinct_labels(self.names)
+        self.reference_label = self.reference_label or self.reference
 
     def to_json(self) -> dict:
         """The scores as ``compare --json`` writes them: ``reference``, ``classes``, the first compared CSV's
         scores at the top level (:func:`result_json`), and every compared CSV's under ``results``
         keyed by its path; one schema for any number of CSVs (``handseg compare --help`` shows it)."""
-        results = {name: result_json(name, report) for name, report in zip(self.names, self.reports)}
+        results = {name: {**result_json(name, report), "label": label}
+                   for name, label, report in zip(self.names, self.labels, self.reports)}
         return {"reference": self.reference, "classes": list(CLASSES), **results[self.names[0]], "results": results}
 
 
@@ -156,7 +166,10 @@ def score_comparison(inputs: CompareInputs, progress: Callable[..., None] | None
     else:
         reference = sets[0]
     reports = [dice_scores(reference, s, progress) for s in others]
-    return Comparison(ref_name, reference, inputs.gt_dir, names, others, reports, inputs.samples, inputs.shapes)
+    labels = distinct_labels(inputs.csvs)  # the reference CSV too: its name must differ from the others'
+    ref_label = str(inputs.gt_dir) if inputs.gt_dir is not None else labels[0]
+    return Comparison(ref_name, reference, inputs.gt_dir, names, others, reports, inputs.samples, inputs.shapes,
+                      labels[len(labels) - len(names):], ref_label)
 
 
 def compare_predictions(csvs: list[Path], gt_dir: Path | None = None, progress: Callable[..., None] | None = None,

@@ -19,8 +19,10 @@ JSON (--json PATH, or - for stdout); one schema for any number of CSVs:
   per_class        {class: Dice}
   per_image        {image_name: mean Dice over the 29 classes}
   per_image_class  {image_name: [29 Dice, in "classes" order]}
-  results          {CSV path: {csv, mean_dice, per_class, per_image,
-                   per_image_class}} for every compared CSV"""
+  results          {CSV path: {csv, label, mean_dice, per_class, per_image,
+                   per_image_class}} for every compared CSV; label is the
+                   shortest end of its path no other CSV shares, as the
+                   table and report head it (a/submission.csv)"""
 
 _HELP = "\n\n".join([
     "Score CSVs with the leaderboard's Dice (per image and class, mean over images, then classes).",
@@ -109,8 +111,8 @@ def scores_table(result):
 
     table = Table(title=f"Dice against {result.reference}", show_footer=True)
     table.add_column("class", footer="mean")
-    for name, report in zip(result.names, result.reports):
-        table.add_column(Path(name).name, justify="right", footer=f"{report.mean_dice:.4f}")
+    for label, report in zip(result.labels, result.reports):
+        table.add_column(label, justify="right", footer=f"{report.mean_dice:.4f}")
     per_class = [r.per_class for r in result.reports]
     for c in CLASSES:
         table.add_row(c, *(f"{pc[c]:.4f}" for pc in per_class))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -121,3 +122,43 @@ def test_select_table_through_a_pipe_is_whole(two_configs):  # noqa: F811
     rows = [line for line in run.stdout.splitlines() if line.startswith("│")]
     for cand in doc["candidates"][:5]:  # each candidate's whole name on its row
         assert any(f" {cand['name']} " in row or f" {cand['name']} (chosen) " in row for row in rows), cand["name"]
+
+
+# --- 2: inputs that share a file name stay apart ---------------------------------------------------------
+
+def test_distinct_labels_are_the_shortest_distinguishing_suffixes(tmp_path, monkeypatch):
+    from handseg.common.paths import distinct_labels
+
+    assert distinct_labels(["a/out/submission.csv", "b/out/submission.csv", "c.csv"]) == [
+        "a/out/submission.csv", "b/out/submission.csv", "c.csv"]
+    assert distinct_labels(["x/a.csv", "y/b.csv"]) == ["a.csv", "b.csv"]
+    assert distinct_labels(["runs/f0/oof/oof.csv", "runs/f1/oof/oof.csv"]) == ["f0/oof/oof.csv", "f1/oof/oof.csv"]
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "b")  # pred.csv here is b/pred.csv
+    assert distinct_labels(["pred.csv", "a/pred.csv"]) == ["b/pred.csv", "a/pred.csv"]
+
+
+def test_compare_labels_same_named_csvs_apart_everywhere(synth_data, two_teams, tmp_path, capsys):
+    a, b = two_teams
+    report = tmp_path / "report"
+    code, out, err = run_cli(["compare", a, b, "--gt", synth_data / "test_gt", "--json", "-", "--out", report], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert [r["label"] for r in doc["results"].values()] == ["team_a/out/submission.csv", "team_b/out/submission.csv"]
+    assert doc["results"][str(b)]["mean_dice"] < doc["results"][str(a)]["mean_dice"] == pytest.approx(1.0)
+    header = next(line for line in err.splitlines() if "class" in line)  # with --json - the table is on stderr
+    assert "team_a/out/submission.csv" in header and "team_b/out/submission.csv" in header
+    page = (report / "index.html").read_text(encoding="utf-8")
+    data = json.loads(re.search(r'<script type="application/json" id="hs-data">(.*?)</script>', page, re.S).group(1))
+    panels = json.dumps(data)
+    assert '"label": "team_a/out/submission.csv"' in panels and '"label": "team_b/out/submission.csv"' in panels
+    assert re.search(r"<td>team_a/out/submission.csv</td>", page) and re.search(r"<td>team_b/out/submission.csv", page)
+
+
+def test_compare_without_gt_labels_the_reference_apart_too(two_teams, capsys):
+    a, b = two_teams
+    code, out, err = run_cli(["compare", b, a, "--json", "-"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert [r["label"] for r in doc["results"].values()] == ["team_a/out/submission.csv"]
+    assert "team_a/out/submission.csv" in err and "submission.csv │" not in err.replace("/out/submission.csv │", "")

@@ -65,9 +65,9 @@ def compare_report(result: Comparison, out: Path, progress: Callable[..., None] 
         raise HandsegError("the report needs the images: give --data DIR (the X-rays) or --gt DIR")
     ref_key = "gt" if result.gt_dir is not None else "ref"
     keys = [f"csv{k + 1}" for k in range(len(result.sets))]
-    short = [Path(n).name for n in result.names]
+    short = result.labels  # the shortest distinct path suffixes: teams name every file submission.csv
     panels = [{"key": ref_key, "label": "ground truth" if result.gt_dir is not None
-               else f"{Path(result.reference).name} (reference)", "title": result.reference}]
+               else f"{result.reference_label} (reference)", "title": result.reference}]
     panels += [{"key": key, "label": s, "title": n, "diff": True} for key, s, n in zip(keys, short, result.names)]
 
     dice = np.stack([r.dice for r in result.reports])  # (K, n_images, 29)
@@ -110,7 +110,8 @@ def compare_report(result: Comparison, out: Path, progress: Callable[..., None] 
     rep = Report("handseg compare", out)
     rep.p(f"Reference: {result.reference}. Dice per image and class, mean over images, then over classes "
           f"({len(ref.images)} images).")
-    rep.table(["CSV", "mean Dice"], [[n, r.mean_dice] for n, r in zip(result.names, result.reports)])
+    rep.table(["CSV", "path", "mean Dice"],
+              [[s, n, r.mean_dice] for s, n, r in zip(short, result.names, result.reports)])
 
     rep.h2("Images", anchor="images")
     columns = [column("image", "image"), column("patient", "patient"), column("size", "W x H")]
@@ -142,13 +143,13 @@ def compare_report(result: Comparison, out: Path, progress: Callable[..., None] 
     if len(result.sets) > 2 or (result.gt_dir is None and len(result.sets) > 1):
         rep.h2("Model similarity (pairwise mean Dice)")
         sets = result.sets if result.gt_dir is not None else [ref, *result.sets]
-        names = result.names if result.gt_dir is not None else [result.reference, *result.names]
+        names = short if result.gt_dir is not None else [result.reference_label, *short]
         n = len(sets)
         sim = np.ones((n, n))
         for a in range(n):
             for b in range(a + 1, n):
                 sim[a, b] = sim[b, a] = dice_scores(sets[a], sets[b]).mean_dice
-        rep.figure("similarity.png", similarity_figure([Path(s).name for s in names], sim))
+        rep.figure("similarity.png", similarity_figure(names, sim))
 
     rep.h2("Worst images")
     rep.p("Class by class against the reference. White: both agree; red: only in the reference (missed); "
