@@ -66,10 +66,23 @@ class Comparison:
         return {"reference": self.reference, "classes": list(CLASSES), **results[self.names[0]], "results": results}
 
 
+def empty_words(label: str, report: DiceReport) -> str | None:
+    """What a table or report says of a CSV with classes it never predicts, or None: a Dice of 1 there
+    means only that the reference is empty too."""
+    empty = report.empty_classes
+    if not empty:
+        return None
+    if len(empty) == len(CLASSES):
+        return f"{label} predicts no pixel at all (empty masks): its scores say nothing about a model"
+    return (f"{label} predicts no pixel of {len(empty)} class{'es' if len(empty) != 1 else ''} "
+            f"({', '.join(empty)}) on any image")
+
+
 def result_json(name: str, report: DiceReport) -> dict:
     """One compared CSV's scores: mean, per class, per image, and per image and class (6 decimals)."""
     per_image = report.dice.mean(axis=1)
     return {"csv": name, "mean_dice": report.mean_dice, "per_class": report.per_class,
+            "empty_classes": report.empty_classes, "reference_empty_classes": report.reference_empty_classes,
             "per_image": {image: float(v) for image, v in zip(report.images, per_image)},
             "per_image_class": {image: [round(float(v), 6) for v in row]
                                 for image, row in zip(report.images, report.dice)}}

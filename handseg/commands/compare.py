@@ -17,6 +17,9 @@ JSON (--json PATH, or - for stdout); one schema for any number of CSVs:
   csv              the first compared CSV, whose scores the top level holds:
   mean_dice        float: mean over classes of the mean over images
   per_class        {class: Dice}
+  empty_classes    classes the CSV predicts on no image (their Dice of 1
+                   only says the reference is empty too)
+  reference_empty_classes  classes with no reference pixel on any image
   per_image        {image_name: mean Dice over the 29 classes}
   per_image_class  {image_name: [29 Dice, in "classes" order]}
   results          {CSV path: {csv, label, mean_dice, per_class, per_image,
@@ -113,7 +116,19 @@ def scores_table(result):
     table.add_column("class", footer="mean")
     for label, report in zip(result.labels, result.reports):
         table.add_column(label, justify="right", footer=f"{report.mean_dice:.4f}")
+    from handseg.analysis.compare import empty_words
+
     per_class = [r.per_class for r in result.reports]
+    empty = [set(r.empty_classes) for r in result.reports]
+    reference_empty = set(result.reports[0].reference_empty_classes) if result.reports else set()
     for c in CLASSES:
-        table.add_row(c, *(f"{pc[c]:.4f}" for pc in per_class))
+        # a Dice of 1 over empty masks is no score: such cells say "empty", never green-perfect in silence
+        table.add_row(c + (" (reference empty)" if c in reference_empty else ""),
+                      *(f"[yellow]{pc[c]:.4f} empty[/yellow]" if c in e else f"{pc[c]:.4f}"
+                        for pc, e in zip(per_class, empty)))
+    words = [w for w in (empty_words(label, r) for label, r in zip(result.labels, result.reports)) if w]
+    if reference_empty:
+        words.append(f"the reference has no pixel of {', '.join(sorted(reference_empty, key=CLASSES.index))}")
+    if words:
+        table.caption = "empty: no predicted pixel on any image. " + "; ".join(words) + "."
     return table

@@ -162,3 +162,43 @@ def test_compare_without_gt_labels_the_reference_apart_too(two_teams, capsys):
     doc = json.loads(out)
     assert [r["label"] for r in doc["results"].values()] == ["team_a/out/submission.csv"]
     assert "team_a/out/submission.csv" in err and "submission.csv │" not in err.replace("/out/submission.csv │", "")
+
+
+# --- 4: empty is not perfect -----------------------------------------------------------------------------
+
+def test_two_empty_csvs_are_flagged_not_perfect(synth_data, truth, tmp_path, capsys):
+    empty = {n: np.zeros_like(ms) for n, ms in truth.items()}
+    a, b = _write(tmp_path / "a" / "sub.csv", empty), _write(tmp_path / "b" / "sub.csv", empty)
+    report = tmp_path / "report"
+    code, out, err = run_cli(["compare", a, b, "--data", synth_data / "test", "--json", tmp_path / "s.json",
+                              "--out", report], capsys)
+    assert code == 0, err
+    doc = json.loads((tmp_path / "s.json").read_text())
+    assert doc["mean_dice"] == pytest.approx(1.0)  # the metric is what it is ...
+    assert doc["empty_classes"] == list(CLASSES) and doc["reference_empty_classes"] == list(CLASSES)  # ... flagged
+    text = " ".join(out.split())
+    assert "b/sub.csv predicts no pixel at all (empty masks)" in text
+    rows = [line for line in out.splitlines() if line.startswith("│ finger-1 ")]
+    assert rows and "1.0000 empty" in rows[0] and "(reference empty)" in rows[0]
+    page = (report / "index.html").read_text(encoding="utf-8")
+    assert re.search(r'<p class="hs-warn">Empty: b/sub.csv predicts no pixel at all', page)
+    assert "<td>1.0000 (empty)</td>" in page
+
+
+def test_a_class_never_predicted_is_named(synth_data, truth, tmp_path, capsys):
+    from handseg.common.constants import CLASS_INDEX
+
+    no_ulna = {n: ms.copy() for n, ms in truth.items()}
+    for ms in no_ulna.values():
+        ms[CLASS_INDEX["Ulna"]] = 0
+    pred = _write(tmp_path / "no_ulna.csv", no_ulna)
+    code, out, err = run_cli(["compare", pred, "--gt", synth_data / "test_gt", "--json", tmp_path / "s.json"], capsys)
+    assert code == 0, err
+    doc = json.loads((tmp_path / "s.json").read_text())
+    assert doc["empty_classes"] == ["Ulna"] and doc["reference_empty_classes"] == []
+    assert doc["per_class"]["Ulna"] == pytest.approx(0.0, abs=1e-6)
+    assert "no_ulna.csv predicts no pixel of 1 class (Ulna) on any image" in " ".join(out.split())
+    ulna = next(line for line in out.splitlines() if line.startswith("│ Ulna "))
+    assert "empty" in ulna and "reference empty" not in ulna
+    radius = next(line for line in out.splitlines() if line.startswith("│ Radius "))
+    assert "empty" not in radius

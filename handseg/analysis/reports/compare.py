@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from handseg.analysis.compare import Comparison
+from handseg.analysis.compare import Comparison, empty_words
 from handseg.analysis.metrics import dice_scores
 from handseg.analysis.reports.overlays import OverlayWriter
 from handseg.analysis.reports.page import Report, column, link, pyplot, text_colour
@@ -110,6 +110,7 @@ def compare_report(result: Comparison, out: Path, progress: Callable[..., None] 
     rep = Report("handseg compare", out)
     rep.p(f"Reference: {result.reference}. Dice per image and class, mean over images, then over classes "
           f"({len(ref.images)} images).")
+    _warn_empty(rep, result, short)
     rep.table(["CSV", "path", "mean Dice"],
               [[s, n, r.mean_dice] for s, n, r in zip(short, result.names, result.reports)])
 
@@ -138,7 +139,7 @@ def compare_report(result: Comparison, out: Path, progress: Callable[..., None] 
     ax.set_ylim(max(0.0, min(float(r.dice.mean(axis=0).min()) for r in result.reports) - 0.05), 1.0)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, not over them
     rep.figure("per_class.png", fig)
-    rep.table(["class", *short], [[c, *[r.per_class[c] for r in result.reports]] for c in CLASSES])
+    rep.table(["class", *short], [[c, *[_dice_cell(r, c) for r in result.reports]] for c in CLASSES])
 
     if len(result.sets) > 2 or (result.gt_dir is None and len(result.sets) > 1):
         rep.h2("Model similarity (pairwise mean Dice)")
@@ -167,3 +168,19 @@ def compare_report(result: Comparison, out: Path, progress: Callable[..., None] 
               [[CLASSES[c], per_class[c], first.images[int(np.argmin(first.dice[:, c]))],
                 float(first.dice[:, c].min())] for c in np.argsort(per_class)[:10]])
     return rep.write()
+
+
+def _warn_empty(rep, result, short: list[str]) -> None:
+    """Say which CSVs (and the reference) predict no pixel of a class: a Dice of 1 there is no score."""
+    for label, report in zip(short, result.reports):
+        words = empty_words(label, report)
+        if words:
+            rep.warn(f"Empty: {words}; a Dice of 1 there only means the reference is empty too.")
+    reference_empty = result.reports[0].reference_empty_classes if result.reports else []
+    if reference_empty:
+        rep.warn(f"Empty: the reference has no pixel of {', '.join(reference_empty)} on any image.")
+
+
+def _dice_cell(report, c: str):
+    """A per-class Dice for the static table, marked where the CSV predicts the class on no image."""
+    return f"{report.per_class[c]:.4f} (empty)" if c in report.empty_classes else report.per_class[c]

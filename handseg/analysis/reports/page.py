@@ -105,6 +105,10 @@ class Report:
     def p(self, text: str) -> None:
         self.parts.append(f"<p>{html.escape(text)}</p>")
 
+    def warn(self, text: str) -> None:
+        """A paragraph the reader must not miss (empty predictions)."""
+        self.parts.append(f'<p class="hs-warn">{html.escape(text)}</p>')
+
     def table(self, header: list[str], rows: list[list]) -> None:
         head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(v))}</td>" for v in r) + "</tr>" for r in rows)
