@@ -52,6 +52,25 @@ def select(
     nested = doc["nested_cv_dice"]
     stdout.print(f"chosen: {doc['chosen']}: OOF Dice {doc['cv_dice']:.4f}"
                  + (f", {nested:.4f} tuned on other folds" if nested is not None else "") + f" -> {out}")
+    for line in next_commands(out, doc.get("data")):
+        stdout.print(line, markup=False)
+
+
+def next_commands(recipe: Path, train_data: str | None) -> list[str]:
+    """What to run with a recipe, as nnU-Net's find_best_configuration says it: predict the test images
+    with it, and pack what it uses into one zip. The test folder is the training folder's sibling
+    ``test/`` where there is one."""
+    import shlex
+
+    test = None
+    if train_data:
+        sibling = Path(train_data).parent / "test"
+        if Path(train_data).name == "train" and sibling.is_dir():
+            test = shlex.quote(str(sibling))
+    r = shlex.quote(str(recipe))
+    return ["next:",
+            f"  handseg predict --recipe {r} --data {test or 'TEST_IMAGES'} -o submission.csv",
+            f"  handseg export --recipe {r} -o model.zip"]
 
 
 def candidates_table(selection, limit: int | None = None):

@@ -202,3 +202,29 @@ def test_a_class_never_predicted_is_named(synth_data, truth, tmp_path, capsys):
     assert "empty" in ulna and "reference empty" not in ulna
     radius = next(line for line in out.splitlines() if line.startswith("│ Radius "))
     assert "empty" not in radius
+
+
+# --- 6: select says what to run next ---------------------------------------------------------------------
+
+def test_select_prints_the_next_commands_and_they_parse(two_configs, capsys):  # noqa: F811
+    import shlex
+
+    from handseg.commands.select import next_commands
+
+    tmp_path, data, runs = two_configs
+    out = tmp_path / "my recipe.json"
+    code, stdout, err = run_cli(["-q", "select", *runs, "-o", out, "-j", 1], capsys)
+    assert code == 0, err
+    lines = stdout.splitlines()
+    at = lines.index("next:")
+    predict, export = lines[at + 1].strip(), lines[at + 2].strip()
+    assert shlex.split(predict)[:5] == ["handseg", "predict", "--recipe", str(out), "--data"]
+    assert shlex.split(export) == ["handseg", "export", "--recipe", str(out), "-o", "model.zip"]
+    from tests.test_readme import _parse
+
+    for line in (predict, export):  # both parse against the real CLI
+        _parse(shlex.split(line)[1:])
+    # a training folder named train/ beside a test/ gets that test folder
+    (tmp_path / "d" / "train").mkdir(parents=True)
+    (tmp_path / "d" / "test").mkdir()
+    assert f"--data {tmp_path / 'd' / 'test'} " in next_commands(Path("r.json"), str(tmp_path / "d" / "train"))[1]
