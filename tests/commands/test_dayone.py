@@ -228,3 +228,49 @@ def test_select_prints_the_next_commands_and_they_parse(two_configs, capsys):  #
     (tmp_path / "d" / "train").mkdir(parents=True)
     (tmp_path / "d" / "test").mkdir()
     assert f"--data {tmp_path / 'd' / 'test'} " in next_commands(Path("r.json"), str(tmp_path / "d" / "train"))[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(synth_data, tmp_path_factory) -> Path:
+    """A tiny trained run (UNet/ResNet18, 64 px, one epoch on the CPU)."""
+    from handseg.training.config import TrainConfig
+    from handseg.training.loop import train
+
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    train(TrainConfig(data=synth_data / "train", arch="unet", encoder="resnet18", encoder_weights="none", size=64,
+                      epochs=1, batch_size=4, workers=0, device="cpu", out=out, augment="none"), log=lambda *a: None)
+    return out
+
+
+# --- 7: export --recipe packs only what the recipe uses --------------------------------------------------
+
+def test_export_recipe_packs_only_the_configurations_it_uses(tiny_run, synth_data, tmp_path, capsys):
+    import hashlib
+    import shutil
+    import zipfile
+
+    other = tmp_path / "other_run"
+    shutil.copytree(tiny_run, other)
+    pin = hashlib.sha256((tiny_run / "best.safetensors").read_bytes()).hexdigest()
+    tta = {"transforms": ["identity"], "merge": "mean"}
+    doc = {"format": "handseg-recipe", "version": 1,
+           "configurations": [{"name": "a", "runs": {"0": str(tiny_run)}, "tta": tta, "sha256": {"0": pin}},
+                              {"name": "b", "runs": {"0": str(other)}, "tta": tta, "sha256": {"0": pin}}],
+           "ensemble": {"soft": {"weights": [2.0, 1.0]}},
+           "classes": {c: {"source": "a", "threshold": 0.5} for c in CLASSES}}  # b is used by no class
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(doc))
+    z = tmp_path / "model.zip"
+    code, out, err = run_cli(["export", "--recipe", recipe, "-o", z], capsys)
+    assert code == 0, err
+    assert "1 checkpoint and the recipe" in out
+    with zipfile.ZipFile(z) as archive:
+        checkpoints = [n for n in archive.namelist() if n.endswith(".safetensors")]
+        inner = json.loads(archive.read("recipe.json"))
+    assert checkpoints == ["models/a/fold0/best.safetensors"]
+    assert [c["name"] for c in inner["configurations"]] == ["a"] and inner["ensemble"]["soft"]["weights"] == [2.0]
+    # the zip predicts what the recipe predicts
+    args = ["--data", synth_data / "test", "--device", "cpu"]
+    assert run_cli(["predict", "--recipe", recipe, *args, "-o", tmp_path / "r.csv"], capsys)[0] == 0
+    assert run_cli(["predict", z, *args, "-o", tmp_path / "z.csv"], capsys)[0] == 0
+    assert (tmp_path / "r.csv").read_bytes() == (tmp_path / "z.csv").read_bytes()
