@@ -88,7 +88,9 @@ def train(
                                          "(RUN/oof/, for `handseg select`), e.g. hflip.")] = "",
     config: Annotated[Path | None, typer.Option("--config", help="YAML of training options, or a run's "
                                                 "manifest.json to replay it (flags given on the command line win; "
-                                                "--out, --overwrite and --resume come from the command line only).",
+                                                "--out, --overwrite and --resume come from the command line only). "
+                                                "Relative paths in it are taken from the YAML file's folder, or "
+                                                "from the folder a replayed run was started in.",
                                                 dir_okay=False)] = None,
 ) -> None:
     """Train a 29-class multi-label segmentation model; checkpoints are self-describing.
@@ -156,7 +158,9 @@ def train(
 def _apply_config(ctx: typer.Context, params: dict, path: Path) -> dict:
     """defaults < config file < flags given on the command line. The file is a YAML mapping of options,
     or a run's ``manifest.json`` (its ``options`` are replayed, but for its ``out``, ``overwrite`` and
-    ``resume``).
+    ``resume``). Relative paths in the file (``data``, ``splits``, ``cache``, ``extra``, ``context``,
+    ``encoder_weights``) are taken from the YAML file's folder, or from the folder the run was started in
+    (:func:`_run_started_in`), so a config replays from any working folder.
 
     Raises:
         HandsegError: the file is unreadable, sets an unknown option, or sets ``out``, ``overwrite`` or
@@ -175,9 +179,12 @@ def _apply_config(ctx: typer.Context, params: dict, path: Path) -> dict:
         raise HandsegError(f"not valid YAML ({str(e).splitlines()[0]})", path) from None
     if not isinstance(doc, dict):
         raise HandsegError("config must be a mapping of option: value", path)
+    base = path.parent
     if doc.get("stage") == "train" and isinstance(doc.get("options"), dict):
+        base = _run_started_in(path, doc["options"].get("out"))
         # replay a run: its manifest records where it went and how, which the new run does not inherit
         doc = {k: v for k, v in doc["options"].items() if str(k).replace("-", "_") not in RUN_FOLDER_OPTIONS}
+    doc = {k: _relative_to(base, str(k).replace("-", "_"), v) for k, v in doc.items()}
     for key, value in doc.items():
         name = str(key).replace("-", "_")
         if name in RUN_FOLDER_OPTIONS:
@@ -188,6 +195,39 @@ def _apply_config(ctx: typer.Context, params: dict, path: Path) -> dict:
         if not _given(ctx, name):
             params[name] = value
     return params
+
+
+PATH_OPTIONS = ("data", "splits", "cache", "extra", "context", "encoder_weights")
+"""Options whose values are paths: in a config file they are relative to the file, as in recipes and vote maps."""
+
+
+def _relative_to(base: Path, name: str, value):
+    """A config file's relative path taken from ``base`` (``--encoder-weights`` only where it names a file
+    there: else it is a name such as ``imagenet``)."""
+    import os
+
+    if name not in PATH_OPTIONS or value is None:
+        return value
+    if isinstance(value, list):
+        return [_relative_to(base, name, v) for v in value]
+    if not isinstance(value, str) or value == "" or Path(value).is_absolute():
+        return value
+    if name == "encoder_weights" and not (base / value).exists():
+        return value
+    return os.path.normpath(base / value)
+
+
+def _run_started_in(manifest: Path, out) -> Path:
+    """The folder a run was started in, found from its manifest: the manifest lies in ``out``, so a
+    relative ``out`` of N parts puts that folder N levels above the manifest's (where the run's relative
+    ``--data``, ``--splits`` ... point from). With an absolute ``out``, the manifest's own folder."""
+    parts = Path(str(out)).parts if isinstance(out, str) and out else ()
+    if not parts or Path(out).is_absolute() or ".." in parts:
+        return manifest.parent
+    base = manifest.parent
+    for _ in parts:
+        base = base / ".."
+    return base
 
 
 def _given(ctx: typer.Context, name: str) -> bool:

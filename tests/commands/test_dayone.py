@@ -274,3 +274,34 @@ def test_export_recipe_packs_only_the_configurations_it_uses(tiny_run, synth_dat
     assert run_cli(["predict", "--recipe", recipe, *args, "-o", tmp_path / "r.csv"], capsys)[0] == 0
     assert run_cli(["predict", z, *args, "-o", tmp_path / "z.csv"], capsys)[0] == 0
     assert (tmp_path / "r.csv").read_bytes() == (tmp_path / "z.csv").read_bytes()
+
+
+# --- 11: replay from anywhere ----------------------------------------------------------------------------
+
+def test_train_config_replays_from_another_folder(synth_data, tmp_path, capsys, monkeypatch):
+    project = tmp_path / "project"
+    (project / "configs").mkdir(parents=True)
+    (project / "data").symlink_to(synth_data, target_is_directory=True)
+    tiny = ["--arch", "unet", "--encoder", "resnet18", "--encoder-weights", "none", "--size", 64, "--epochs", 1,
+            "--max-steps", 1, "--batch-size", 2, "--workers", 0, "--device", "cpu", "--augment", "none"]
+    monkeypatch.chdir(project)
+    code, _, err = run_cli(["train", "--data", "data/train", *tiny, "--out", "runs/f0"], capsys)
+    assert code == 0, err
+    # from another folder: the manifest's data/train is the project's, not ./data/train
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, _, err = run_cli(["train", "--config", "../project/runs/f0/manifest.json", "--out", "again"], capsys)
+    assert code == 0, err
+    replayed = json.loads((elsewhere / "again" / "manifest.json").read_text())
+    assert Path(replayed["options"]["data"]).resolve() == (project / "data" / "train").resolve()
+    assert replayed["train_images"] == json.loads((project / "runs" / "f0" / "manifest.json").read_text())[
+        "train_images"]
+    # a YAML file's relative paths are the file's
+    (project / "configs" / "c.yaml").write_text("data: ../data/train\narch: unet\nencoder: resnet18\n"
+                                                "encoder_weights: none\nsize: 64\nepochs: 1\nmax_steps: 1\n"
+                                                "batch_size: 2\nworkers: 0\ndevice: cpu\naugment: none\n")
+    code, _, err = run_cli(["train", "--config", project / "configs" / "c.yaml", "--out", "from_yaml"], capsys)
+    assert code == 0, err
+    options = json.loads((elsewhere / "from_yaml" / "manifest.json").read_text())["options"]
+    assert Path(options["data"]).resolve() == (project / "data" / "train").resolve()
