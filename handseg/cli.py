@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from handseg import __version__
-from handseg.commands import compare, demo, eda, export, kfold, predict, prep, pseudo, select, synth, train, vote
+from handseg.commands import compare, demo, eda, export, kfold, predict, prep, prune, pseudo, select, synth, train, vote
 from handseg.common.errors import HandsegError, one_line
 
 
@@ -91,6 +91,7 @@ app.command("pseudo", no_args_is_help=True)(pseudo.pseudo)
 app.command("compare", no_args_is_help=True)(compare.compare)
 app.command("eda")(eda.eda)
 app.command("export")(export.export)
+app.command("prune", no_args_is_help=True)(prune.prune)
 app.command("demo")(demo.demo)
 
 

@@ -86,6 +86,11 @@ def train(
                                                        "several: --context A B C.")] = None,
     oof_tta: Annotated[str, typer.Option("--oof-tta", help="Test-time transforms of the fold's out-of-fold maps "
                                          "(RUN/oof/, for `handseg select`), e.g. hflip.")] = "",
+    keep_resume: Annotated[bool, typer.Option("--keep-resume/--no-keep-resume", help="Keep the resume state "
+                                              "(resume-<epoch>.safetensors, about twice the weights' size) when "
+                                              "the run finishes; best and last stay either way. Without it the "
+                                              "run cannot be continued with --resume (`handseg prune RUN` drops "
+                                              "it later).")] = True,
     config: Annotated[Path | None, typer.Option("--config", help="YAML of training options, or a run's "
                                                 "manifest.json to replay it (flags given on the command line win; "
                                                 "--out, --overwrite and --resume come from the command line only). "
@@ -147,12 +152,24 @@ def train(
         raise
     finally:
         progress_cm.stop()
+    if not cfg.keep_resume and is_main_process():
+        _drop_resume(result["out"], say)
     if result.get("finished"):
         return
     best = result["best_dice"]
     summary = (f"done: {result['epochs']} epoch{'s' if result['epochs'] != 1 else ''}, {result['steps']} "
                f"step{'s' if result['steps'] != 1 else ''} in all")
     result_line(f"{summary}; best val dice {best:.4f}" if best is not None else summary, f"-> {result['out']}")
+
+
+def _drop_resume(out, say) -> None:
+    """``--no-keep-resume``: the finished run's resume state goes (best and last stay)."""
+    from handseg.training.state import prune_resume
+
+    removed = prune_resume(Path(out))
+    if removed:
+        say(f"--no-keep-resume: removed {', '.join(p.name for p, _ in removed)} "
+            f"({sum(n for _, n in removed) / 2**20:.1f} MiB)")
 
 
 def _apply_config(ctx: typer.Context, params: dict, path: Path) -> dict:

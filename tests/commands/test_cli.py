@@ -17,7 +17,7 @@ def test_help_does_not_import_torch():
 
 
 @pytest.mark.parametrize("command", [["synth"], ["prep", "json2npy"], ["prep", "png2npy"], ["kfold"],
-                                     ["compare"]])
+                                     ["compare"], ["prune"]])
 def test_every_command_has_help_with_an_example(command, capsys):
     code, out, _ = run_cli([*command, "--help"], capsys)
     assert code == 0

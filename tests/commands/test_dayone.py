@@ -305,3 +305,48 @@ def test_train_config_replays_from_another_folder(synth_data, tmp_path, capsys, 
     assert code == 0, err
     options = json.loads((elsewhere / "from_yaml" / "manifest.json").read_text())["options"]
     assert Path(options["data"]).resolve() == (project / "data" / "train").resolve()
+
+
+# --- 13: --keep-resume/--no-keep-resume and handseg prune -----------------------------------------------
+
+def test_no_keep_resume_drops_the_resume_state_when_the_run_finishes(synth_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(["train", "--data", synth_data / "train", "--arch", "unet", "--encoder", "resnet18",
+                                 "--encoder-weights", "none", "--size", 64, "--epochs", 1, "--batch-size", 4,
+                                 "--workers", 0, "--device", "cpu", "--augment", "none", "--no-keep-resume",
+                                 "--out", out], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["best.safetensors", "last.safetensors"]
+    assert "--no-keep-resume: removed resume-0001.safetensors" in stdout
+    assert json.loads((out / "manifest.json").read_text())["options"]["keep_resume"] is False
+    code, _, err = run_cli(["train", "--data", synth_data / "train", "--resume", "--out", out], capsys)
+    assert code == 2 and "resume" in err  # it cannot be continued, and says so
+
+
+def test_prune_drops_resume_state_of_finished_runs_only(tiny_run, synth_data, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    resume = sorted(run.glob("resume-*.safetensors"))
+    assert len(resume) == 1
+    size = resume[0].stat().st_size
+    # unfinished (its manifest planned more epochs than its last checkpoint has): refused, nothing removed
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(tiny_run, unfinished)
+    doc = json.loads((unfinished / "manifest.json").read_text())
+    doc["options"]["epochs"] = 5
+    (unfinished / "manifest.json").write_text(json.dumps(doc))
+    code, out, err = run_cli(["prune", run, unfinished], capsys)
+    assert code == 2 and err.startswith(f"handseg: error: {unfinished}: the run has not finished (epoch 1 of 5)")
+    assert resume[0].is_file() and len(list(unfinished.glob("resume-*"))) == 1
+    code, out, err = run_cli(["prune", tmp_path / "nope"], capsys)
+    assert code == 2 and "run folder not found" in err
+    code, out, err = run_cli(["-q", "prune", run], capsys)
+    assert code == 0, err
+    assert f"{run}: removed {resume[0].name} ({size / 2**20:.1f} MiB)" in out
+    assert sorted(p.name for p in run.glob("*.safetensors")) == ["best.safetensors", "last.safetensors"]
+    # the pruned run still predicts
+    code, _, err = run_cli(["predict", run, "--data", synth_data / "test", "-o", tmp_path / "p.csv", "--device",
+                            "cpu"], capsys)
+    assert code == 0, err
