@@ -350,3 +350,38 @@ def test_prune_drops_resume_state_of_finished_runs_only(tiny_run, synth_data, tm
     code, _, err = run_cli(["predict", run, "--data", synth_data / "test", "-o", tmp_path / "p.csv", "--device",
                             "cpu"], capsys)
     assert code == 0, err
+
+
+# --- 9: masks as images ----------------------------------------------------------------------------------
+
+def test_predict_masks_writes_one_png_per_image_and_class(tiny_run, synth_data, tmp_path, capsys):
+    import cv2
+
+    from handseg.formats.rle import rle_decode
+    from handseg.formats.submission import read_predictions
+
+    csv, masks = tmp_path / "pred.csv", tmp_path / "masks"
+    thresholds = tmp_path / "t.json"  # low: a model trained one epoch then paints pixels to compare
+    thresholds.write_text(json.dumps([0.05] * len(CLASSES)))
+    code, out, err = run_cli(["predict", tiny_run, "--data", synth_data / "test", "-o", csv, "--masks", masks,
+                              "--thresholds", thresholds, "--device", "cpu"], capsys)
+    assert code == 0, err
+    pred = read_predictions(csv)
+    assert f"{len(pred.images)} images' masks -> {masks}" in out
+    assert sorted(p.name for p in masks.iterdir()) == sorted([Path(n).stem for n in pred.images] + ["manifest.json"])
+    samples = {s.name: s for s in discover(synth_data / "test", labels="ignore", role="test")}
+    painted = 0
+    for name in pred.images:
+        folder = masks / Path(name).stem
+        assert sorted(p.name for p in folder.iterdir()) == sorted(f"{c}.png" for c in CLASSES)
+        shape = read_image(samples[name].image_path).shape[:2]
+        for k, c in enumerate(CLASSES):
+            png = cv2.imread(str(folder / f"{c}.png"), cv2.IMREAD_UNCHANGED)
+            assert png.dtype == np.uint8 and png.shape == shape and set(np.unique(png)) <= {0, 255}
+            assert np.array_equal(png == 255, rle_decode(pred.rle(name, k), shape))
+            painted += int((png == 255).sum())
+    assert painted > 0  # the model predicts something, so the check above compares real masks
+    # the output rule: an existing folder is refused before any work, and replaced whole with --overwrite
+    code, _, err = run_cli(["predict", tiny_run, "--data", synth_data / "test", "-o", tmp_path / "p2.csv",
+                            "--masks", masks, "--device", "cpu"], capsys)
+    assert code == 2 and "already exists" in err and not (tmp_path / "p2.csv").exists()
