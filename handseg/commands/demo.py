@@ -16,7 +16,8 @@ def demo(
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Epochs of each fold's model.")] = 50,
     train_size: Annotated[int | None, typer.Option("--train-size", min=32, help="The models' input size "
                                                    "(default: half of --size).", show_default=False)] = None,
-    device: Annotated[str, typer.Option("--device")] = "cpu",
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N | auto: where every step trains "
+                                        "and predicts (the Dice figures in the README are the CPU's).")] = "cpu",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing work folder as a whole.")] = False,
 ) -> None:
     """Run the whole chain on synthetic data on a CPU, and say where the results are.

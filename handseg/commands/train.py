@@ -31,6 +31,24 @@ class Logger(str, Enum):
     wandb = "wandb"
 
 
+def complete_arch(incomplete: str) -> list[str]:
+    """Tab completion of --arch from smp's registry."""
+    from handseg.models.plan import architectures
+
+    return [a for a in architectures() if a.startswith(incomplete.lower())]
+
+
+def complete_encoder(incomplete: str) -> list[str]:
+    """Tab completion of --encoder from smp's encoders and timm's models (``tu-`` names too)."""
+    import segmentation_models_pytorch as smp
+    import timm
+
+    if incomplete.startswith("tu-"):
+        return [f"tu-{m}" for m in timm.list_models(f"{incomplete[3:]}*")]
+    names = [n for n in smp.encoders.encoders if n.startswith(incomplete)]
+    return list(dict.fromkeys(names + timm.list_models(f"{incomplete}*")))
+
+
 def train(
     ctx: typer.Context,
     data: DataDir = Path("data/train"),
@@ -38,16 +56,18 @@ def train(
                                                 "(default: 5 patient-grouped folds, seeded).")] = None,
     fold: Annotated[int, typer.Option("--fold", min=-1, help="Validation fold; -1 trains on everything.")] = 0,
     arch: Annotated[str, typer.Option("--arch", help="smp architecture: unet, unetplusplus, manet, linknet, fpn, "
-                                      "pspnet, deeplabv3, deeplabv3plus, pan, upernet, segformer, dpt."
-                                      )] = "unetplusplus",
+                                      "pspnet, deeplabv3, deeplabv3plus, pan, upernet, segformer, dpt.",
+                                      metavar="ARCH", autocompletion=complete_arch)] = "unetplusplus",
     encoder: Annotated[str, typer.Option("--encoder", help="smp encoder or any timm model (hrnet_w48, "
-                                         "efficientnet_b4, convnext_small, mit_b3, ...).")] = "resnet34",
+                                         "efficientnet_b4, convnext_small, mit_b3, ...).", metavar="ENCODER",
+                                         autocompletion=complete_encoder)] = "resnet34",
     encoder_weights: Annotated[str, typer.Option("--encoder-weights", help="imagenet | none | PATH to a local "
                                                  ".pth/.safetensors (machines without network).")] = "imagenet",
     size: Annotated[int, typer.Option("--size", min=1, help="Train on images resized to SIZE x SIZE.")] = 1024,
     crop: Annotated[int | None, typer.Option("--crop", min=1, help="Instead of resizing, train on random CROP px "
                                              "crops at full resolution (predict uses a sliding window).")] = None,
-    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 30,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the training images (the "
+                                        "learning-rate schedule: warm-up, then cosine over all of them).")] = 30,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Network inputs per forward pass, per "
                                             "GPU (resized images, or crops).")] = 4,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, warm-up then cosine).")] = 1e-3,
@@ -73,7 +93,8 @@ def train(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run folder as a whole (kept "
                                             "until the new run's first checkpoint).")] = False,
     extra: Annotated[list[Path] | None, typer.Option("--extra", help="More labelled data (e.g. pseudo labels) "
-                                                     "added to training; repeatable.")] = None,
+                                                     "added to training; several: --extra A B.",
+                                                     metavar="DIR")] = None,
     cache: Annotated[Path | None, typer.Option("--cache", help="Prep cache (default: DATA/cache if present).")] = None,
     seed: Seed = 0,
     max_steps: Annotated[int | None, typer.Option("--max-steps", min=1, help="Stop after this many optimizer "
@@ -83,7 +104,7 @@ def train(
     context: Annotated[list[Path] | None, typer.Option("--context", help="A cascade's stage 1: whole-image run "
                                                        "folders (e.g. each fold of a --size 512 model) whose maps "
                                                        "become extra input channels of this --crop model; "
-                                                       "several: --context A B C.")] = None,
+                                                       "several: --context A B C.", metavar="RUN")] = None,
     oof_tta: Annotated[str, typer.Option("--oof-tta", help="Test-time transforms of the fold's out-of-fold maps "
                                          "(RUN/oof/, for `handseg select`), e.g. hflip.")] = "",
     keep_resume: Annotated[bool, typer.Option("--keep-resume/--no-keep-resume", help="Keep the resume state "

@@ -385,3 +385,72 @@ def test_predict_masks_writes_one_png_per_image_and_class(tiny_run, synth_data, 
     code, _, err = run_cli(["predict", tiny_run, "--data", synth_data / "test", "-o", tmp_path / "p2.csv",
                             "--masks", masks, "--device", "cpu"], capsys)
     assert code == 2 and "already exists" in err and not (tmp_path / "p2.csv").exists()
+
+
+# --- 14, 15: help texts, completion, dependency floors ---------------------------------------------------
+
+def _help(args: list[str]) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    run = subprocess.run([sys.executable, "-m", "handseg", *args, "--help"], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
+def _option_row(text: str, option: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith(f"│ {option} "))
+
+
+def test_help_names_no_python_types_and_every_option_says_what_it_does():
+    train = _help(["train"])
+    assert "list[" not in train and "<list" not in train
+    assert "DIR" in _option_row(train, "--extra") and "RUN" in _option_row(train, "--context")
+    assert "Passes over the training images" in _option_row(train, "--epochs")
+    assert "cpu | cuda" in _option_row(_help(["demo"]), "--device")
+    assert "Example: handseg prep json2npy --data data" in _help(["prep"])
+    for command in (["compare"], ["predict"], ["export"], ["prune"], ["select"]):
+        assert "list[" not in _help(command), command
+
+
+def test_arch_and_encoder_complete_from_the_registries():
+    import segmentation_models_pytorch as smp
+    from typer.main import get_command
+
+    from handseg.cli import app
+
+    train = get_command(app).commands["train"]
+    ctx = train.make_context("train", [], resilient_parsing=True)
+    params = {p.name: p for p in train.params}
+    archs = [c.value for c in params["arch"].shell_complete(ctx, "unet")]
+    assert archs == [a for a in smp.MODEL_ARCHITECTURES_MAPPING if a.startswith("unet")] and "unetplusplus" in archs
+    encoders = [c.value for c in params["encoder"].shell_complete(ctx, "hrnet_w4")]
+    assert "hrnet_w48" in encoders and all(e.startswith("hrnet_w4") for e in encoders)
+    assert "resnet34" in [c.value for c in params["encoder"].shell_complete(ctx, "resnet3")]  # smp's own
+    assert "tu-convnext_small" in [c.value for c in params["encoder"].shell_complete(ctx, "tu-convnext_s")]
+
+
+def test_dependency_floors_match_what_the_code_needs():
+    import re as regex
+    from importlib.metadata import version
+
+    text = (ROOT / "pyproject.toml").read_text()
+    smp_floor = regex.search(r'"segmentation-models-pytorch>=([\d.]+)', text).group(1)
+    assert tuple(map(int, smp_floor.split("."))) >= (0, 5)  # DPT came with smp 0.5
+    typer_range = regex.search(r'"typer>=([\d.]+),<([\d.]+)"', text)
+    assert typer_range, "Typer's range is bounded: cli._conventional_help adjusts its help rendering"
+    installed = tuple(int(x) for x in version("typer").split(".")[:2])
+    assert installed < tuple(int(x) for x in typer_range.group(2).split("."))
+    # and the rendering it adjusts is what the installed Typer shows: flags without <bool>, arguments by name
+    compare = _help(["compare"])
+    assert "<bool>" not in _help(["train"]) and "CSVS..." in compare and "{csvs}" not in compare
+
+
+def test_dpt_takes_timm_cnns_as_the_readme_says():
+    from handseg.common.errors import HandsegError
+    from handseg.models.plan import plan_model
+
+    assert plan_model("dpt", "tu-resnet18", 64) is not None
+    with pytest.raises(HandsegError, match="dpt takes timm encoders only .* use tu-resnet18"):
+        plan_model("dpt", "resnet18", 64)
+    readme = (ROOT / "README.md").read_text()
+    assert "takes ViT encoders only" not in readme and "`tu-resnet18`" in readme
