@@ -454,3 +454,55 @@ def test_dpt_takes_timm_cnns_as_the_readme_says():
         plan_model("dpt", "resnet18", 64)
     readme = (ROOT / "README.md").read_text()
     assert "takes ViT encoders only" not in readme and "`tu-resnet18`" in readme
+
+
+# --- 12: the pseudo gate ---------------------------------------------------------------------------------
+
+def _probs_folder(folder: Path, maps: dict[str, np.ndarray]) -> Path:
+    """A probability folder as `predict --probs` writes it, from hand-made (29, H, W) float maps."""
+    from handseg.formats.probs import PROBS_INDEX, probs_name, quantise_probs, write_probs
+
+    folder.mkdir(parents=True)
+    for name, p in maps.items():
+        write_probs(folder / probs_name(name), quantise_probs(p))
+    (folder / PROBS_INDEX).write_text(json.dumps({"images": list(maps)}))
+    return folder
+
+
+def test_pseudo_gate_is_on_by_default_with_probability_maps(synth_data, truth, tmp_path, capsys):
+    from handseg.common.constants import CLASS_INDEX
+
+    names = list(truth)
+    sure, unsure, missing = names[0], names[1], names[2]
+    maps = {sure: truth[sure] * np.float32(0.97),        # every bone, mean confidence 0.97: kept
+            unsure: truth[unsure] * np.float32(0.7),     # every bone, but confidence 0.7: the gate drops it
+            missing: truth[missing] * np.float32(0.97)}  # confident, but no Ulna: dropped by the 29-bone rule
+    maps[missing][CLASS_INDEX["Ulna"]] = 0
+    probs = _probs_folder(tmp_path / "probs", maps)
+    code, out, err = run_cli(["pseudo", probs, "--data", synth_data / "test", "--out", tmp_path / "ps"], capsys)
+    assert code == 0, err
+    doc = json.loads((tmp_path / "ps" / "manifest.json").read_text())
+    assert [Path(k).name for k in doc["kept"]] == [sure]
+    # 0.7 is stored as round(178.5) = 178 of 255 (half to even): 0.698
+    assert doc["dropped"][unsure] == "confidence 0.698 < 0.9" and "Ulna" in doc["dropped"][missing]
+    assert doc["options"]["min_confidence"] == 0.9
+    assert "1 images labelled, 2 dropped (confidence gate 0.9)" in out
+    # 0 turns the gate off: the unsure image is kept too; the 29-bone rule stays
+    code, out, err = run_cli(["pseudo", probs, "--data", synth_data / "test", "--out", tmp_path / "ps0",
+                              "--min-confidence", 0], capsys)
+    assert code == 0, err
+    doc = json.loads((tmp_path / "ps0" / "manifest.json").read_text())
+    assert sorted(Path(k).name for k in doc["kept"]) == sorted([sure, unsure]) and list(doc["dropped"]) == [missing]
+
+
+def test_demo_summary_says_what_pseudo_kept(tmp_path):
+    from handseg.commands.demo import _pseudo_summary
+
+    assert _pseudo_summary(tmp_path / "pseudo") == "none kept"
+    (tmp_path / "pseudo").mkdir()
+    (tmp_path / "pseudo" / "manifest.json").write_text(json.dumps(
+        {"stage": "pseudo", "options": {"min_confidence": 0.9}, "kept": ["a.png", "b.png", "c.png"],
+         "dropped": {"d.png": "x", "e.png": "y", "f.png": "z"}}))
+    assert _pseudo_summary(tmp_path / "pseudo").startswith("3 of 6 images kept (29 bones, confidence >= 0.9)")
+    readme = (ROOT / "README.md").read_text()
+    assert "keeps no image and says so" not in readme and "(0.9 unless given" in readme
