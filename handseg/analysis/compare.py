@@ -112,11 +112,13 @@ def check_prediction_sizes(pred: PredictionSet, shapes: dict[str, tuple[int, int
                 check_runs_fit(runs, shape, f"{pred.path} ({image} / {CLASSES[c]})")
 
 
-def read_compare_inputs(csvs: list[Path], gt_dir: Path | None = None, data_dir: Path | None = None) -> CompareInputs:
+def read_compare_inputs(csvs: list[Path | PredictionSet], gt_dir: Path | None = None,
+                        data_dir: Path | None = None) -> CompareInputs:
     """Read and check CSVs for a comparison: same images everywhere, and every run inside its image.
 
     Args:
-        csvs: prediction CSVs; without ``gt_dir`` the first is the reference.
+        csvs: prediction CSVs (or sets already read, e.g. a CV's out-of-fold predictions together); without
+            ``gt_dir`` the first is the reference.
         gt_dir: a labelled folder to score against (its PNGs give the sizes).
         data_dir: the folder of the X-rays (``DCM/`` layout), for sizes and overlays, without labels.
 
@@ -128,12 +130,14 @@ def read_compare_inputs(csvs: list[Path], gt_dir: Path | None = None, data_dir: 
         raise HandsegError("give --gt (labelled images) or --data (images only), not both")
     seen: dict[Path, Path] = {}
     for p in csvs:
+        p = p.path if isinstance(p, PredictionSet) else p
         key = Path(p).resolve()
         if key in seen:
             raise HandsegError(f"CSV given twice ({seen[key]} and {p})", p)
         seen[key] = Path(p)
-    sets = [read_predictions(p) for p in csvs]
-    inputs = CompareInputs([Path(p) for p in csvs], sets, gt_dir, data_dir)
+    # a PredictionSet is taken as read: the runs of a CV, their out-of-fold CSVs together
+    sets = [p if isinstance(p, PredictionSet) else read_predictions(p) for p in csvs]
+    inputs = CompareInputs([Path(s.path) for s in sets], sets, gt_dir, data_dir)
     if gt_dir is not None:
         inputs.samples = _by_name(discover(gt_dir, labels="required", role="test_gt"), gt_dir)
         truth = PredictionSet(Path(gt_dir), images=list(inputs.samples))
@@ -180,6 +184,8 @@ def score_comparison(inputs: CompareInputs, progress: Callable[..., None] | None
         reference = sets[0]
     reports = [dice_scores(reference, s, progress) for s in others]
     labels = distinct_labels(inputs.csvs)  # the reference CSV too: its name must differ from the others'
+    # the runs of a CV are no file: their name ("unet/resnet34@512 out-of-fold") is their label
+    labels = [lab if Path(p).is_file() else str(p) for lab, p in zip(labels, inputs.csvs)]
     ref_label = str(inputs.gt_dir) if inputs.gt_dir is not None else labels[0]
     return Comparison(ref_name, reference, inputs.gt_dir, names, others, reports, inputs.samples, inputs.shapes,
                       labels[len(labels) - len(names):], ref_label)

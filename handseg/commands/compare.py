@@ -40,12 +40,16 @@ _HELP = "\n\n".join([
   handseg compare a.csv b.csv                  (a is the reference)
   handseg compare pred.csv --gt data/test_gt --json scores.json --out report/
   handseg compare a.csv b.csv c.csv --data data/test --out report/
-  handseg compare a.csv b.csv --json - | jq .mean_dice""",
+  handseg compare a.csv b.csv --json - | jq .mean_dice
+  handseg compare runs/unet_f0 runs/unet_f1 runs/fpn_f0 runs/fpn_f1 --gt data/train   (out-of-fold)""",
 ])
 
 
 def compare(
-    csvs: Annotated[list[Path], typer.Argument(help="Prediction CSVs. Without --gt the first is the reference.")],
+    csvs: Annotated[list[Path], typer.Argument(help="Prediction CSVs, or the run folders of a CV (each configuration's "
+                                               "out-of-fold CSVs together, scored on the training images with --gt "
+                                               "data/train). Without --gt the first is the reference.",
+                                               metavar="CSV|RUN...")],
     gt: Annotated[Path | None, typer.Option("--gt", help="Labelled folder (DCM/ + outputs_json/) to score "
                                             "every CSV against.")] = None,
     data: Annotated[Path | None, typer.Option("--data", help="Folder of the X-rays (DCM/ layout) when there is "
@@ -58,6 +62,7 @@ def compare(
     overwrite: Overwrite = False,
 ) -> None:
     from handseg.analysis.compare import read_compare_inputs, score_comparison
+    from handseg.commands.options import cv_predictions
     from handseg.common.errors import HandsegError
     from handseg.console import console, print_table, progress_task, stdout
     from handseg.formats.files import atomic_dir, atomic_write_json, check_output, write_manifest
@@ -77,7 +82,7 @@ def compare(
         check_output(out, overwrite, "dir", sources)
         if json_path is not None and json_path.resolve().is_relative_to(out.resolve()):
             raise HandsegError("--json must not lie inside --out (the report folder is replaced as a whole)", json_path)
-    inputs = read_compare_inputs(csvs, gt, data)
+    inputs = read_compare_inputs(cv_predictions(csvs), gt, data)
     with progress_task("compare", transient=True) as tick:
         result = score_comparison(inputs, progress=tick)
     say = console if to_stdout else stdout  # with --json - stdout carries the JSON alone

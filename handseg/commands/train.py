@@ -276,16 +276,17 @@ def _given(ctx: typer.Context, name: str) -> bool:
     return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
-LIST_OPTIONS = ("--context", "--extra")
-"""Options of train that take several values, typed the way people type lists (``--context A B C``)."""
+LIST_OPTIONS = ("--context", "--extra", "--pred")
+"""Options of train (and eda's --pred) that take several values, typed the way people type lists
+(``--context A B C``)."""
 
 
 def expand_list_options(argv: list[str]) -> list[str]:
-    """``train --context A B`` -> ``train --context A --context B`` (train takes no arguments, so a bare
-    word after such an option can only be another of its values)."""
+    """``train --context A B`` -> ``train --context A --context B`` (train and eda take no arguments, so a
+    bare word after such an option can only be another of its values)."""
     words = [str(a) for a in argv]
     command = next((i for i, w in enumerate(words) if not w.startswith("-")), None)
-    if command is None or words[command] != "train":
+    if command is None or words[command] not in ("train", "eda"):
         return words
     out, listing = words[: command + 1], False
     for w in words[command + 1 :]:

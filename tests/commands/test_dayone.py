@@ -506,3 +506,58 @@ def test_demo_summary_says_what_pseudo_kept(tmp_path):
     assert _pseudo_summary(tmp_path / "pseudo").startswith("3 of 6 images kept (29 bones, confidence >= 0.9)")
     readme = (ROOT / "README.md").read_text()
     assert "keeps no image and says so" not in readme and "(0.9 unless given" in readme
+
+
+# --- 8: eda --pred and compare take the runs of a CV -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cv_runs(synth_data, tmp_path_factory) -> list[Path]:
+    """Two folds of one configuration, each with its out-of-fold CSV."""
+    base = tmp_path_factory.mktemp("cv")
+    splits = base / "splits.json"
+    assert run_cli(["kfold", "--data", synth_data / "train", "--folds", 2, "-o", splits])[0] == 0
+    runs = []
+    for fold in (0, 1):
+        out = base / f"unet_f{fold}"
+        code = run_cli(["train", "--data", synth_data / "train", "--splits", splits, "--fold", fold, "--arch", "unet",
+                        "--encoder", "resnet18", "--encoder-weights", "none", "--size", 64, "--epochs", 1,
+                        "--batch-size", 4, "--workers", 0, "--device", "cpu", "--augment", "none", "--out", out])[0]
+        assert code == 0
+        runs.append(out)
+    return runs
+
+
+def test_compare_and_eda_take_the_runs_of_a_cv(cv_runs, synth_data, tmp_path, capsys):
+    from handseg.formats.submission import read_predictions
+
+    # independent truth: the two out-of-fold CSVs pasted together by hand
+    rows = []
+    for run in cv_runs:
+        pred = read_predictions(run / "oof" / "oof.csv")
+        rows += [(name, [pred.rle(name, c) for c in range(len(CLASSES))]) for name in pred.images]
+    write_predictions(tmp_path / "pasted.csv", rows)
+    code, out, err = run_cli(["compare", *cv_runs, tmp_path / "pasted.csv", "--gt", synth_data / "train",
+                              "--json", "-"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    first, second = doc["results"].values()
+    assert first["label"] == "unet/resnet18@64 out-of-fold" and second["label"] == "pasted.csv"
+    assert first["mean_dice"] == pytest.approx(second["mean_dice"], abs=1e-12)
+    assert first["per_image"] == second["per_image"] and len(first["per_image"]) == len(
+        discover(synth_data / "train", labels="required"))
+    assert "unet/resnet18@64 out-of-fold" in err  # the table's column
+
+    # eda: the runs with --pred, as a list
+    code, _, err = run_cli(["eda", "--data", synth_data / "train", "--pred", *cv_runs, "--out", tmp_path / "eda"],
+                           capsys)
+    assert code == 0, err
+    page = (tmp_path / "eda" / "index.html").read_text(encoding="utf-8")
+    assert "Prediction " in page and json.loads((tmp_path / "eda" / "manifest.json").read_text())["options"][
+        "pred"] == [str(r) for r in cv_runs]
+    # one fold alone does not cover the training images: said, not skipped
+    code, _, err = run_cli(["eda", "--data", synth_data / "train", "--pred", cv_runs[0], "--out", tmp_path / "e2"],
+                           capsys)
+    assert code == 2 and "different image sets" in err and not (tmp_path / "e2").exists()
+    # the same fold twice is refused by name
+    code, _, err = run_cli(["compare", cv_runs[0], cv_runs[0], "--gt", synth_data / "train"], capsys)
+    assert code == 2 and "fold 0" in err
