@@ -561,3 +561,55 @@ def test_compare_and_eda_take_the_runs_of_a_cv(cv_runs, synth_data, tmp_path, ca
     # the same fold twice is refused by name
     code, _, err = run_cli(["compare", cv_runs[0], cv_runs[0], "--gt", synth_data / "train"], capsys)
     assert code == 2 and "fold 0" in err
+
+
+# --- 10: the Python API, through its documented names only ----------------------------------------------
+
+def test_the_python_api_predicts_arrays_and_folders(tiny_run, synth_data, tmp_path, capsys):
+    import csv
+
+    import handseg.api as hs
+
+    for name in hs.__all__:  # every documented name says what it does
+        assert name == "CLASSES" or (getattr(hs, name).__doc__ or "").strip(), name
+    assert len(hs.CLASSES) == 29
+    z = tmp_path / "model.zip"
+    assert run_cli(["export", tiny_run, "-o", z], capsys)[0] == 0  # as a user makes one
+
+    model = hs.load_model(tiny_run, device="cpu")
+    from_zip = hs.load_model(z, device="cpu")
+    assert model.classes == list(hs.CLASSES) and model.thresholds.shape == (29,)
+    images = sorted((synth_data / "test" / "DCM").rglob("*.png"))
+    image = hs.read_image(images[0])
+    assert image.dtype == np.uint8 and image.ndim == 2
+    probs = model.predict_probs(image)
+    assert probs.dtype == np.float32 and probs.shape == (29, *image.shape) and 0 <= probs.min() <= probs.max() <= 1
+    assert np.array_equal(from_zip.predict_probs(image), probs)  # the zip holds the same model
+    low = [0.05] * 29
+    masks = model.predict(image, thresholds=low)
+    assert masks.dtype == bool and masks.shape == (29, *image.shape)
+    assert np.array_equal(masks, probs > np.float32(0.05)) and masks.any()
+    rles = model.predict_rles(image)
+    assert len(rles) == 29 and all(np.array_equal(hs.rle_decode(r, image.shape), m)
+                                   for r, m in zip(rles, model.predict(image)))
+    k = int(np.argmax(masks.reshape(29, -1).sum(axis=1)))  # a class with pixels
+    assert hs.rle_encode(masks[k]) != "" and np.array_equal(hs.rle_decode(hs.rle_encode(masks[k]), image.shape),
+                                                            masks[k])
+    # a folder, as `handseg predict` writes it: the same masks as predict() gives for each image
+    out = hs.predict_folder(z, synth_data / "test", tmp_path / "submission.csv", device="cpu", thresholds=low)
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 29 * len(images) and [r["class"] for r in rows[:29]] == list(hs.CLASSES)
+    by_image = {}
+    for r in rows:
+        by_image.setdefault(r["image_name"], []).append(r["rle"])
+    for path in images:
+        img = hs.read_image(path)
+        expected = model.predict(img, thresholds=low)
+        assert expected.any()
+        got = np.stack([hs.rle_decode(r, img.shape) for r in by_image[path.name]])
+        assert np.array_equal(got, expected), path.name
+    # run again (a notebook cell run twice): replaced, not refused
+    assert hs.predict_folder(tiny_run, synth_data / "test", out, device="cpu", tta="hflip") == out
+    with pytest.raises(Exception, match=r"expected an \(H, W\) uint8 image"):
+        model.predict(image.astype(np.float32))
