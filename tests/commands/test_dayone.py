@@ -613,3 +613,83 @@ def test_the_python_api_predicts_arrays_and_folders(tiny_run, synth_data, tmp_pa
     assert hs.predict_folder(tiny_run, synth_data / "test", out, device="cpu", tta="hflip") == out
     with pytest.raises(Exception, match=r"expected an \(H, W\) uint8 image"):
         model.predict(image.astype(np.float32))
+
+
+# --- 5: report details, in headless Chromium ---------------------------------------------------------------
+
+_CHECK = """<script>setTimeout(function () {
+  var out = {};
+  out.pageOverflow = document.documentElement.scrollWidth - window.innerWidth;
+  out.tables = Array.prototype.map.call(document.querySelectorAll("main table"), function (t) {
+    var box = t.parentElement, r = box.getBoundingClientRect();
+    return {box: box.className, right: r.right, scrolls: box.scrollWidth > box.clientWidth,
+            overflowX: getComputedStyle(box).overflowX};
+  });
+  out.mainRight = document.querySelector("main").getBoundingClientRect().right;
+  out.brokenNumbers = [];
+  Array.prototype.forEach.call(document.querySelectorAll("figcaption"), function (f) {
+    var node = f.firstChild, re = /\\d+\\.\\d+/g, m;
+    while ((m = re.exec(node.textContent))) {
+      var range = document.createRange();
+      range.setStart(node, m.index); range.setEnd(node, m.index + m[0].length);
+      var tops = {};
+      Array.prototype.forEach.call(range.getClientRects(), function (r) { tops[Math.round(r.top)] = 1; });
+      if (Object.keys(tops).length > 1) out.brokenNumbers.push(m[0]);
+    }
+  });
+  out.captions = document.querySelectorAll("figcaption").length;
+  var zoom = document.getElementById("hs-zoom");
+  out.zoom = zoom ? zoom.textContent : null;
+  var legend = document.getElementById("hs-legend");
+  out.legend = legend ? legend.textContent : "";
+  var pre = document.createElement("pre"); pre.id = "check"; pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+}, 800);</script></body>"""
+
+
+def _checked(page: Path, fragment: str = "") -> dict:
+    from tests.commands.test_compare import _dump_dom
+
+    checked = page.with_name("checked.html")
+    checked.write_text(page.read_text(encoding="utf-8").replace("</body>", _CHECK), encoding="utf-8")
+    dom, _ = _dump_dom(checked, fragment)
+    found = re.search(r'<pre id="check">(.*?)</pre>', dom, re.S)
+    assert found, dom[-2000:]
+    return json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+
+
+def _needs_chromium():
+    from tests.commands.test_compare import _chromium
+
+    return pytest.mark.skipif(_chromium() is None, reason="needs chromium (apt-get install chromium)")
+
+
+@_needs_chromium()
+def test_report_details_in_headless_chromium(synth_data, truth, tmp_path, capsys):
+    from handseg.common.constants import CLASS_INDEX
+
+    names = [f"team_{k}_with_a_long_name_final_submission.csv" for k in range(6)]
+    csvs = [_write(tmp_path / n, {i: np.roll(ms, k, axis=2) for i, ms in truth.items()}) for k, n in enumerate(names)]
+    report = tmp_path / "report"
+    code, _, err = run_cli(["compare", *csvs, "--gt", synth_data / "test_gt", "--out", report], capsys)
+    assert code == 0, err
+    page = report / "index.html"
+
+    # six long CSV names: every table scrolls in its own box, the page itself stays 1400 px wide
+    check = _checked(page)
+    assert check["pageOverflow"] <= 0, check
+    assert all(t["right"] <= check["mainRight"] + 1 for t in check["tables"]), check["tables"]
+    assert any(t["scrolls"] for t in check["tables"]) and all(
+        t["overflowX"] in ("auto", "scroll") for t in check["tables"] if t["scrolls"]), check["tables"]
+    # the worst images' captions: no number broken across lines
+    assert check["captions"] > 0 and check["brokenNumbers"] == [], check
+
+    # one small bone: shown with context (at most 800%), and the legend offers only what can occur
+    image = next(iter(truth))
+    small = min(CLASSES, key=lambda c: truth[image][CLASS_INDEX[c]].sum())
+    check = _checked(page, f"#image={image}&class={small}&view=diff")
+    zoom = int(check["zoom"].rstrip("%"))
+    assert 0 < zoom <= 800, check["zoom"]
+    assert "missed (reference only)" in check["legend"] and "labelled as another class" not in check["legend"]
+    check = _checked(page, f"#image={image}&view=diff")  # all classes: a bone can be labelled as another
+    assert "labelled as another class" in check["legend"]
