@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from handseg import __version__
-from handseg.commands import compare, demo, eda, export, kfold, predict, prep, pseudo, select, synth, train, vote
+from handseg.commands import compare, demo, eda, export, kfold, predict, prep, prune, pseudo, select, synth, train, vote
 from handseg.common.errors import HandsegError, one_line
 
 
@@ -67,8 +67,9 @@ def _version(value: bool) -> None:
 def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Errors and results only: no progress bars or "
-                                        "messages.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Errors and results only (scores, tables, the "
+                                        "chosen recipe, output paths): no progress bars or messages. Also "
+                                        "accepted after the command name.")] = False,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads in all (the model's plus "
                                                 "data loaders'); default: the CPUs this process may use "
                                                 "(affinity and cgroup quota). Manifests record what was used.",
@@ -97,7 +98,22 @@ app.command("pseudo", no_args_is_help=True)(pseudo.pseudo)
 app.command("compare", no_args_is_help=True)(compare.compare)
 app.command("eda")(eda.eda)
 app.command("export")(export.export)
+app.command("prune", no_args_is_help=True)(prune.prune)
 app.command("demo")(demo.demo)
+
+
+QUIET_FLAGS = ("--quiet", "-q")
+
+
+def hoist_quiet(argv: list[str]) -> list[str]:
+    """``handseg compare a.csv b.csv --quiet`` -> ``handseg --quiet compare a.csv b.csv``: the global flag
+    is taken wherever it stands (no command has a ``-q`` or ``--quiet`` of its own), up to a ``--``."""
+    words = [str(a) for a in argv]
+    end = words.index("--") if "--" in words else len(words)
+    found = [i for i in range(end) if words[i] in QUIET_FLAGS]
+    if not found:
+        return words
+    return ["--quiet"] + [w for i, w in enumerate(words) if i not in found]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,11 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     (an unknown option, a value out of range) exits with code 2; Ctrl-C says so and exits with 130
     (outputs are written atomically, so an interrupted command leaves none)."""
     from handseg.common import notices, threads
+    from handseg.console import be_quiet
     from handseg.formats.files import release_outputs
 
-    notices.reset()
-    threads.reset()  # each run says its notes afresh (main may run many times in one process)
-    argv = train.expand_list_options(sys.argv[1:] if argv is None else argv)
+    notices.reset()  # each run says its notes afresh (main may run many times in one process)
+    threads.reset()
+    be_quiet(False)
+    argv = hoist_quiet(train.expand_list_options(sys.argv[1:] if argv is None else argv))
     try:
         try:
             code = app(args=argv, prog_name="handseg", standalone_mode=False)

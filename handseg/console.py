@@ -14,14 +14,43 @@ from handseg.common.distributed import dist_env
 
 console = Console(stderr=True, highlight=False)
 stdout = Console(highlight=False, soft_wrap=True)
+"""Results: scores, tables, the chosen recipe, output paths. They print with ``--quiet`` too."""
+log = Console(highlight=False, soft_wrap=True)
+"""Messages on standard output that are not results (training's epoch lines, the demo's commands):
+``--quiet`` silences them."""
+
+_quiet_set_progress = False
 
 
-def be_quiet() -> None:
-    """``handseg --quiet``: no progress bars and no messages; errors, notes and results (files,
-    ``--json -``) still appear."""
-    os.environ["HANDSEG_NO_PROGRESS"] = "1"
-    console.quiet = True
-    stdout.quiet = True
+def be_quiet(quiet: bool = True) -> None:
+    """``handseg --quiet``: no progress bars and no messages; errors, notes and results (scores, tables,
+    the chosen recipe, output paths, ``--json -``) still appear. ``be_quiet(False)`` undoes it (the CLI's
+    ``main`` may run many times in one process)."""
+    global _quiet_set_progress
+    if quiet and os.environ.get("HANDSEG_NO_PROGRESS", "") == "":
+        os.environ["HANDSEG_NO_PROGRESS"] = "1"
+        _quiet_set_progress = True
+    elif not quiet and _quiet_set_progress:
+        os.environ.pop("HANDSEG_NO_PROGRESS", None)
+        _quiet_set_progress = False
+    console.quiet = quiet
+    log.quiet = quiet
+
+
+def print_table(target: Console, table) -> None:
+    """Print a table whole: on a terminal at the terminal's width (rich wraps cells that do not fit);
+    anywhere else (a log, a pipe, CI, where rich would assume 80 columns and cut names to ``finger-…``)
+    at the width the table needs."""
+    if target.is_terminal:
+        target.print(table)
+        return
+    from rich.measure import Measurement
+
+    needed = Measurement.get(target, target.options.update_width(100_000), table).maximum
+    # Console.print caps its width at the console's: a console as wide as the table prints it
+    wide = Console(file=target.file, width=max(needed, target.width), highlight=False, quiet=target.quiet,
+                   color_system=target.color_system, force_terminal=False)
+    wide.print(table)
 
 
 def is_main_process() -> bool:

@@ -14,6 +14,7 @@ from pathlib import Path
 from handseg.analysis.metrics import DiceReport, dice_scores
 from handseg.common.constants import CLASSES
 from handseg.common.errors import HandsegError
+from handseg.common.paths import distinct_labels
 from handseg.data.images import image_size
 from handseg.data.labels import class_runs, read_polygons
 from handseg.data.layout import Sample, discover
@@ -46,19 +47,41 @@ class Comparison:
     reports: list[DiceReport]
     samples: dict[str, Sample] = field(default_factory=dict)
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    labels: list[str] = field(default_factory=list)
+    """Each compared CSV's shortest distinct path suffix (``a/submission.csv``), as tables and reports head it."""
+    reference_label: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.labels:
+            self.labels = distinct_labels(self.names)
+        self.reference_label = self.reference_label or self.reference
 
     def to_json(self) -> dict:
         """The scores as ``compare --json`` writes them: ``reference``, ``classes``, the first compared CSV's
         scores at the top level (:func:`result_json`), and every compared CSV's under ``results``
         keyed by its path; one schema for any number of CSVs (``handseg compare --help`` shows it)."""
-        results = {name: result_json(name, report) for name, report in zip(self.names, self.reports)}
+        results = {name: {**result_json(name, report), "label": label}
+                   for name, label, report in zip(self.names, self.labels, self.reports)}
         return {"reference": self.reference, "classes": list(CLASSES), **results[self.names[0]], "results": results}
+
+
+def empty_words(label: str, report: DiceReport) -> str | None:
+    """What a table or report says of a CSV with classes it never predicts, or None: a Dice of 1 there
+    means only that the reference is empty too."""
+    empty = report.empty_classes
+    if not empty:
+        return None
+    if len(empty) == len(CLASSES):
+        return f"{label} predicts no pixel at all (empty masks): its scores say nothing about a model"
+    return (f"{label} predicts no pixel of {len(empty)} class{'es' if len(empty) != 1 else ''} "
+            f"({', '.join(empty)}) on any image")
 
 
 def result_json(name: str, report: DiceReport) -> dict:
     """One compared CSV's scores: mean, per class, per image, and per image and class (6 decimals)."""
     per_image = report.dice.mean(axis=1)
     return {"csv": name, "mean_dice": report.mean_dice, "per_class": report.per_class,
+            "empty_classes": report.empty_classes, "reference_empty_classes": report.reference_empty_classes,
             "per_image": {image: float(v) for image, v in zip(report.images, per_image)},
             "per_image_class": {image: [round(float(v), 6) for v in row]
                                 for image, row in zip(report.images, report.dice)}}
@@ -75,11 +98,13 @@ def _by_name(samples: list[Sample], folder: Path, wanted: set[str] | None = None
     return out
 
 
-def read_compare_inputs(csvs: list[Path], gt_dir: Path | None = None, data_dir: Path | None = None) -> CompareInputs:
+def read_compare_inputs(csvs: list[Path | PredictionSet], gt_dir: Path | None = None,
+                        data_dir: Path | None = None) -> CompareInputs:
     """Read and check CSVs for a comparison: same images everywhere, and every run inside its image.
 
     Args:
-        csvs: prediction CSVs; without ``gt_dir`` the first is the reference.
+        csvs: prediction CSVs (or sets already read, e.g. a CV's out-of-fold predictions together); without
+            ``gt_dir`` the first is the reference.
         gt_dir: a labelled folder to score against (its PNGs give the sizes).
         data_dir: the folder of the X-rays (``DCM/`` layout), for sizes and overlays, without labels.
 
@@ -91,12 +116,14 @@ def read_compare_inputs(csvs: list[Path], gt_dir: Path | None = None, data_dir: 
         raise HandsegError("give --gt (labelled images) or --data (images only), not both")
     seen: dict[Path, Path] = {}
     for p in csvs:
+        p = p.path if isinstance(p, PredictionSet) else p
         key = Path(p).resolve()
         if key in seen:
             raise HandsegError(f"CSV given twice ({seen[key]} and {p})", p)
         seen[key] = Path(p)
-    sets = [read_predictions(p) for p in csvs]
-    inputs = CompareInputs([Path(p) for p in csvs], sets, gt_dir, data_dir)
+    # a PredictionSet is taken as read: the runs of a CV, their out-of-fold CSVs together
+    sets = [p if isinstance(p, PredictionSet) else read_predictions(p) for p in csvs]
+    inputs = CompareInputs([Path(s.path) for s in sets], sets, gt_dir, data_dir)
     if gt_dir is not None:
         inputs.samples = _by_name(discover(gt_dir, labels="required", role="test_gt"), gt_dir)
         truth = PredictionSet(Path(gt_dir), images=list(inputs.samples))
@@ -142,7 +169,12 @@ def score_comparison(inputs: CompareInputs, progress: Callable[..., None] | None
     else:
         reference = sets[0]
     reports = [dice_scores(reference, s, progress) for s in others]
-    return Comparison(ref_name, reference, inputs.gt_dir, names, others, reports, inputs.samples, inputs.shapes)
+    labels = distinct_labels(inputs.csvs)  # the reference CSV too: its name must differ from the others'
+    # the runs of a CV are no file: their name ("unet/resnet34@512 out-of-fold") is their label
+    labels = [lab if Path(p).is_file() else str(p) for lab, p in zip(labels, inputs.csvs)]
+    ref_label = str(inputs.gt_dir) if inputs.gt_dir is not None else labels[0]
+    return Comparison(ref_name, reference, inputs.gt_dir, names, others, reports, inputs.samples, inputs.shapes,
+                      labels[len(labels) - len(names):], ref_label)
 
 
 def compare_predictions(csvs: list[Path], gt_dir: Path | None = None, progress: Callable[..., None] | None = None,

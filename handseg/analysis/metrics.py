@@ -41,6 +41,17 @@ class DiceReport:
     def mean_dice(self) -> float:
         return float(self.dice.mean(axis=0).mean())
 
+    @property
+    def empty_classes(self) -> list[str]:
+        """Classes with no predicted pixel on any image: where the reference is empty too their Dice is 1,
+        which says nothing about a model (two empty CSVs score 1.0 everywhere)."""
+        return [c for c, area in zip(CLASSES, self.pred_area.sum(axis=0)) if area == 0]
+
+    @property
+    def reference_empty_classes(self) -> list[str]:
+        """Classes with no pixel in the reference on any image."""
+        return [c for c, area in zip(CLASSES, self.truth_area.sum(axis=0)) if area == 0]
+
     def to_json(self) -> dict:
         return {"mean_dice": self.mean_dice, "per_class": self.per_class}
 

@@ -17,10 +17,15 @@ JSON (--json PATH, or - for stdout); one schema for any number of CSVs:
   csv              the first compared CSV, whose scores the top level holds:
   mean_dice        float: mean over classes of the mean over images
   per_class        {class: Dice}
+  empty_classes    classes the CSV predicts on no image (their Dice of 1
+                   only says the reference is empty too)
+  reference_empty_classes  classes with no reference pixel on any image
   per_image        {image_name: mean Dice over the 29 classes}
   per_image_class  {image_name: [29 Dice, in "classes" order]}
-  results          {CSV path: {csv, mean_dice, per_class, per_image,
-                   per_image_class}} for every compared CSV"""
+  results          {CSV path: {csv, label, mean_dice, per_class, per_image,
+                   per_image_class}} for every compared CSV; label is the
+                   shortest end of its path no other CSV shares, as the
+                   table and report head it (a/submission.csv)"""
 
 _HELP = "\n\n".join([
     "Score CSVs with the leaderboard's Dice (per image and class, mean over images, then classes).",
@@ -35,12 +40,16 @@ _HELP = "\n\n".join([
   handseg compare a.csv b.csv                  (a is the reference)
   handseg compare pred.csv --gt data/test_gt --json scores.json --out report/
   handseg compare a.csv b.csv c.csv --data data/test --out report/
-  handseg compare a.csv b.csv --json - | jq .mean_dice""",
+  handseg compare a.csv b.csv --json - | jq .mean_dice
+  handseg compare runs/unet_f0 runs/unet_f1 runs/fpn_f0 runs/fpn_f1 --gt data/train   (out-of-fold)""",
 ])
 
 
 def compare(
-    csvs: Annotated[list[Path], typer.Argument(help="Prediction CSVs. Without --gt the first is the reference.")],
+    csvs: Annotated[list[Path], typer.Argument(help="Prediction CSVs, or the run folders of a CV (each configuration's "
+                                               "out-of-fold CSVs together, scored on the training images with --gt "
+                                               "data/train). Without --gt the first is the reference.",
+                                               metavar="CSV|RUN...")],
     gt: Annotated[Path | None, typer.Option("--gt", help="Labelled folder (DCM/ + outputs_json/) to score "
                                             "every CSV against.")] = None,
     data: Annotated[Path | None, typer.Option("--data", help="Folder of the X-rays (DCM/ layout) when there is "
@@ -53,8 +62,9 @@ def compare(
     overwrite: Overwrite = False,
 ) -> None:
     from handseg.analysis.compare import read_compare_inputs, score_comparison
+    from handseg.commands.options import cv_predictions
     from handseg.common.errors import HandsegError
-    from handseg.console import console, progress_task, stdout
+    from handseg.console import console, print_table, progress_task, stdout
     from handseg.formats.files import atomic_dir, atomic_write_json, check_output, write_manifest
 
     if gt is None and len(csvs) < 2:
@@ -72,11 +82,11 @@ def compare(
         check_output(out, overwrite, "dir", sources)
         if json_path is not None and json_path.resolve().is_relative_to(out.resolve()):
             raise HandsegError("--json must not lie inside --out (the report folder is replaced as a whole)", json_path)
-    inputs = read_compare_inputs(csvs, gt, data)
+    inputs = read_compare_inputs(cv_predictions(csvs), gt, data)
     with progress_task("compare", transient=True) as tick:
         result = score_comparison(inputs, progress=tick)
     say = console if to_stdout else stdout  # with --json - stdout carries the JSON alone
-    say.print(scores_table(result))
+    print_table(say, scores_table(result))
     if out is not None:
         from handseg.analysis.reports.compare import compare_report
 
@@ -109,9 +119,21 @@ def scores_table(result):
 
     table = Table(title=f"Dice against {result.reference}", show_footer=True)
     table.add_column("class", footer="mean")
-    for name, report in zip(result.names, result.reports):
-        table.add_column(Path(name).name, justify="right", footer=f"{report.mean_dice:.4f}")
+    for label, report in zip(result.labels, result.reports):
+        table.add_column(label, justify="right", footer=f"{report.mean_dice:.4f}")
+    from handseg.analysis.compare import empty_words
+
     per_class = [r.per_class for r in result.reports]
+    empty = [set(r.empty_classes) for r in result.reports]
+    reference_empty = set(result.reports[0].reference_empty_classes) if result.reports else set()
     for c in CLASSES:
-        table.add_row(c, *(f"{pc[c]:.4f}" for pc in per_class))
+        # a Dice of 1 over empty masks is no score: such cells say "empty", never green-perfect in silence
+        table.add_row(c + (" (reference empty)" if c in reference_empty else ""),
+                      *(f"[yellow]{pc[c]:.4f} empty[/yellow]" if c in e else f"{pc[c]:.4f}"
+                        for pc, e in zip(per_class, empty)))
+    words = [w for w in (empty_words(label, r) for label, r in zip(result.labels, result.reports)) if w]
+    if reference_empty:
+        words.append(f"the reference has no pixel of {', '.join(sorted(reference_empty, key=CLASSES.index))}")
+    if words:
+        table.caption = "empty: no predicted pixel on any image. " + "; ".join(words) + "."
     return table

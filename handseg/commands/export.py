@@ -20,7 +20,8 @@ def export(
     runs: Annotated[list[Path] | None, typer.Argument(help="Run folders (their best checkpoint goes in).",
                                                       metavar="RUN", show_default=False)] = None,
     recipe: Annotated[Path | None, typer.Option("--recipe", help="recipe.json from `handseg select`: the recipe "
-                                                "and every run it uses go in.")] = None,
+                                                "and every run it uses go in (a configuration that no class "
+                                                "uses, directly or by a vote, is left out).")] = None,
     fmt: Annotated[Format, typer.Option("--format", help="torch: the checkpoints; onnx: also one ONNX graph per "
                                         "checkpoint (dynamic batch), which `handseg predict model.zip` runs with "
                                         "onnxruntime (pip install 'handseg[onnx]').")] = "torch",

@@ -31,6 +31,46 @@ Merge = Enum("Merge", {m: m for m in MERGES}, type=str)
 """How test-time transforms are merged: the choices of :data:`handseg.formats.tta.MERGES`."""
 
 
+def cv_predictions(paths: list[Path]) -> list:
+    """Prediction inputs as ``compare`` and ``eda --pred`` take them: a CSV is itself; run folders (the
+    runs of a cross-validation) become one prediction per configuration (same model card but for the fold,
+    same TTA, as ``select`` groups them): its folds' out-of-fold CSVs (``RUN/oof/oof.csv``) together, named
+    ``<configuration> out-of-fold``, in the place of its first run.
+
+    Raises:
+        HandsegError: a run has no out-of-fold CSV, or two runs of a configuration hold the same images.
+    """
+    from handseg.common.errors import HandsegError
+    from handseg.formats.oof import OOF_DIR
+    from handseg.formats.submission import read_predictions, union_predictions
+    from handseg.selection.configs import group_configurations, read_oof_run
+
+    runs = [read_oof_run(p) for p in paths if Path(p).is_dir()]
+    if not runs:
+        return list(paths)
+    by_run = {}
+    for cfg in group_configurations(runs):
+        sets = []
+        for r in cfg.runs.values():
+            csv = r.folder / "oof.csv"
+            if not csv.is_file():
+                raise HandsegError(f"no {OOF_DIR}/oof.csv (written by `train --fold K`)", r.run)
+            sets.append(read_predictions(csv))
+        merged = union_predictions(sets, Path(f"{cfg.name} out-of-fold"))
+        for r in cfg.runs.values():
+            by_run[Path(r.run)] = (cfg.name, merged)
+    out, placed = [], set()
+    for p in paths:
+        if not Path(p).is_dir():
+            out.append(p)
+            continue
+        name, merged = by_run[Path(p)]
+        if name not in placed:
+            placed.add(name)
+            out.append(merged)
+    return out
+
+
 def say_data(source) -> None:
     """Tell the user which folder ``--data`` resolved to, when it was not the folder itself."""
     if source.note:

@@ -60,6 +60,9 @@ def predict(
     oof: Annotated[bool, typer.Option("--oof", help="With --recipe and labelled --data (the training folder): "
                                       "predict each image with the fold models that did not see it, as select "
                                       "scored them.")] = False,
+    masks: Annotated[Path | None, typer.Option("--masks", help="Also write each image's masks as PNGs in this "
+                                               "folder: DIR/<stem>/<class>.png, 0 or 255, at the image's size (for "
+                                               "tools outside the competition format).")] = None,
     device: Device = "auto",
     no_amp: NoAmp = False,
     overwrite: Overwrite = False,
@@ -71,7 +74,12 @@ def predict(
       handseg predict runs/fold0 --splits splits.json --fold 0 --probs oof/fold0 -o oof0.csv
       handseg predict runs/fold0 --data my_xrays/ -o pred.csv       (any folder of PNG/JPEG/DICOM files)
       handseg predict --recipe recipe.json --data data/test -o submission.csv
+      handseg predict model.zip --data my_xrays/ -o pred.csv --masks masks/      (PNG masks too)
     """
+    if masks is not None:
+        from handseg.formats.files import check_output
+
+        check_output(masks, overwrite, "dir", [*(checkpoints or []), data, recipe])  # before any work
     with _model_zip(checkpoints, out, overwrite) as bundle:
         where = "--recipe"
         if bundle is not None:  # a model zip from `handseg export`: its checkpoints, or its recipe
@@ -84,9 +92,31 @@ def predict(
         if recipe is not None:
             _run_recipe(checkpoints, recipe, oof, data, out, probs, batch_size, device, not no_amp, overwrite,
                         [thresholds, tune_thresholds, splits, fold, keep_largest], where, bundle)
-            return
-        _run(checkpoints, data, out, probs, "", Merge.mean, thresholds, tune_thresholds, device, not no_amp,
-             "predict", batch_size, overwrite, splits, fold, probs_format, keep_largest, bundle)
+        else:
+            _run(checkpoints, data, out, probs, "", Merge.mean, thresholds, tune_thresholds, device, not no_amp,
+                 "predict", batch_size, overwrite, splits, fold, probs_format, keep_largest, bundle)
+    if masks is not None:
+        _write_masks(out, masks, overwrite)
+
+
+def _write_masks(csv: Path, masks: Path, overwrite: bool) -> None:
+    """``predict --masks DIR``: the CSV just written, as PNGs of the images its manifest names."""
+    from handseg.common.distributed import dist_env
+    from handseg.console import progress_task, stdout
+    from handseg.data.layout import discover
+    from handseg.data.maskpng import write_mask_pngs
+    from handseg.formats.files import atomic_dir, read_json, sidecar_manifest_path, write_manifest
+    from handseg.formats.submission import read_predictions
+
+    if not dist_env().main:
+        return  # under torchrun, rank 0 writes
+    data = Path(read_json(sidecar_manifest_path(csv), "manifest")["inputs"]["data"])
+    samples = {s.name: s for s in discover(data, labels="ignore", role="test")}
+    pred = read_predictions(csv)
+    with atomic_dir(masks, overwrite, inputs=[csv, data]) as tmp, progress_task("masks", transient=True) as tick:
+        n = write_mask_pngs(pred, samples, Path(tmp), progress=tick)
+        write_manifest(tmp, "masks", {"csv": str(csv)}, inputs={"data": str(data)}, images=n)
+    stdout.print(f"{n} images' masks -> {masks}/<image>/<class>.png")
 
 
 def tta(
@@ -152,7 +182,7 @@ def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, dev
     from handseg.commands.options import say_data
     from handseg.common.distributed import dist_env
     from handseg.common.errors import HandsegError
-    from handseg.console import progress_task, stdout
+    from handseg.console import print_table, progress_task, stdout
     from handseg.data.layout import resolve_data
     from handseg.ensemble.masks import format_keep_largest, parse_keep_largest
     from handseg.formats.files import atomic_dir, check_output, sidecar_manifest_path, write_manifest
@@ -225,7 +255,7 @@ def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, dev
         table.add_column("mean Dice", justify="right")
         for name, value in result.dice.items():
             table.add_row(name, f"{value:.4f}")
-        stdout.print(table)
+        print_table(stdout, table)
     stdout.print(f"{result.images} images -> {out}" + (f" (probabilities in {probs})" if probs else ""))
 
 

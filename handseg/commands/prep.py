@@ -9,7 +9,9 @@ import typer
 
 from handseg.commands.options import DataDir, Workers
 
-app = typer.Typer(help="Cache images and masks for fast loading (idempotent: up-to-date files are skipped).",
+app = typer.Typer(help="Cache images and masks for fast loading (idempotent: up-to-date files are skipped). "
+                  "train reads DATA/cache when it is there.",
+                  epilog="Example: handseg prep json2npy --data data && handseg prep png2npy --data data",
                   no_args_is_help=True)
 
 CacheOut = Annotated[Path | None, typer.Option("--out", "-o", help="Cache folder (default: DATA/cache).")]

@@ -18,12 +18,16 @@ def pseudo(
                                               "images of the pseudo-label set.", show_default=False)] = None,
     out: OutDir = Path("pseudo"),
     min_confidence: Annotated[float | None, typer.Option("--min-confidence", min=0.0, max=1.0, help="Keep images "
-                                                         "whose mean "
-                                                         "probability over predicted bone pixels is at least P "
-                                                         "(probability folders only).")] = None,
+                                                         "whose mean probability over predicted bone pixels is at "
+                                                         "least P (probability folders only; default 0.9 there, "
+                                                         "0 turns the gate off).", show_default=False)] = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Turn test predictions into a labelled data set for `handseg train --extra OUT`.
+
+    An image is kept only if all 29 bones are predicted on it and, from probability maps, the mean
+    probability over its predicted bone pixels is at least --min-confidence (0.9 unless given). If no
+    image qualifies it stops with an error rather than write an empty set.
 
     Example: handseg pseudo probs/ --data data/test --out pseudo --min-confidence 0.9
     """
@@ -43,11 +47,12 @@ def pseudo(
     with atomic_dir(out, overwrite, inputs=[source, data]) as tmp:
         with progress_task("pseudo") as tick:
             result = make_pseudo(source, data, tmp, min_confidence, progress=tick)
-        write_manifest(tmp / "cache" / "masks", "pseudo", {"min_confidence": min_confidence},
+        write_manifest(tmp / "cache" / "masks", "pseudo", {"min_confidence": result.min_confidence},
                        inputs={"source": str(source), "data": str(data)}, format="packed-bbox-v1",
                        samples=result.cache_entries)
-        write_manifest(tmp, "pseudo", {"min_confidence": min_confidence}, inputs={"source": str(source),
+        write_manifest(tmp, "pseudo", {"min_confidence": result.min_confidence}, inputs={"source": str(source),
                        "data": str(data)}, kept=result.kept, dropped=result.dropped, made_by=made_by, complete=True)
-    stdout.print(f"{len(result.kept)} images labelled, {len(result.dropped)} dropped -> {out}")
+    gate = f" (confidence gate {result.min_confidence})" if result.min_confidence else ""
+    stdout.print(f"{len(result.kept)} images labelled, {len(result.dropped)} dropped{gate} -> {out}")
     for name, why in list(result.dropped.items())[:5]:
         stdout.print(f"  dropped {name}: {why}")

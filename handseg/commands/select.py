@@ -38,7 +38,7 @@ def select(
 
     Example: handseg select runs/unet_f0 runs/unet_f1 runs/hr48_f0 runs/hr48_f1 -o recipe.json
     """
-    from handseg.console import progress_task, stdout
+    from handseg.console import print_table, progress_task, stdout
     from handseg.data.cache import default_workers
     from handseg.formats.files import check_output
     from handseg.selection.search import select_recipe
@@ -47,13 +47,32 @@ def select(
     with progress_task("select", transient=True) as tick:
         result = select_recipe(runs, out, data, progress=tick, workers=workers or default_workers(),
                                choose=Choose(choose).value)
-    stdout.print(candidates_table(result))
+    print_table(stdout, candidates_table(result))
     doc = result.recipe
     nested = doc["nested_cv_dice"]
     picked = (f" (the highest of {len(result.ranked)} such estimates on the same images: still optimistic)"
               if doc.get("chosen_by") == "nested" else "")
     stdout.print(f"chosen: {doc['chosen']}: OOF Dice {doc['cv_dice']:.4f}"
                  + (f", {nested:.4f} tuned on other folds{picked}" if nested is not None else "") + f" -> {out}")
+    for line in next_commands(out, doc.get("data")):
+        stdout.print(line, markup=False)
+
+
+def next_commands(recipe: Path, train_data: str | None) -> list[str]:
+    """What to run with a recipe, as nnU-Net's find_best_configuration says it: predict the test images
+    with it, and pack what it uses into one zip. The test folder is the training folder's sibling
+    ``test/`` where there is one."""
+    import shlex
+
+    test = None
+    if train_data:
+        sibling = Path(train_data).parent / "test"
+        if Path(train_data).name == "train" and sibling.is_dir():
+            test = shlex.quote(str(sibling))
+    r = shlex.quote(str(recipe))
+    return ["next:",
+            f"  handseg predict --recipe {r} --data {test or 'TEST_IMAGES'} -o submission.csv",
+            f"  handseg export --recipe {r} -o model.zip"]
 
 
 OOF_NOTE = ("Out-of-fold maps come from each run's best checkpoint, whose epoch was chosen on these same images: "

@@ -31,6 +31,24 @@ class Logger(str, Enum):
     wandb = "wandb"
 
 
+def complete_arch(incomplete: str) -> list[str]:
+    """Tab completion of --arch from smp's registry."""
+    from handseg.models.plan import architectures
+
+    return [a for a in architectures() if a.startswith(incomplete.lower())]
+
+
+def complete_encoder(incomplete: str) -> list[str]:
+    """Tab completion of --encoder from smp's encoders and timm's models (``tu-`` names too)."""
+    import segmentation_models_pytorch as smp
+    import timm
+
+    if incomplete.startswith("tu-"):
+        return [f"tu-{m}" for m in timm.list_models(f"{incomplete[3:]}*")]
+    names = [n for n in smp.encoders.encoders if n.startswith(incomplete)]
+    return list(dict.fromkeys(names + timm.list_models(f"{incomplete}*")))
+
+
 def train(
     ctx: typer.Context,
     data: DataDir = Path("data/train"),
@@ -38,16 +56,18 @@ def train(
                                                 "(default: 5 patient-grouped folds, seeded).")] = None,
     fold: Annotated[int, typer.Option("--fold", min=-1, help="Validation fold; -1 trains on everything.")] = 0,
     arch: Annotated[str, typer.Option("--arch", help="smp architecture: unet, unetplusplus, manet, linknet, fpn, "
-                                      "pspnet, deeplabv3, deeplabv3plus, pan, upernet, segformer, dpt."
-                                      )] = "unetplusplus",
+                                      "pspnet, deeplabv3, deeplabv3plus, pan, upernet, segformer, dpt.",
+                                      metavar="ARCH", autocompletion=complete_arch)] = "unetplusplus",
     encoder: Annotated[str, typer.Option("--encoder", help="smp encoder or any timm model (hrnet_w48, "
-                                         "efficientnet_b4, convnext_small, mit_b3, ...).")] = "resnet34",
+                                         "efficientnet_b4, convnext_small, mit_b3, ...).", metavar="ENCODER",
+                                         autocompletion=complete_encoder)] = "resnet34",
     encoder_weights: Annotated[str, typer.Option("--encoder-weights", help="imagenet | none | PATH to a local "
                                                  ".pth/.safetensors (machines without network).")] = "imagenet",
     size: Annotated[int, typer.Option("--size", min=1, help="Train on images resized to SIZE x SIZE.")] = 1024,
     crop: Annotated[int | None, typer.Option("--crop", min=1, help="Instead of resizing, train on random CROP px "
                                              "crops at full resolution (predict uses a sliding window).")] = None,
-    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 30,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the training images (the "
+                                        "learning-rate schedule: warm-up, then cosine over all of them).")] = 30,
     batch_size: Annotated[str, typer.Option("--batch-size", help="Network inputs per forward pass, per GPU "
                                             "(resized images, or crops), or auto: the largest that fits the GPU "
                                             "(trial steps, with a margin; on CPU a small batch).")] = "4",
@@ -77,7 +97,8 @@ def train(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run folder as a whole (kept "
                                             "until the new run's first checkpoint).")] = False,
     extra: Annotated[list[Path] | None, typer.Option("--extra", help="More labelled data (e.g. pseudo labels) "
-                                                     "added to training; repeatable.")] = None,
+                                                     "added to training; several: --extra A B.",
+                                                     metavar="DIR")] = None,
     cache: Annotated[Path | None, typer.Option("--cache", help="Prep cache (default: DATA/cache if present).")] = None,
     seed: Seed = 0,
     max_steps: Annotated[int | None, typer.Option("--max-steps", min=1, help="Stop after this many optimizer "
@@ -87,12 +108,19 @@ def train(
     context: Annotated[list[Path] | None, typer.Option("--context", help="A cascade's stage 1: whole-image run "
                                                        "folders (e.g. each fold of a --size 512 model) whose maps "
                                                        "become extra input channels of this --crop model; "
-                                                       "several: --context A B C.")] = None,
+                                                       "several: --context A B C.", metavar="RUN")] = None,
     oof_tta: Annotated[str, typer.Option("--oof-tta", help="Test-time transforms of the fold's out-of-fold maps "
                                          "(RUN/oof/, for `handseg select`), e.g. hflip.")] = "",
+    keep_resume: Annotated[bool, typer.Option("--keep-resume/--no-keep-resume", help="Keep the resume state "
+                                              "(resume-<epoch>.safetensors, about twice the weights' size) when "
+                                              "the run finishes; best and last stay either way. Without it the "
+                                              "run cannot be continued with --resume (`handseg prune RUN` drops "
+                                              "it later).")] = True,
     config: Annotated[Path | None, typer.Option("--config", help="YAML of training options, or a run's "
                                                 "manifest.json to replay it (flags given on the command line win; "
-                                                "--out, --overwrite and --resume come from the command line only).",
+                                                "--out, --overwrite and --resume come from the command line only). "
+                                                "Relative paths in it are taken from the YAML file's folder, or "
+                                                "from the folder a replayed run was started in.",
                                                 dir_okay=False)] = None,
 ) -> None:
     """Train a 29-class multi-label segmentation model; checkpoints are self-describing.
@@ -103,7 +131,7 @@ def train(
       handseg train --crop 1024 --context runs/low_f0 runs/low_f1 --fold 0 --out runs/cascade_f0   (a cascade)
       torchrun --nproc_per_node 4 -m handseg train --encoder hrnet_w48 --size 2048 --out runs/hr48
     """
-    from handseg.console import is_main_process, make_progress, stdout
+    from handseg.console import is_main_process, log, make_progress, stdout
     from handseg.training.config import TrainConfig
     from handseg.training.loop import train as run_training
 
@@ -120,7 +148,12 @@ def train(
     if config is not None:
         params = _apply_config(ctx, params, config)
     cfg = TrainConfig(**params).validated()  # one check for flags and config alike
-    say = stdout.print if is_main_process() else (lambda *args, **kwargs: None)  # torchrun: rank 0 speaks
+    def quiet_print(*args, **kwargs):
+        return None
+
+    # torchrun: rank 0 speaks; epoch lines are messages (--quiet hides them), the summary a result
+    say = log.print if is_main_process() else quiet_print
+    result_line = stdout.print if is_main_process() else quiet_print
 
     progress_cm = make_progress()
 
@@ -144,18 +177,32 @@ def train(
         raise
     finally:
         progress_cm.stop()
+    if not cfg.keep_resume and is_main_process():
+        _drop_resume(result["out"], say)
     if result.get("finished"):
         return
     best = result["best_dice"]
     summary = (f"done: {result['epochs']} epoch{'s' if result['epochs'] != 1 else ''}, {result['steps']} "
                f"step{'s' if result['steps'] != 1 else ''} in all")
-    say(f"{summary}; best val dice {best:.4f}" if best is not None else summary, f"-> {result['out']}")
+    result_line(f"{summary}; best val dice {best:.4f}" if best is not None else summary, f"-> {result['out']}")
+
+
+def _drop_resume(out, say) -> None:
+    """``--no-keep-resume``: the finished run's resume state goes (best and last stay)."""
+    from handseg.training.state import prune_resume
+
+    removed = prune_resume(Path(out))
+    if removed:
+        say(f"--no-keep-resume: removed {', '.join(p.name for p, _ in removed)} "
+            f"({sum(n for _, n in removed) / 2**20:.1f} MiB)")
 
 
 def _apply_config(ctx: typer.Context, params: dict, path: Path) -> dict:
     """defaults < config file < flags given on the command line. The file is a YAML mapping of options,
     or a run's ``manifest.json`` (its ``options`` are replayed, but for its ``out``, ``overwrite`` and
-    ``resume``).
+    ``resume``). Relative paths in the file (``data``, ``splits``, ``cache``, ``extra``, ``context``,
+    ``encoder_weights``) are taken from the YAML file's folder, or from the folder the run was started in
+    (:func:`_run_started_in`), so a config replays from any working folder.
 
     Raises:
         HandsegError: the file is unreadable, sets an unknown option, or sets ``out``, ``overwrite`` or
@@ -176,9 +223,12 @@ def _apply_config(ctx: typer.Context, params: dict, path: Path) -> dict:
         raise HandsegError(f"not valid YAML ({str(e).splitlines()[0]})", path) from None
     if not isinstance(doc, dict):
         raise HandsegError("config must be a mapping of option: value", path)
+    base = path.parent
     if doc.get("stage") == "train" and isinstance(doc.get("options"), dict):
+        base = _run_started_in(path, doc["options"].get("out"))
         # replay a run: its manifest records where it went and how, which the new run does not inherit
         doc = {k: v for k, v in doc["options"].items() if str(k).replace("-", "_") not in RUN_FOLDER_OPTIONS}
+    doc = {k: _relative_to(base, str(k).replace("-", "_"), v) for k, v in doc.items()}
     for key, value in doc.items():
         name = str(key).replace("-", "_")
         if name in RUN_FOLDER_OPTIONS:
@@ -191,6 +241,39 @@ def _apply_config(ctx: typer.Context, params: dict, path: Path) -> dict:
     return params
 
 
+PATH_OPTIONS = ("data", "splits", "cache", "extra", "context", "encoder_weights")
+"""Options whose values are paths: in a config file they are relative to the file, as in recipes and vote maps."""
+
+
+def _relative_to(base: Path, name: str, value):
+    """A config file's relative path taken from ``base`` (``--encoder-weights`` only where it names a file
+    there: else it is a name such as ``imagenet``)."""
+    import os
+
+    if name not in PATH_OPTIONS or value is None:
+        return value
+    if isinstance(value, list):
+        return [_relative_to(base, name, v) for v in value]
+    if not isinstance(value, str) or value == "" or Path(value).is_absolute():
+        return value
+    if name == "encoder_weights" and not (base / value).exists():
+        return value
+    return os.path.normpath(base / value)
+
+
+def _run_started_in(manifest: Path, out) -> Path:
+    """The folder a run was started in, found from its manifest: the manifest lies in ``out``, so a
+    relative ``out`` of N parts puts that folder N levels above the manifest's (where the run's relative
+    ``--data``, ``--splits`` ... point from). With an absolute ``out``, the manifest's own folder."""
+    parts = Path(str(out)).parts if isinstance(out, str) and out else ()
+    if not parts or Path(out).is_absolute() or ".." in parts:
+        return manifest.parent
+    base = manifest.parent
+    for _ in parts:
+        base = base / ".."
+    return base
+
+
 def _given(ctx: typer.Context, name: str) -> bool:
     """Whether option ``name`` was given on the command line (not left at its default)."""
     # --compile is the parameter compile_model (compile is a builtin)
@@ -199,16 +282,17 @@ def _given(ctx: typer.Context, name: str) -> bool:
     return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
-LIST_OPTIONS = ("--context", "--extra")
-"""Options of train that take several values, typed the way people type lists (``--context A B C``)."""
+LIST_OPTIONS = ("--context", "--extra", "--pred")
+"""Options of train (and eda's --pred) that take several values, typed the way people type lists
+(``--context A B C``)."""
 
 
 def expand_list_options(argv: list[str]) -> list[str]:
-    """``train --context A B`` -> ``train --context A --context B`` (train takes no arguments, so a bare
-    word after such an option can only be another of its values)."""
+    """``train --context A B`` -> ``train --context A --context B`` (train and eda take no arguments, so a
+    bare word after such an option can only be another of its values)."""
     words = [str(a) for a in argv]
     command = next((i for i, w in enumerate(words) if not w.startswith("-")), None)
-    if command is None or words[command] != "train":
+    if command is None or words[command] not in ("train", "eda"):
         return words
     out, listing = words[: command + 1], False
     for w in words[command + 1 :]:

@@ -36,6 +36,13 @@ class PseudoResult:
     dropped: dict[str, str]
     cache_entries: list[dict]
     """The mask cache's manifest records (what each cache file was made from)."""
+    min_confidence: float | None = None
+    """The confidence gate applied (None: none, as for a CSV)."""
+
+
+DEFAULT_MIN_CONFIDENCE = 0.9
+"""The confidence gate with probability maps when none is given: a weak model's labels (a mean probability
+over its bone pixels below 0.9) would teach the next model its own mistakes."""
 
 
 def mask_polygon(mask: np.ndarray, offset: tuple[int, int] = (0, 0)) -> np.ndarray | None:
@@ -96,8 +103,9 @@ def make_pseudo(source: Path, data: Path, out: Path, min_confidence: float | Non
     """Write pseudo labels for the images of ``data`` from a CSV or a probability folder into ``out``.
 
     Images are dropped when a class is empty (a training image has all 29 bones) or, with
-    probabilities, when the mean confidence over predicted bone pixels is below ``min_confidence``.
-    Each class is handled inside its bounding box (never 29 full-size float maps).
+    probabilities, when the mean confidence over predicted bone pixels is below ``min_confidence``
+    (``None``: :data:`DEFAULT_MIN_CONFIDENCE`; ``0`` turns the gate off). A CSV has no confidence: only
+    the 29-bone rule applies. Each class is handled inside its bounding box (never 29 full-size float maps).
 
     Raises:
         HandsegError: a prediction names an image that is not in ``data``, does not fit its image's
@@ -109,6 +117,7 @@ def make_pseudo(source: Path, data: Path, out: Path, min_confidence: float | Non
     from_probs = Path(source).is_dir()
     if from_probs:
         names = read_probs_index(source)
+        min_confidence = DEFAULT_MIN_CONFIDENCE if min_confidence is None else min_confidence
     else:
         if min_confidence is not None:
             raise HandsegError("--min-confidence needs probability maps (predict --probs DIR), not a CSV", source)
@@ -179,7 +188,7 @@ def make_pseudo(source: Path, data: Path, out: Path, min_confidence: float | Non
         first = next(iter(dropped.items()), ("", ""))
         raise HandsegError(f"no image passed (all {len(dropped)} dropped, e.g. {first[0]}: {first[1]}); nothing to "
                            "train on", source)
-    return PseudoResult(kept, dropped, entries)
+    return PseudoResult(kept, dropped, entries, min_confidence)
 
 
 def _recorded_thresholds(folder: Path) -> np.ndarray:

@@ -111,6 +111,27 @@ def write_predictions(path: str | Path, rows: Iterable[tuple[str, list[str]]]) -
     return count
 
 
+def union_predictions(sets: list[PredictionSet], path: Path) -> PredictionSet:
+    """Disjoint prediction sets as one, e.g. the out-of-fold CSVs of a cross-validation (each fold's
+    held-out images): images in the order given, named ``path``.
+
+    Raises:
+        HandsegError: an image is in two of the sets (the same fold given twice?).
+    """
+    out = PredictionSet(path)
+    where: dict[str, Path | None] = {}
+    for s in sets:
+        for image in s.images:
+            if image in where:
+                raise HandsegError(f"{image} is predicted in both {where[image]} and {s.path} (the same fold "
+                                   "twice?)", s.path)
+            where[image] = s.path
+            out.images.append(image)
+            out.runs[image] = s.runs[image]
+        out.shapes.update(s.shapes)
+    return out
+
+
 def check_same_images(reference: PredictionSet, other: PredictionSet, what: str = "image sets") -> None:
     """Raise a HandsegError naming both files if two CSVs do not cover the same images."""
     a, b = set(reference.images), set(other.images)

@@ -70,9 +70,10 @@ def export_models(runs: list[Path], out: Path, recipe: Path | None = None, fmt: 
     if recipe is not None:
 
         parsed = read_recipe(recipe)  # checked, with absolute run paths
-        checkpoints = pinned_checkpoints(parsed, recipe)  # an unpinned or changed checkpoint is not zipped
-        recipe_doc = read_json(recipe, "recipe")
-        for doc_cfg, cfg in zip(recipe_doc["configurations"], parsed.configs):
+        members = parsed.members()  # only what the recipe uses: five folds of an unused model are gigabytes
+        checkpoints = pinned_checkpoints(parsed, recipe, members)  # an unpinned or changed checkpoint is not zipped
+        recipe_doc = _used_only(read_json(recipe, "recipe"), [c.name for c in parsed.configs], members)
+        for doc_cfg, cfg in zip(recipe_doc["configurations"], [parsed.config(m) for m in members]):
             new_runs = {}
             for fold, path in checkpoints[cfg.name].items():
                 name = f"models/{_safe(cfg.name)}/fold{fold}"
@@ -132,6 +133,17 @@ def _graphs(entries: list[tuple[str, Path | bytes, ModelCard]]) -> dict[str, tup
             graph, info = export_onnx(path)
         out[name] = (graph, {"file": f"{name}/{ONNX_NAME}", "sha256": hashlib.sha256(graph).hexdigest(), **info})
     return out
+
+
+def _used_only(doc: dict, names: list[str], members: list[str]) -> dict:
+    """The recipe document with only the configurations it uses (and their soft-vote weights); a recipe
+    whose classes all come from some configurations predicts the same without the others."""
+    keep = [names.index(m) for m in members]
+    doc["configurations"] = [doc["configurations"][i] for i in keep]
+    soft = (doc.get("ensemble") or {}).get("soft") or {}
+    if isinstance(soft.get("weights"), list) and len(soft["weights"]) == len(names):
+        soft["weights"] = [soft["weights"][i] for i in keep]
+    return doc
 
 
 def _digest(member: Path | bytes) -> str:

@@ -68,6 +68,8 @@ class TrainConfig:
     """Test-time transforms of the out-of-fold maps written at the end (``""``: none; e.g. ``hflip``)."""
     context: list[Path] = field(default_factory=list)
     """A cascade's stage 1: run folders of whole-image models whose maps become extra input channels."""
+    keep_resume: bool = True
+    """Keep ``resume-<epoch>.safetensors`` when the run finishes (``False``: delete it then; best and last stay)."""
 
 
     def to_json(self) -> dict:
@@ -226,5 +228,5 @@ _RULES = {
     "resume": _bool,
     "overwrite": _bool,
     "extra": _paths, "cache": _path(optional=True), "seed": _int(0), "max_steps": _int(1, optional=True),
-    "logger": _choice(LOGGERS), "oof_tta": _tta_spec, "context": _paths,
+    "logger": _choice(LOGGERS), "oof_tta": _tta_spec, "context": _paths, "keep_resume": _bool,
 }

@@ -28,7 +28,8 @@ import numpy as np
 
 from handseg.common.errors import JSON_TOO_DEEP, HandsegError
 from handseg.data.layout import resolve_data
-from handseg.formats.files import atomic_write_bytes
+from handseg.formats.files import MANIFEST_NAME, atomic_write_bytes, read_json
+from handseg.formats.oof import OOF_DIR
 from handseg.models.checkpoint import BEST, LAST, ModelCard, checkpoint_bytes, read_card, unwrap
 
 RESUME_META = "handseg_resume"
@@ -301,6 +302,49 @@ def saved_schedule(out: Path) -> dict:
     except HandsegError:
         return {}
     return {k: header["run"][k] for k in (*SCHEDULE_OPTIONS, "epochs")}
+
+
+def prune_resume(out: Path) -> list[tuple[Path, int]]:
+    """Delete the resume state of a finished run (``train --no-keep-resume``, ``handseg prune RUN``):
+    ``best`` and ``last`` stay, so the run still predicts, exports and is selected; it can no longer be
+    continued with ``--resume`` (a new run can start from its weights).
+
+    Returns:
+        The files removed, each with its size in bytes.
+
+    Raises:
+        HandsegError: ``out`` is not a run folder, or the run has not finished its epochs (its resume
+            state is what ``--resume`` needs) or its out-of-fold maps.
+    """
+    check_finished(out)
+    removed = []
+    for path in sorted(out.glob(RESUME_GLOB)):
+        size = path.stat().st_size
+        path.unlink()
+        removed.append((path, size))
+    return removed
+
+
+def check_finished(out: Path) -> None:
+    """Refuse a folder that is not a finished run (see :func:`prune_resume`).
+
+    Raises:
+        HandsegError: not a run folder, or the run has not finished its epochs or its out-of-fold maps.
+    """
+    manifest = out / MANIFEST_NAME
+    if not (out / LAST).is_file() or not manifest.is_file():
+        raise HandsegError(f"not a run folder (no {LAST} and {MANIFEST_NAME})", out)
+    doc = read_json(manifest, "run manifest") or {}
+    options = doc.get("options") or {}
+    card = read_card(out / LAST)
+    epochs, max_steps = options.get("epochs"), options.get("max_steps")
+    finished = isinstance(epochs, int) and card.epoch >= epochs or isinstance(max_steps, int) and card.step >= max_steps
+    if not finished:
+        raise HandsegError(f"the run has not finished (epoch {card.epoch} of {epochs}): its resume state is what "
+                           "`train --resume` continues it from; finish it first", out)
+    if doc.get("val_images") and not (out / OOF_DIR / MANIFEST_NAME).is_file():
+        raise HandsegError("the run has not written its out-of-fold maps: `train --resume` writes them; run "
+                           "that first", out)
 
 
 def stale_resume_files(out: Path, keep: int) -> list[Path]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from handseg.analysis.compare import Comparison
+from handseg.analysis.compare import Comparison, empty_words
 from handseg.analysis.metrics import dice_scores
 from handseg.analysis.reports.overlays import OverlayWriter
 from handseg.analysis.reports.page import Report, column, link, pyplot, text_colour
@@ -65,9 +65,9 @@ def compare_report(result: Comparison, out: Path, progress: Callable[..., None] 
         raise HandsegError("the report needs the images: give --data DIR (the X-rays) or --gt DIR")
     ref_key = "gt" if result.gt_dir is not None else "ref"
     keys = [f"csv{k + 1}" for k in range(len(result.sets))]
-    short = [Path(n).name for n in result.names]
+    short = result.labels  # the shortest distinct path suffixes: teams name every file submission.csv
     panels = [{"key": ref_key, "label": "ground truth" if result.gt_dir is not None
-               else f"{Path(result.reference).name} (reference)", "title": result.reference}]
+               else f"{result.reference_label} (reference)", "title": result.reference}]
     panels += [{"key": key, "label": s, "title": n, "diff": True} for key, s, n in zip(keys, short, result.names)]
 
     dice = np.stack([r.dice for r in result.reports])  # (K, n_images, 29)
@@ -110,7 +110,9 @@ def compare_report(result: Comparison, out: Path, progress: Callable[..., None] 
     rep = Report("handseg compare", out)
     rep.p(f"Reference: {result.reference}. Dice per image and class, mean over images, then over classes "
           f"({len(ref.images)} images).")
-    rep.table(["CSV", "mean Dice"], [[n, r.mean_dice] for n, r in zip(result.names, result.reports)])
+    _warn_empty(rep, result, short)
+    rep.table(["CSV", "path", "mean Dice"],
+              [[s, n, r.mean_dice] for s, n, r in zip(short, result.names, result.reports)])
 
     rep.h2("Images", anchor="images")
     columns = [column("image", "image"), column("patient", "patient"), column("size", "W x H")]
@@ -137,18 +139,18 @@ def compare_report(result: Comparison, out: Path, progress: Callable[..., None] 
     ax.set_ylim(max(0.0, min(float(r.dice.mean(axis=0).min()) for r in result.reports) - 0.05), 1.0)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, not over them
     rep.figure("per_class.png", fig)
-    rep.table(["class", *short], [[c, *[r.per_class[c] for r in result.reports]] for c in CLASSES])
+    rep.table(["class", *short], [[c, *[_dice_cell(r, c) for r in result.reports]] for c in CLASSES])
 
     if len(result.sets) > 2 or (result.gt_dir is None and len(result.sets) > 1):
         rep.h2("Model similarity (pairwise mean Dice)")
         sets = result.sets if result.gt_dir is not None else [ref, *result.sets]
-        names = result.names if result.gt_dir is not None else [result.reference, *result.names]
+        names = short if result.gt_dir is not None else [result.reference_label, *short]
         n = len(sets)
         sim = np.ones((n, n))
         for a in range(n):
             for b in range(a + 1, n):
                 sim[a, b] = sim[b, a] = dice_scores(sets[a], sets[b]).mean_dice
-        rep.figure("similarity.png", similarity_figure([Path(s).name for s in names], sim))
+        rep.figure("similarity.png", similarity_figure(names, sim))
 
     rep.h2("Worst images")
     rep.p("Class by class against the reference. White: both agree; red: only in the reference (missed); "
@@ -166,3 +168,19 @@ def compare_report(result: Comparison, out: Path, progress: Callable[..., None] 
               [[CLASSES[c], per_class[c], first.images[int(np.argmin(first.dice[:, c]))],
                 float(first.dice[:, c].min())] for c in np.argsort(per_class)[:10]])
     return rep.write()
+
+
+def _warn_empty(rep, result, short: list[str]) -> None:
+    """Say which CSVs (and the reference) predict no pixel of a class: a Dice of 1 there is no score."""
+    for label, report in zip(short, result.reports):
+        words = empty_words(label, report)
+        if words:
+            rep.warn(f"Empty: {words}; a Dice of 1 there only means the reference is empty too.")
+    reference_empty = result.reports[0].reference_empty_classes if result.reports else []
+    if reference_empty:
+        rep.warn(f"Empty: the reference has no pixel of {', '.join(reference_empty)} on any image.")
+
+
+def _dice_cell(report, c: str):
+    """A per-class Dice for the static table, marked where the CSV predicts the class on no image."""
+    return f"{report.per_class[c]:.4f} (empty)" if c in report.empty_classes else report.per_class[c]

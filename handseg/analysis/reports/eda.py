@@ -39,13 +39,13 @@ class EdaInputs:
     patients: list[str] = field(default_factory=list)
 
 
-def read_eda_inputs(data: Path, pred_csv: Path | None = None, meta: Path | None = None) -> EdaInputs:
+def read_eda_inputs(data: Path, pred_csv: Path | PredictionSet | None = None, meta: Path | None = None) -> EdaInputs:
     """Read and check everything ``eda`` needs before it starts: the images' sizes (PNG headers), the
     prediction CSV (same images as the folder, every run inside its image) and the meta data.
 
     Args:
         data: a folder with ``DCM/`` (and ``outputs_json/`` for labels).
-        pred_csv: a prediction CSV for the folder's images.
+        pred_csv: a prediction CSV for the folder's images, or predictions already read (the runs of a CV).
         meta: ``meta_data.xlsx``; without it ``DATA/../meta_data.xlsx`` is used if it exists.
 
     Raises:
@@ -56,7 +56,7 @@ def read_eda_inputs(data: Path, pred_csv: Path | None = None, meta: Path | None 
     inputs = EdaInputs(Path(data), samples, {s.rel: image_size(s.image_path) for s in samples})
     inputs.patients = sorted({s.patient for s in samples})
     if pred_csv is not None:
-        pred = read_predictions(pred_csv)
+        pred = pred_csv if isinstance(pred_csv, PredictionSet) else read_predictions(pred_csv)
         names = [s.name for s in samples]
         if len(set(names)) != len(names):
             dup = next(n for n, c in Counter(names).items() if c > 1)

@@ -105,10 +105,15 @@ class Report:
     def p(self, text: str) -> None:
         self.parts.append(f"<p>{html.escape(text)}</p>")
 
+    def warn(self, text: str) -> None:
+        """A paragraph the reader must not miss (empty predictions)."""
+        self.parts.append(f'<p class="hs-warn">{html.escape(text)}</p>')
+
     def table(self, header: list[str], rows: list[list]) -> None:
         head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(v))}</td>" for v in r) + "</tr>" for r in rows)
-        self.parts.append(f'<table class="static"><tr>{head}</tr>{body}</table>')
+        # in a box of the page's width that scrolls sideways: six long CSV names do not widen the page
+        self.parts.append(f'<div class="table-box"><table class="static"><tr>{head}</tr>{body}</table></div>')
 
     def _png(self, name: str, data: bytes) -> str:
         (self.folder / name).write_bytes(data)

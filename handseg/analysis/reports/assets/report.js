@@ -233,8 +233,10 @@
   function drawLegend() {
     var kids = [];
     if (view.mode === "diff") {
-      [["agree", "agree"], ["missed", "missed (reference only)"], ["extra", "extra (CSV only)"],
-       ["confused", "labelled as another class"]].forEach(function (d) {
+      var kinds = [["agree", "agree"], ["missed", "missed (reference only)"], ["extra", "extra (CSV only)"]];
+      // one class shown: a pixel of another class is not drawn, so "labelled as another class" cannot occur
+      if (view.cls < 0) kinds.push(["confused", "labelled as another class"]);
+      kinds.forEach(function (d) {
         kids.push(el("span", {"class": "legend-item"}, [el("span", {"class": "swatch", style: "background:" + D.diff_colours[d[0]]}), el("span", {text: d[1]})]));
       });
       kids.push(el("span", {"class": "hs-spacer"}));
@@ -260,9 +262,10 @@
     var p = view.viewports[0];
     return p ? [p.clientWidth || 400, p.clientHeight || 400] : [400, 400];
   }
-  function fitBox(x, y, w, h) {
+  var CLASS_ZOOM_MAX = 8;  // a small bone is shown with its neighbours, not blown up to 2000%
+  function fitBox(x, y, w, h, zmax) {
     var s = portSize();
-    view.z = Math.min(s[0] / w, s[1] / h);
+    view.z = Math.min(s[0] / w, s[1] / h, zmax || Infinity);
     view.tx = (s[0] - w * view.z) / 2 - x * view.z;
     view.ty = (s[1] - h * view.z) / 2 - y * view.z;
     applyZoom();
@@ -276,8 +279,10 @@
         if (b) { x0 = Math.min(x0, b[0]); y0 = Math.min(y0, b[1]); x1 = Math.max(x1, b[0] + b[2]); y1 = Math.max(y1, b[1] + b[3]); }
       });
       if (x1 > x0) {
-        var m = Math.max(x1 - x0, y1 - y0) * 0.35 + 8;
-        fitBox(x0 - m, y0 - m, x1 - x0 + 2 * m, y1 - y0 + 2 * m);
+        // the bone with a margin of its own size, and never less than a quarter of the image: context
+        var side = Math.max(Math.max(x1 - x0, y1 - y0) * 2 + 16, Math.min(row.size[0], row.size[1]) / 4);
+        var cx = (x0 + x1) / 2, cy = (y0 + y1) / 2;
+        fitBox(cx - side / 2, cy - side / 2, side, side, CLASS_ZOOM_MAX);
         return;
       }
     }
