@@ -442,7 +442,7 @@ def test_dependency_floors_match_what_the_code_needs():
     assert installed < tuple(int(x) for x in typer_range.group(2).split("."))
     # and the rendering it adjusts is what the installed Typer shows: flags without <bool>, arguments by name
     compare = _help(["compare"])
-    assert "<bool>" not in _help(["train"]) and "CSVS..." in compare and "{csvs}" not in compare
+    assert "<bool>" not in _help(["train"]) and "[OPTIONS] CSV|RUN..." in compare and "{csvs}" not in compare
 
 
 def test_dpt_takes_timm_cnns_as_the_readme_says():
