@@ -22,7 +22,18 @@ from pathlib import Path
 
 import numpy as np
 
+from handseg.commands.predict import predict
+from handseg.commands.predict import tta as run_tta
 from handseg.common.constants import CLASSES
+from handseg.common.errors import HandsegError
+from handseg.common.notices import reset
+from handseg.data.images import read_image as read
+from handseg.formats.rle import rle_decode as decode
+from handseg.formats.rle import rle_encode as encode
+from handseg.formats.tta import parse_transforms
+from handseg.inference.predictor import Predictor
+from handseg.models.checkpoint import resolve_checkpoint
+from handseg.selection.export import is_model_zip, open_model_zip
 
 __all__ = ["CLASSES", "Model", "load_model", "predict_folder", "read_image", "rle_decode", "rle_encode"]
 
@@ -70,7 +81,6 @@ class Model:
         """
         cut = self.thresholds if thresholds is None else np.asarray(thresholds, dtype=np.float64)
         if cut.shape != (len(CLASSES),) or not ((cut > 0) & (cut < 1)).all():
-            from handseg.common.errors import HandsegError
 
             raise HandsegError(f"thresholds: need {len(CLASSES)} numbers strictly between 0 and 1")
         import torch
@@ -106,11 +116,6 @@ def load_model(source: PathLike | Sequence[PathLike], device: str = "auto", tta:
     import contextlib
     import tempfile
 
-    from handseg.common.errors import HandsegError
-    from handseg.formats.tta import parse_transforms
-    from handseg.inference.predictor import Predictor
-    from handseg.models.checkpoint import resolve_checkpoint
-    from handseg.selection.export import is_model_zip, open_model_zip
 
     sources = [Path(source)] if isinstance(source, str | Path) else [Path(s) for s in source]
     transforms = parse_transforms(tta)
@@ -152,9 +157,6 @@ def predict_folder(model: PathLike | Sequence[PathLike], data: PathLike, out_csv
     import json
     import tempfile
 
-    from handseg.commands.predict import predict
-    from handseg.commands.predict import tta as run_tta
-    from handseg.common.notices import reset
 
     reset()
     models = [Path(model)] if isinstance(model, str | Path) else [Path(m) for m in model]
@@ -175,28 +177,24 @@ def predict_folder(model: PathLike | Sequence[PathLike], data: PathLike, out_csv
 
 def read_image(path: PathLike) -> np.ndarray:
     """Read an X-ray as handseg does (PNG, JPEG, DICOM; 16-bit scaled to 8 bits): ``(H, W)`` uint8."""
-    from handseg.data.images import read_image as read
 
     return read(path)
 
 
 def rle_encode(mask: np.ndarray) -> str:
     """``(H, W)`` bool mask -> the competition's RLE string (row by row, ``start length`` pairs from 1)."""
-    from handseg.formats.rle import rle_encode as encode
 
     return encode(mask)
 
 
 def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
     """The competition's RLE string -> ``(H, W)`` bool mask of ``shape`` (``""`` is an empty mask)."""
-    from handseg.formats.rle import rle_decode as decode
 
     return decode(rle, shape)
 
 
 def _grey(image: np.ndarray) -> np.ndarray:
     """An ``(H, W)`` uint8 image, or an error that says what was given."""
-    from handseg.common.errors import HandsegError
 
     image = np.asarray(image)
     if image.ndim == 3 and image.shape[2] in (3, 4):  # a colour array from another reader: its grey values
