@@ -74,39 +74,13 @@ def compare_report(result: Comparison, out: Path, progress: Callable[..., None] 
     worst_of = [set(np.argsort(d.mean(axis=1), kind="stable")[:worst].tolist()) for d in dice]
     thumbs: list[list[tuple[float, str, np.ndarray, str, str]]] = [[] for _ in keys]
     with OverlayWriter(out) as writer:
-        rows = []
         if progress is not None:
             progress(total=len(ref.images))
+        rows = []
         for i, name in enumerate(ref.images):
-            sample, shape = result.samples[name], result.shapes[name]
-            # the X-ray's pixels are needed only for the thumbnails of the worst images
-            xray = _read_xray(sample.image_path, shape) if any(i in w for w in worst_of) else None
-            prefix = writer.prefix(sample.patient, Path(name).stem)
-            truth = writer.decode(ref.runs[name], shape)
-            layers = {ref_key: writer.masks(prefix, ref_key, truth, shape)[0]}
-            diffs = {}
-            for k, (key, pred_set) in enumerate(zip(keys, result.sets)):
-                pred = writer.decode(pred_set.runs[name], shape)
-                layers[key] = writer.masks(prefix, key, pred, shape)[0]
-                width = thumb_width if i in worst_of[k] else 0
-                diffs[key], thumb = writer.diff(prefix, key, truth, pred, shape, xray if width else None, width)
-                if thumb is not None:
-                    score = float(dice[k, i].mean())
-                    c = int(np.argmin(dice[k, i]))
-                    caption = f"{name}: mean {score:.4f}, worst {CLASSES[c]} {dice[k, i, c]:.3f}"
-                    thumbs[k].append((score, f"diff_{key}_{prefix}.png", thumb, caption, name))
-            k_worst, c_worst = np.unravel_index(int(np.argmin(dice[:, i])), (len(keys), NUM_CLASSES))
-            values = {"image": name, "patient": sample.patient, "size": f"{shape[1]} x {shape[0]}",
-                      **{key: float(dice[k, i].mean()) for k, key in enumerate(keys)},
-                      "worst": CLASSES[c_worst], "worst_dice": float(dice[k_worst, i, c_worst])}
-            if len(keys) > 1:
-                values["worst_in"] = short[k_worst]
-            rows.append({"image": name, "size": list(shape), "xray": link(sample.image_path, out), "values": values,
-                         "class_dice": {key: [round(float(v), 4) for v in dice[k, i]] for k, key in enumerate(keys)},
-                         "layers": layers, "diffs": diffs})
+            rows.append(_image_row(result, writer, i, name, keys, ref_key, dice, worst_of, thumbs, thumb_width, out))
             if progress is not None:
                 progress()
-
     rep = Report("handseg compare", out)
     rep.p(f"Reference: {result.reference}. Dice per image and class, mean over images, then over classes "
           f"({len(ref.images)} images).")
@@ -114,6 +88,48 @@ def compare_report(result: Comparison, out: Path, progress: Callable[..., None] 
     rep.table(["CSV", "path", "mean Dice"],
               [[s, n, r.mean_dice] for s, n, r in zip(short, result.names, result.reports)])
 
+    _images_section(rep, result, keys, panels, rows)
+    _charts(rep, result, plt)
+    _worst(rep, result, thumbs)
+    return rep.write()
+
+
+def _image_row(result: Comparison, writer: OverlayWriter, i: int, name: str, keys: list[str], ref_key: str,
+               dice: np.ndarray, worst_of: list[set], thumbs: list, thumb_width: int, out: Path) -> dict:
+    """One image: its masks and differences written, its worst images' thumbnails kept, its table row."""
+    short = result.labels
+    ref = result.reference_set
+    sample, shape = result.samples[name], result.shapes[name]
+    # the X-ray's pixels are needed only for the thumbnails of the worst images
+    xray = _read_xray(sample.image_path, shape) if any(i in w for w in worst_of) else None
+    prefix = writer.prefix(sample.patient, Path(name).stem)
+    truth = writer.decode(ref.runs[name], shape)
+    layers = {ref_key: writer.masks(prefix, ref_key, truth, shape)[0]}
+    diffs = {}
+    for k, (key, pred_set) in enumerate(zip(keys, result.sets)):
+        pred = writer.decode(pred_set.runs[name], shape)
+        layers[key] = writer.masks(prefix, key, pred, shape)[0]
+        width = thumb_width if i in worst_of[k] else 0
+        diffs[key], thumb = writer.diff(prefix, key, truth, pred, shape, xray if width else None, width)
+        if thumb is not None:
+            score = float(dice[k, i].mean())
+            c = int(np.argmin(dice[k, i]))
+            caption = f"{name}: mean {score:.4f}, worst {CLASSES[c]} {dice[k, i, c]:.3f}"
+            thumbs[k].append((score, f"diff_{key}_{prefix}.png", thumb, caption, name))
+    k_worst, c_worst = np.unravel_index(int(np.argmin(dice[:, i])), (len(keys), NUM_CLASSES))
+    values = {"image": name, "patient": sample.patient, "size": f"{shape[1]} x {shape[0]}",
+              **{key: float(dice[k, i].mean()) for k, key in enumerate(keys)},
+              "worst": CLASSES[c_worst], "worst_dice": float(dice[k_worst, i, c_worst])}
+    if len(keys) > 1:
+        values["worst_in"] = short[k_worst]
+    return {"image": name, "size": list(shape), "xray": link(sample.image_path, out), "values": values,
+            "class_dice": {key: [round(float(v), 4) for v in dice[k, i]] for k, key in enumerate(keys)},
+            "layers": layers, "diffs": diffs}
+
+
+def _images_section(rep: Report, result: Comparison, keys: list[str], panels: list, rows: list) -> None:
+    """The per-image table and its viewer."""
+    short = result.labels
     rep.h2("Images", anchor="images")
     columns = [column("image", "image"), column("patient", "patient"), column("size", "W x H")]
     columns += [column(key, s, "dice", f"mean Dice of {n} (or of the class picked above)", dice=True)
@@ -128,6 +144,10 @@ def compare_report(result: Comparison, out: Path, progress: Callable[..., None] 
                "linked from the data folder, not copied: keep the two together.")
     rep.legend()
 
+
+def _charts(rep: Report, result: Comparison, plt) -> None:
+    """Per-class Dice of every CSV, and how alike the CSVs are."""
+    short, ref = result.labels, result.reference_set
     rep.h2("Per-class Dice")
     fig, ax = plt.subplots(figsize=(13, 4))
     k = len(result.reports)
@@ -152,6 +172,10 @@ def compare_report(result: Comparison, out: Path, progress: Callable[..., None] 
                 sim[a, b] = sim[b, a] = dice_scores(sets[a], sets[b]).mean_dice
         rep.figure("similarity.png", similarity_figure(names, sim))
 
+
+def _worst(rep: Report, result: Comparison, thumbs: list) -> None:
+    """Each CSV's worst images (thumbnails of the differences) and the first CSV's worst classes."""
+    short = result.labels
     rep.h2("Worst images")
     rep.p("Class by class against the reference. White: both agree; red: only in the reference (missed); "
           "green: only in the CSV (extra); yellow: a bone found but labelled as another class. Click to open.")
@@ -167,7 +191,6 @@ def compare_report(result: Comparison, out: Path, progress: Callable[..., None] 
     rep.table(["class", "mean Dice", "worst image", "its Dice"],
               [[CLASSES[c], per_class[c], first.images[int(np.argmin(first.dice[:, c]))],
                 float(first.dice[:, c].min())] for c in np.argsort(per_class)[:10]])
-    return rep.write()
 
 
 def _warn_empty(rep, result, short: list[str]) -> None:

@@ -125,6 +125,22 @@ def _meta_facts(meta, patient: str) -> dict:
             "nail_art": "yes" if bool(row.get("nail_art")) else "no"}
 
 
+@dataclass
+class _Scan:
+    """What one pass over the images gathers for the report."""
+
+    sizes: Counter = field(default_factory=Counter)
+    hist: np.ndarray = field(default_factory=lambda: np.zeros(256))
+    areas: list = field(default_factory=list)
+    bends: list = field(default_factory=list)
+    dice_rows: list = field(default_factory=list)
+    scored: list = field(default_factory=list)
+    sides: Counter = field(default_factory=Counter)
+    overlaps: _Overlaps = field(default_factory=lambda: _Overlaps())
+    tiles: list = field(default_factory=list)
+    rows: list = field(default_factory=list)
+
+
 def eda_report(inputs: EdaInputs, out: Path, progress: Callable[..., None] | None = None, grid: int = 8,
                thumb_width: int = 240) -> Path:
     """A data-set report: counts, sizes, intensities, areas, overlaps, handedness, wrist bend, meta
@@ -138,87 +154,103 @@ def eda_report(inputs: EdaInputs, out: Path, progress: Callable[..., None] | Non
         out: the report folder (written into as it is; build it inside ``atomic_dir``).
         grid: how many labelled images get an embedded thumbnail.
     """
-
     plt = pyplot()
-    samples, pred, meta = inputs.samples, inputs.pred, inputs.meta
-    labelled = [s for s in samples if s.label_path is not None]
+    labelled = [s for s in inputs.samples if s.label_path is not None]
+    scan = _Scan()
     with OverlayWriter(out) as writer:
-        sizes: Counter = Counter()
-        hist = np.zeros(256)
-        areas, bends, dice_rows, scored = [], [], [], []
-        sides: Counter = Counter()
-        overlaps = _Overlaps()
-        tiles = []
-        rows = []
         if progress is not None:
-            progress(total=len(samples))
-        for s in samples:
-            shape = inputs.shapes[s.rel]
-            image = read_image(s.image_path)
-            if image.shape != shape:
-                raise HandsegError(f"decodes to {image.shape[1]} x {image.shape[0]}, its PNG header says "
-                                   f"{shape[1]} x {shape[0]}", s.image_path)
-            sizes[f"{shape[1]}x{shape[0]}"] += 1
-            hist += np.bincount(image.ravel(), minlength=256)
-            prefix = writer.prefix(s.patient, s.stem)
-            values: dict = {"image": s.rel, "patient": s.patient, "size": f"{shape[1]} x {shape[0]}",
-                            "intensity": float(image.mean()), "labelled": "yes" if s.label_path else "no",
-                            **_meta_facts(meta, s.patient)}
-            row: dict = {"image": s.rel, "size": list(shape), "values": values, "layers": {}, "diffs": {}}
-            truth: ClassCrops | None = None
-            if s.label_path is not None:
-                polygons = read_polygons(s.label_path)
-                truth = crops_from_polygons(polygons, shape, s.label_path)
-                areas.append([0.0 if it is None else np.count_nonzero(it[0]) / image.size for it in truth])
-                overlaps.add(truth, shape)
-                side = hand_side(polygons) or "unknown"
-                sides[side] += 1
-                bend = wrist_bend(polygons)
-                bends.append(bend)
-                values.update(side=side, bend=round(bend, 2))
-                width = thumb_width if len(tiles) < grid else 0
-                row["layers"]["gt"], thumb = writer.masks(prefix, "gt", truth, shape, image if width else None, width)
-                if thumb is not None:
-                    tiles.append((f"labels_{prefix}.png", thumb, f"{s.rel} ({side} hand)", s.rel))
-            if pred is not None:
-                runs = pred.runs[s.name]
-                guess = writer.decode(runs, shape)
-                row["layers"]["pred"] = writer.masks(prefix, "pred", guess, shape)[0]
-                if truth is not None:
-                    row["diffs"]["pred"] = writer.diff(prefix, "pred", truth, guess, shape)[0]
-                    truth_runs = [EMPTY_RUNS if it is None else crop_to_runs(*it, shape[1]) for it in truth]
-                    d = np.array([dice_value(intersection_area(t, p), int(t[1].sum()), int(p[1].sum()))
-                                  for t, p in zip(truth_runs, runs)])
-                    dice_rows.append(d)
-                    scored.append(s.rel)
-                    c = int(np.argmin(d))
-                    values.update(pred=float(d.mean()), worst=CLASSES[c], worst_dice=float(d[c]))
-                    row["class_dice"] = {"pred": [round(float(v), 4) for v in d]}
-            row["xray"] = link(s.image_path, out)
-            rows.append(row)
+            progress(total=len(inputs.samples))
+        for s in inputs.samples:
+            _scan_image(s, inputs, writer, scan, out, thumb_width if len(scan.tiles) < grid else 0)
             if progress is not None:
                 progress()
-
     rep = Report(f"handseg eda: {inputs.data}", out)
-    per_id = Counter(s.patient for s in samples)
+    _overview(rep, inputs, labelled, scan)
+    _images_section(rep, inputs, labelled, scan)
+    _distributions(rep, plt, labelled, scan)
+    if inputs.meta is not None:
+        _meta_section(rep, plt, inputs.meta, inputs)
+    if scan.dice_rows:
+        _prediction_section(rep, plt, inputs, labelled, scan)
+    return rep.write()
+
+
+def _scan_image(s, inputs: EdaInputs, writer: OverlayWriter, scan: _Scan, out: Path, thumb_width: int) -> None:
+    """One image: its facts, its labels' overlays and statistics, and the prediction's masks and Dice."""
+    shape = inputs.shapes[s.rel]
+    image = read_image(s.image_path)
+    if image.shape != shape:
+        raise HandsegError(f"decodes to {image.shape[1]} x {image.shape[0]}, its PNG header says "
+                           f"{shape[1]} x {shape[0]}", s.image_path)
+    scan.sizes[f"{shape[1]}x{shape[0]}"] += 1
+    scan.hist += np.bincount(image.ravel(), minlength=256)
+    prefix = writer.prefix(s.patient, s.stem)
+    values: dict = {"image": s.rel, "patient": s.patient, "size": f"{shape[1]} x {shape[0]}",
+                    "intensity": float(image.mean()), "labelled": "yes" if s.label_path else "no",
+                    **_meta_facts(inputs.meta, s.patient)}
+    row: dict = {"image": s.rel, "size": list(shape), "values": values, "layers": {}, "diffs": {}}
+    truth: ClassCrops | None = None
+    if s.label_path is not None:
+        polygons = read_polygons(s.label_path)
+        truth = crops_from_polygons(polygons, shape, s.label_path)
+        scan.areas.append([0.0 if it is None else np.count_nonzero(it[0]) / image.size for it in truth])
+        scan.overlaps.add(truth, shape)
+        side = hand_side(polygons) or "unknown"
+        scan.sides[side] += 1
+        bend = wrist_bend(polygons)
+        scan.bends.append(bend)
+        values.update(side=side, bend=round(bend, 2))
+        row["layers"]["gt"], thumb = writer.masks(prefix, "gt", truth, shape, image if thumb_width else None,
+                                                  thumb_width)
+        if thumb is not None:
+            scan.tiles.append((f"labels_{prefix}.png", thumb, f"{s.rel} ({side} hand)", s.rel))
+    if inputs.pred is not None:
+        _scan_prediction(s, inputs.pred.runs[s.name], truth, shape, prefix, writer, scan, values, row)
+    row["xray"] = link(s.image_path, out)
+    scan.rows.append(row)
+
+
+def _scan_prediction(s, runs, truth, shape, prefix: str, writer: OverlayWriter, scan: _Scan, values: dict,
+                     row: dict) -> None:
+    guess = writer.decode(runs, shape)
+    row["layers"]["pred"] = writer.masks(prefix, "pred", guess, shape)[0]
+    if truth is None:
+        return
+    row["diffs"]["pred"] = writer.diff(prefix, "pred", truth, guess, shape)[0]
+    truth_runs = [EMPTY_RUNS if it is None else crop_to_runs(*it, shape[1]) for it in truth]
+    d = np.array([dice_value(intersection_area(t, p), int(t[1].sum()), int(p[1].sum()))
+                  for t, p in zip(truth_runs, runs)])
+    scan.dice_rows.append(d)
+    scan.scored.append(s.rel)
+    c = int(np.argmin(d))
+    values.update(pred=float(d.mean()), worst=CLASSES[c], worst_dice=float(d[c]))
+    row["class_dice"] = {"pred": [round(float(v), 4) for v in d]}
+
+
+def _overview(rep: Report, inputs: EdaInputs, labelled: list, scan: _Scan) -> None:
+    per_id = Counter(s.patient for s in inputs.samples)
     rep.h2("Overview")
-    rep.table(["what", "value"], [["images", len(samples)], ["patients (IDs)", len(per_id)],
+    rep.table(["what", "value"], [["images", len(inputs.samples)], ["patients (IDs)", len(per_id)],
                                   ["labelled images", len(labelled)],
                                   ["images per ID", ", ".join(f"{k} images: {v} IDs" for k, v in
                                                               sorted(Counter(per_id.values()).items()))],
-                                  ["sizes", ", ".join(f"{k}: {v}" for k, v in sizes.most_common())],
+                                  ["sizes", ", ".join(f"{k}: {v}" for k, v in scan.sizes.most_common())],
                                   ["handedness (by geometry)",
-                                   ", ".join(f"{k}: {v}" for k, v in sides.items()) or "no labels"]])
+                                   ", ".join(f"{k}: {v}" for k, v in scan.sides.items()) or "no labels"]])
 
+
+def _images_section(rep: Report, inputs: EdaInputs, labelled: list, scan: _Scan) -> None:
+    """The per-image table and its viewer."""
+    pred = inputs.pred
     rep.h2("Images", anchor="images")
     columns = [column("image", "image"), column("patient", "patient"), column("size", "W x H"),
                column("intensity", "mean intensity", "num")]
-    if labelled and len(labelled) < len(samples):
+    if labelled and len(labelled) < len(inputs.samples):
         columns.append(column("labelled", "labelled"))
     if labelled:
         columns += [column("side", "side", title="hand side, by geometry"),
                     column("bend", "wrist bend", "num", "degrees, + towards the little finger")]
-    if meta is not None:
+    if inputs.meta is not None:
         columns += [column("age", "age", "num"), column("sex", "sex"), column("nail_art", "nail art")]
     panels = [{"key": "gt", "label": "labels"}]
     if pred is not None:
@@ -228,14 +260,17 @@ def eda_report(inputs: EdaInputs, out: Path, progress: Callable[..., None] | Non
             columns += [column("pred", "Dice", "dice", "mean Dice of the prediction (or of the class picked above)",
                                dice=True),
                         column("worst", "worst class"), column("worst_dice", "its Dice", "dice")]
-    rep.images(columns, rows, panels, note="Every image, one row each: click a row to see its labels"
+    rep.images(columns, scan.rows, panels, note="Every image, one row each: click a row to see its labels"
                + (" and the prediction" if pred is not None else "") + " at full resolution, one class at a time "
                "or all. Sort by a column; filter by text or e.g. 'bend>10'. The X-rays are linked from the data "
                "folder, not copied: keep the two together.")
     rep.legend()
 
+
+def _distributions(rep: Report, plt, labelled: list, scan: _Scan) -> None:
+    """Intensities, and with labels: class areas, overlaps, wrist bend and the labels over the images."""
     fig, ax = plt.subplots(figsize=(7, 3))
-    ax.bar(np.arange(256), hist / max(hist.sum(), 1), width=1.0)
+    ax.bar(np.arange(256), scan.hist / max(scan.hist.sum(), 1), width=1.0)
     ax.set_xlabel("pixel value")
     ax.set_ylabel("fraction")
     ax.set_yscale("log")
@@ -244,7 +279,7 @@ def eda_report(inputs: EdaInputs, out: Path, progress: Callable[..., None] | Non
     rep.figure("intensity.png", fig)
 
     if labelled:
-        area = np.array(areas)
+        area = np.array(scan.areas)
         rep.h2("Per-class area (fraction of the image)")
         fig, ax = plt.subplots(figsize=(13, 4))
         ax.boxplot([area[:, c] for c in range(NUM_CLASSES)], showfliers=False)
@@ -252,40 +287,39 @@ def eda_report(inputs: EdaInputs, out: Path, progress: Callable[..., None] | Non
         ax.set_yscale("log")
         rep.figure("areas.png", fig)
         rep.h2("Overlaps")
-        rep.p(f"{overlaps.multi} of {overlaps.total} bone pixels carry two or more labels "
-              f"({100 * overlaps.multi / max(overlaps.total, 1):.2f}%).")
-        rep.table(["pair", "images"], [[f"{a} / {b}", n] for (a, b), n in overlaps.pairs.most_common(12)])
+        rep.p(f"{scan.overlaps.multi} of {scan.overlaps.total} bone pixels carry two or more labels "
+              f"({100 * scan.overlaps.multi / max(scan.overlaps.total, 1):.2f}%).")
+        rep.table(["pair", "images"],
+                  [[f"{a} / {b}", n] for (a, b), n in scan.overlaps.pairs.most_common(12)])
         rep.h2("Wrist bend (degrees, + towards the little finger)")
         fig, ax = plt.subplots(figsize=(6, 3))
-        ax.hist(bends, bins=20)
+        ax.hist(scan.bends, bins=20)
         ax.set_xlabel("estimated wrist bend")
         rep.figure("wrist_bend.png", fig)
-        rep.p(f"|bend| > 10 degrees: {sum(abs(b) > 10 for b in bends)} of {len(bends)} images.")
+        rep.p(f"|bend| > 10 degrees: {sum(abs(b) > 10 for b in scan.bends)} of {len(scan.bends)} images.")
         rep.h2("Labels over the images")
-        rep.image_grid(tiles)
+        rep.image_grid(scan.tiles)
 
-    if meta is not None:
-        _meta_section(rep, plt, meta, inputs)
 
-    if dice_rows:
-        dice = np.array(dice_rows)
-        per_class = dice.mean(axis=0)
-        rep.h2(f"Prediction {Path(str(pred.path)).name}: mean Dice {per_class.mean():.4f}")
-        rep.p(f"Over the {len(scored)} labelled images.")
-        fig, ax = plt.subplots(figsize=(7, 4))
-        index = {rel: i for i, rel in enumerate(s.rel for s in labelled)}
-        mean_area = np.array(areas)[[index[r] for r in scored]].mean(axis=0)
-        ax.scatter(mean_area, per_class)
-        for c in range(NUM_CLASSES):
-            ax.annotate(CLASSES[c], (mean_area[c], per_class[c]), fontsize=6)
-        ax.set_xscale("log")
-        ax.set_xlabel("mean class area (fraction of image)")
-        ax.set_ylabel("Dice")
-        rep.figure("dice_vs_area.png", fig)
-        worst = np.argsort(dice.ravel(), kind="stable")[:10]
-        rep.table(["image", "class", "Dice"], [[scored[i // NUM_CLASSES], CLASSES[i % NUM_CLASSES],
-                                                float(dice.ravel()[i])] for i in worst])
-    return rep.write()
+def _prediction_section(rep: Report, plt, inputs: EdaInputs, labelled: list, scan: _Scan) -> None:
+    """The prediction's Dice per class against class area, and its worst images and classes."""
+    dice = np.array(scan.dice_rows)
+    per_class = dice.mean(axis=0)
+    rep.h2(f"Prediction {Path(str(inputs.pred.path)).name}: mean Dice {per_class.mean():.4f}")
+    rep.p(f"Over the {len(scan.scored)} labelled images.")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    index = {rel: i for i, rel in enumerate(s.rel for s in labelled)}
+    mean_area = np.array(scan.areas)[[index[r] for r in scan.scored]].mean(axis=0)
+    ax.scatter(mean_area, per_class)
+    for c in range(NUM_CLASSES):
+        ax.annotate(CLASSES[c], (mean_area[c], per_class[c]), fontsize=6)
+    ax.set_xscale("log")
+    ax.set_xlabel("mean class area (fraction of image)")
+    ax.set_ylabel("Dice")
+    rep.figure("dice_vs_area.png", fig)
+    worst = np.argsort(dice.ravel(), kind="stable")[:10]
+    rep.table(["image", "class", "Dice"], [[scan.scored[i // NUM_CLASSES], CLASSES[i % NUM_CLASSES],
+                                            float(dice.ravel()[i])] for i in worst])
 
 
 def _meta_section(rep: Report, plt, meta, inputs: EdaInputs) -> None:
