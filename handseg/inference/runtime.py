@@ -8,7 +8,6 @@ import os
 from handseg.common import threads
 from handseg.common.distributed import dist_env
 from handseg.common.errors import HandsegError
-from handseg.common.notices import notice
 
 
 def pick_device(device: str = "auto") -> str:
@@ -58,10 +57,8 @@ def apply_threads(device: str = "cpu", workers: int | None = None, say=None):
         torch.set_num_interop_threads(1 if plan.intra_op <= 2 else 2)
     _cv2_threads(plan.intra_op)
     threads.record(plan)
-    if plan.busy:
-        n_intra = f"{plan.intra_op} intra-op thread{'s' if plan.intra_op != 1 else ''}"
-        notice(("busy", plan.intra_op), f"{plan.busy}: {n_intra} of {plan.budget} usable, as threads waiting for "
-               "descheduled ones would run slower (handseg --threads N to choose)")
+    # a loaded machine gets fewer intra-op threads (plan.busy says why); the manifest records it rather
+    # than a note on every command, which would also come before a command's one-line error
     if say is not None and workers is not None and plan.workers < workers:
         say(f"--workers {workers} with {plan.budget} thread{'s' if plan.budget != 1 else ''} ({source}): "
             f"using {plan.workers} worker{'s' if plan.workers != 1 else ''}, so that loaders and the model do "
