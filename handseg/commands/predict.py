@@ -283,9 +283,9 @@ def _run_recipe(checkpoints, recipe, oof, data, out, probs, batch_size, device, 
     if probs is not None:
         check_output(probs, overwrite, "dir", sources)
     if data is None and oof:
-        from handseg.formats.files import read_json
+        from handseg.formats.recipe import read_recipe
 
-        data = read_json(recipe, "recipe").get("data")
+        data = read_recipe(recipe).data
         if data is None:
             raise HandsegError("the recipe does not name its training data; pass --data", recipe)
     source = resolve_data(Path(data) if data is not None else Path("data/test"), "train" if oof else "test")

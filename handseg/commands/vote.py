@@ -83,7 +83,8 @@ def soft(
     """
     from handseg.common.errors import HandsegError
     from handseg.console import progress_task
-    from handseg.ensemble.votes import check_threshold, check_weights, soft_vote
+    from handseg.ensemble.masks import check_thresholds
+    from handseg.ensemble.votes import check_weights, soft_vote
     from handseg.formats.files import check_output
 
     try:
@@ -91,7 +92,7 @@ def soft(
     except ValueError:
         raise HandsegError(f"--weights {weights!r} is not a comma-separated list of numbers") from None
     w = check_weights(w, len(folders)) if len(folders) > 1 else w
-    check_threshold(threshold)
+    check_thresholds(threshold, option="--threshold")
     keep, keep_text = _keep(keep_largest)
     check_output(out, overwrite, inputs=[*folders, data])
     with progress_task("vote soft", transient=True) as tick:

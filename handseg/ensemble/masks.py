@@ -17,6 +17,7 @@ that, and hurts where a bone is predicted in two pieces; ``handseg select`` deci
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -261,6 +262,32 @@ def hard_level(placed: Sequence[np.ndarray], member_threshold: float = MEMBER_TH
     for q in placed:
         votes += q > cut
     return votes
+
+
+def check_thresholds(values, where: str | Path | None = None, option: str | None = None) -> np.ndarray:
+    """29 per-class thresholds (or one for every class), each a number strictly between 0 and 1: what
+    :func:`level_cuts` cuts at. ``option`` names the flag in the error (``--threshold``).
+
+    Returns:
+        ``(29,)`` float64.
+
+    Raises:
+        HandsegError: wrong count, a non-number, or a value outside (0, 1).
+    """
+    try:
+        thr = np.asarray(values, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise HandsegError(f"thresholds must be numbers between 0 and 1, got {values!r}"[:200], where) from None
+    if np.ndim(values) == 0:  # one threshold for every class
+        thr = np.full(NUM_CLASSES, thr[0])
+    if thr.shape != (NUM_CLASSES,):
+        raise HandsegError(f"need {NUM_CLASSES} thresholds, got {thr.size}", where)
+    bad = [(c, v) for c, v in zip(CLASSES, thr) if not (0.0 < v < 1.0)]
+    if bad and option is not None:
+        raise HandsegError(f"{option} must lie strictly between 0 and 1, got {bad[0][1]:g}", where)
+    if bad:
+        raise HandsegError(f"threshold for {bad[0][0]} is {bad[0][1]}; thresholds lie strictly between 0 and 1", where)
+    return thr
 
 
 def level_cuts(thresholds, weight_sum: float = 1.0) -> np.ndarray:

@@ -18,7 +18,15 @@ from handseg.common.errors import HandsegError
 from handseg.common.notices import notice
 from handseg.data.images import image_size
 from handseg.data.layout import discover
-from handseg.ensemble.masks import cut_value, keep_largest_classes, largest_component, place_crop, soft_level, union_box
+from handseg.ensemble.masks import (
+    check_thresholds,
+    cut_value,
+    keep_largest_classes,
+    largest_component,
+    place_crop,
+    soft_level,
+    union_box,
+)
 from handseg.formats.files import MANIFEST_NAME, read_json, sidecar_manifest_path
 from handseg.formats.probs import ProbMap, probs_name, read_probs_index
 from handseg.formats.recipe import SOFT
@@ -140,14 +148,6 @@ def check_weights(weights: list[float] | None, n: int) -> list[float]:
     return [float(w) for w in weights]
 
 
-def check_threshold(threshold: float | list[float]) -> np.ndarray:
-    """A threshold (or one per class) strictly between 0 and 1, as ``(29,)`` float64."""
-    t = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (NUM_CLASSES,))
-    if not ((t > 0) & (t < 1)).all():
-        raise HandsegError(f"--threshold must lie strictly between 0 and 1, got {np.unique(t)[0]:g}")
-    return t
-
-
 def soft_vote(folders: list[Path], out: Path, weights: list[float] | None = None,
               threshold: float | list[float] = DEFAULT_THRESHOLD, progress: Callable[[], None] | None = None,
               data: Path | None = None, keep_largest: Sequence[bool] | None = None) -> int:
@@ -163,7 +163,7 @@ def soft_vote(folders: list[Path], out: Path, weights: list[float] | None = None
     if len(folders) < 2:
         raise HandsegError("a vote needs at least two probability folders")
     weights = check_weights(weights, len(folders))
-    thresholds = check_threshold(threshold)
+    thresholds = check_thresholds(threshold, option="--threshold")
     indices = [read_probs_index(f) for f in folders]
     for f, idx in zip(folders[1:], indices[1:]):
         if set(idx) != set(indices[0]):

@@ -66,6 +66,8 @@ class Recipe:
     soft_weights: list[float]
     member_threshold: float = MEMBER_THRESHOLD
     cv_dice: float | None = None
+    data: Path | None = None
+    """The labelled training folder select scored on (``predict --recipe --oof`` predicts it again)."""
 
     def config(self, name: str) -> RecipeConfig:
         for c in self.configs:
@@ -171,8 +173,11 @@ def recipe_from_json(doc: dict, base: Path | None = None, where: Path | None = N
     if isinstance(member, bool) or not isinstance(member, (int, float)) or not 0 <= member < 1:
         raise bad("ensemble.hard.member_threshold must be a number in [0, 1)")
     cv = doc.get("cv_dice")
+    data = doc.get("data")
+    if data is not None and not isinstance(data, str):
+        raise bad('"data" must be the path of the training folder')
     return Recipe(configs, classes, [float(w) for w in weights], float(member),
-                  float(cv) if isinstance(cv, (int, float)) else None)
+                  float(cv) if isinstance(cv, (int, float)) else None, Path(data) if data else None)
 
 
 def read_recipe(path: str | Path) -> Recipe:

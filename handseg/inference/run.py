@@ -23,7 +23,7 @@ from handseg.common.threads import budget as thread_budget
 from handseg.data.images import read_image
 from handseg.data.labels import class_masks, read_polygons
 from handseg.data.layout import Sample, discover
-from handseg.ensemble.masks import GRID, keep_largest_classes, level_cuts
+from handseg.ensemble.masks import GRID, check_thresholds, keep_largest_classes, level_cuts
 from handseg.formats.files import atomic_write_json, read_json
 from handseg.formats.probs import PROBS_FORMATS, PROBS_INDEX, probs_name, quantise_probs, write_probs
 from handseg.formats.rle import mask_to_runs, runs_to_mask, runs_to_rle
@@ -42,24 +42,6 @@ class PredictResult:
     tuned: bool = False
     main: bool = True
     """False on torchrun ranks other than 0, which write nothing."""
-
-
-def check_thresholds(values, where: str | Path | None = None) -> np.ndarray:
-    """29 per-class thresholds, each a number strictly between 0 and 1.
-
-    Raises:
-        HandsegError: wrong count, a non-number, or a value outside (0, 1).
-    """
-    try:
-        thr = np.asarray(values, dtype=np.float64).reshape(-1)
-    except (TypeError, ValueError):
-        raise HandsegError(f"thresholds must be numbers between 0 and 1, got {values!r}"[:200], where) from None
-    if thr.shape != (NUM_CLASSES,):
-        raise HandsegError(f"need {NUM_CLASSES} thresholds, got {thr.size}", where)
-    bad = [(c, v) for c, v in zip(CLASSES, thr) if not (0.0 < v < 1.0)]
-    if bad:
-        raise HandsegError(f"threshold for {bad[0][0]} is {bad[0][1]}; thresholds lie strictly between 0 and 1", where)
-    return thr
 
 
 @dataclass
