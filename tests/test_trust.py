@@ -402,7 +402,14 @@ def test_a_resumed_run_trains_exactly_as_the_uninterrupted_one(synth_data, tmp_p
     data = _copy_train(synth_data, tmp_path)
     kw = dict(epochs=3, augment="default", workers=0)
     train(_cfg(data, tmp_path / "whole", **kw), log=lambda *a: None)
-    train(_cfg(data, tmp_path / "parts", **kw, max_steps=4), log=lambda *a: None)  # stops after epoch 2
+    # interrupted after epoch 2 (as Ctrl-C would; --max-steps would plan a shorter schedule, item 10)
+
+    def interrupt(message):
+        if message.startswith("epoch 2:"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(data, tmp_path / "parts", **kw), log=interrupt)
     train(_cfg(data, tmp_path / "parts", **kw, resume=True), log=lambda *a: None)
     whole = [float(r["train_loss"]) for r in csv.DictReader(open(tmp_path / "whole" / "metrics.csv"))]
     parts = [float(r["train_loss"]) for r in csv.DictReader(open(tmp_path / "parts" / "metrics.csv"))]

@@ -31,7 +31,7 @@ from handseg.data.images import image_size, read_image
 from handseg.data.labels import BoneCrops, Polygons, place_crops, polygon_crops, read_polygons
 from handseg.data.layout import Sample, discover
 from handseg.formats import cropfile
-from handseg.formats.files import MANIFEST_NAME, atomic_open, write_manifest
+from handseg.formats.files import MANIFEST_NAME, atomic_open, hold_output, release_output, write_manifest
 
 MAGIC = 0x48534D4B  # "HSMK"
 IMAGES = "images"
@@ -213,6 +213,15 @@ def build_cache(kind: str, data_dir: str | Path, cache_dir: str | Path, workers:
         raise ValueError(f"unknown cache kind {kind!r}")
     samples = discover(data_dir, labels="required" if kind == MASKS else "ignore")
     folder = Path(cache_dir) / kind
+    fresh = hold_output(folder, deep=True)  # one prep per cache folder; a killed one's temporaries go
+    try:
+        return _fill_cache(kind, data_dir, folder, samples, workers, progress)
+    finally:
+        if fresh:
+            release_output(folder)
+
+
+def _fill_cache(kind: str, data_dir, folder: Path, samples: list, workers: int, progress) -> CacheResult:
     index = read_cache_index(folder)
     jobs = [(kind, s, _npy_bytes_path(folder, s), index.get(s.rel)) for s in samples]
     if progress:

@@ -164,7 +164,7 @@ def lock_path(path: str | Path) -> Path:
     return path.with_name(f".{path.name}.lock")
 
 
-def hold_output(path: str | Path) -> bool:
+def hold_output(path: str | Path, deep: bool = False) -> bool:
     """Take the output's lock (``.NAME.lock`` beside it) for the rest of the command, then remove the
     temporaries a killed earlier writer of it left. Taking it again in the same command is a no-op.
 
@@ -196,20 +196,21 @@ def hold_output(path: str | Path) -> bool:
             pass
         os.close(fd)  # its last holder removed the file between our open and lock: take the new one
     _HELD[key] = fd
-    remove_debris(key)
+    remove_debris(key, deep)
     return True
 
 
-def remove_debris(path: Path) -> None:
+def remove_debris(path: Path, deep: bool = False) -> None:
     """Remove what killed writers of ``path`` left: its hidden temporaries beside it and, for a folder,
-    the temporary files inside it (call only while holding the output's lock). A torchrun launch's own
-    partial folder (named by its run id) is kept."""
+    the temporary files inside it (``deep``: at any depth, e.g. a cache's patient folders; call only while
+    holding the output's lock). A torchrun launch's own partial folder (named by its run id) is kept."""
 
     token = os.environ.get("TORCHELASTIC_RUN_ID")
     pattern = re.compile(rf"^\.?{re.escape(path.name)}\.({'|'.join(_DEBRIS)})-[^/]+$")
     found = [p for p in path.parent.iterdir() if pattern.match(p.name)] if path.parent.is_dir() else []
     if path.is_dir():
-        found += [p for p in path.iterdir() if re.match(r"^.+\.tmp-[0-9a-f]{8}$", p.name) and p.is_file()]
+        inside = path.rglob("*.tmp-*") if deep else path.iterdir()
+        found += [p for p in inside if re.match(r"^.+\.tmp-[0-9a-f]{8}$", p.name) and p.is_file()]
     for p in found:
         if token and p.name.endswith(f"-{token}"):
             continue

@@ -933,3 +933,16 @@ def test_a_map_of_another_dtype_or_rank_says_what_a_map_is(run, synth_data, tmp_
         np.save(victim, array)
         _fails(capsys, ["vote", "soft", probs, probs, "-o", out], victim.name, "not a handseg probability map: it "
                f"holds {shown}; a handseg map is uint8, 29 x H x W (dense) or a packed crop file", output=out)
+
+
+def test_a_killed_prep_leaves_no_temporaries_after_the_next(synth_data, tmp_path, capsys):
+    data = tmp_path / "train"
+    shutil.copytree(synth_data / "train", data)
+    assert run_cli(["prep", "json2npy", "--data", data], capsys)[0] == 0
+    masks = data / "cache" / "masks"
+    first = next(p for p in masks.rglob("*") if p.is_file() and p.name != "manifest.json")
+    stale = first.with_name(f".{first.name}.tmp-0123abcd")  # what a kill -9 mid-write leaves
+    stale.write_bytes(b"half")
+    assert run_cli(["prep", "json2npy", "--data", data], capsys)[0] == 0
+    assert not stale.exists() and first.is_file()
+    assert not list((data / "cache").rglob("*.tmp-*")) and not list((data / "cache").glob(".*.lock"))
