@@ -148,13 +148,17 @@ def handseg_pieces(checkpoint: Path, samples, out_csv: Path, device: str, transf
     from handseg.data.images import read_image
     from handseg.formats.rle import runs_to_rle
     from handseg.formats.submission import write_predictions
+    from handseg.ensemble.masks import level_cuts
+    from handseg.formats.probs import quantise_probs
     from handseg.inference.predictor import Predictor, masks_to_runs
 
     t = {}
     t0 = time.perf_counter()
     predictor = Predictor.load([checkpoint], device, True, batch)
     t["load"] = time.perf_counter() - t0
-    thr = torch.as_tensor(predictor.thresholds, dtype=torch.float32, device=predictor.device).view(-1, 1, 1)
+    # handseg's one cut rule: the stored uint8 level against 255 t
+    cuts = torch.as_tensor(level_cuts(predictor.thresholds), dtype=torch.float64, device=predictor.device)
+    cuts = cuts.view(-1, 1, 1)
     t0 = time.perf_counter()
     images = [read_image(s.image_path) for s in samples]
     t["decode"] = time.perf_counter() - t0
@@ -165,7 +169,7 @@ def handseg_pieces(checkpoint: Path, samples, out_csv: Path, device: str, transf
         _sync(device)
         for start in range(0, len(images), batch):
             t0 = time.perf_counter()
-            masks = [p > thr for p in predictor.predict(images[start : start + batch], transforms)]
+            masks = [quantise_probs(p) > cuts for p in predictor.predict(images[start : start + batch], transforms)]
             _sync(device)
             t1 = time.perf_counter()
             runs = [masks_to_runs(m) for m in masks]  # copies the run boundaries to the host: synchronises

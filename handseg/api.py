@@ -28,6 +28,8 @@ from handseg.common.constants import CLASSES
 from handseg.common.errors import HandsegError
 from handseg.common.notices import reset
 from handseg.data.images import read_image as read
+from handseg.ensemble.masks import check_thresholds, level_cuts
+from handseg.formats.probs import quantise_probs
 from handseg.formats.rle import rle_decode as decode
 from handseg.formats.rle import rle_encode as encode
 from handseg.formats.tta import parse_transforms
@@ -79,14 +81,12 @@ class Model:
         Returns:
             ``(29, H, W)`` bool; ``masks[k]`` is class ``CLASSES[k]``. Masks may overlap (bones do).
         """
-        cut = self.thresholds if thresholds is None else np.asarray(thresholds, dtype=np.float64)
-        if cut.shape != (len(CLASSES),) or not ((cut > 0) & (cut < 1)).all():
-
-            raise HandsegError(f"thresholds: need {len(CLASSES)} numbers strictly between 0 and 1")
+        cuts = level_cuts(check_thresholds(self.thresholds if thresholds is None else thresholds))
         import torch
 
-        probs = self._predictor.predict([_grey(image)], self._transforms)[0]
-        return (probs > torch.as_tensor(cut, dtype=probs.dtype, device=probs.device).view(-1, 1, 1)).cpu().numpy()
+        level = quantise_probs(self._predictor.predict([_grey(image)], self._transforms)[0])
+        # the one cut rule (handseg.ensemble.masks): the stored uint8 level against 255 t, as predict's CSV
+        return (level > torch.as_tensor(cuts, dtype=torch.float64, device=level.device).view(-1, 1, 1)).cpu().numpy()
 
     def predict_rles(self, image: np.ndarray) -> list[str]:
         """The 29 RLE strings of one X-ray's masks (the CSV's ``rle`` column, in :data:`CLASSES` order)."""

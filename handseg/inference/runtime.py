@@ -38,9 +38,11 @@ def resolve_amp(amp: str, device: str):
     return torch.float16
 
 
-def apply_threads(device: str = "cpu", workers: int | None = None, say=None):
+def apply_threads(device: str = "cpu", workers: int | None = None, say=None, adapt_to_load: bool = True):
     """Decide this run's threads (:func:`~handseg.common.threads.plan_threads` over the usable CPUs or
     ``--threads``), set torch's and OpenCV's intra-op threads to it, and record it for the manifest.
+
+    ``adapt_to_load=False`` (training) ignores the machine's load, so results do not depend on it.
 
     Returns:
         The :class:`~handseg.common.threads.ThreadPlan`; ``plan.workers`` is the DataLoader's count.
@@ -51,7 +53,10 @@ def apply_threads(device: str = "cpu", workers: int | None = None, say=None):
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # torchrun: the processes of one machine share it
     if local > 1:
         n, source = max(1, n // local), f"{source}, shared by {local} processes"
-    plan = threads.plan_threads(n, device, workers, source, threads.intra_op_cap(n))
+    # training keeps the same thread count whatever the load, so a seeded run (and its resume) sums in
+    # the same order on the same machine; prediction may shed threads on a loaded machine
+    cap = threads.intra_op_cap(n) if adapt_to_load else (n, None)
+    plan = threads.plan_threads(n, device, workers, source, cap)
     torch.set_num_threads(plan.intra_op)
     with contextlib.suppress(RuntimeError):  # settable once, before the first parallel work
         torch.set_num_interop_threads(1 if plan.intra_op <= 2 else 2)

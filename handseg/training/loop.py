@@ -194,7 +194,7 @@ def _fit_threads(cfg: TrainConfig, device: str, log) -> TrainConfig:
     ``handseg --threads``, so the manifest's options say what ran."""
     from dataclasses import replace
 
-    return replace(cfg, workers=apply_threads(device, cfg.workers, log).workers)
+    return replace(cfg, workers=apply_threads(device, cfg.workers, log, adapt_to_load=False).workers)
 
 
 def _plan_run(cfg: TrainConfig) -> tuple:
