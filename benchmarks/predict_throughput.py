@@ -146,10 +146,10 @@ def handseg_pieces(checkpoint: Path, samples, out_csv: Path, device: str, transf
     import torch
 
     from handseg.data.images import read_image
-    from handseg.formats.rle import runs_to_rle
-    from handseg.formats.submission import write_predictions
     from handseg.ensemble.masks import level_cuts
     from handseg.formats.probs import quantise_probs
+    from handseg.formats.rle import runs_to_rle
+    from handseg.formats.submission import write_predictions
     from handseg.inference.predictor import Predictor, masks_to_runs
 
     t = {}
