@@ -86,6 +86,9 @@ def train(
                                                        "several: --context A B C.")] = None,
     oof_tta: Annotated[str, typer.Option("--oof-tta", help="Test-time transforms of the fold's out-of-fold maps "
                                          "(RUN/oof/, for `handseg select`), e.g. hflip.")] = "",
+    preprocess: Annotated[str | None, typer.Option("--preprocess", help="Fixed pre-processing of every input image, "
+                                                   "in training and wherever the model predicts (recorded in its "
+                                                   "card): clahe[:CLIP[:TILE]], default clip 2, 8x8 tiles.")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML of training options, or a run's "
                                                 "manifest.json to replay it (flags given on the command line win; "
                                                 "--out, --overwrite and --resume come from the command line only).",

@@ -17,6 +17,7 @@ from pathlib import Path
 from handseg import __version__
 from handseg.common.constants import CLASSES, DEFAULT_THRESHOLD
 from handseg.common.errors import HandsegError
+from handseg.data.preprocess import parse_preprocess
 from handseg.formats.files import atomic_open
 from handseg.models.build import build_model
 from handseg.models.plan import ModelPlan, model_plan
@@ -50,6 +51,9 @@ class ModelCard:
     plan: dict | None = None
     """How the model was built (:class:`handseg.models.plan.ModelPlan`: input size, encoder options);
     filled from the model when saved. Cards written before it existed rebuild from arch, encoder and size."""
+    preprocess: str | None = None
+    """``train --preprocess``: the fixed transform every input image gets before the network, in training and
+    at prediction (see :mod:`handseg.data.preprocess`; e.g. ``clahe:2:8``); None: the image as read."""
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelCard:
@@ -96,6 +100,12 @@ def _check_card(card: ModelCard) -> None:
     if card.context_sha256 is not None and not (isinstance(card.context_sha256, list)
                                                 and all(isinstance(c, str) for c in card.context_sha256)):
         raise ValueError("context_sha256 must be a list of SHA-256 strings")
+    if card.preprocess is not None:
+        try:
+            if not isinstance(card.preprocess, str) or parse_preprocess(card.preprocess) is None:
+                raise HandsegError("expected a spec like clahe:2:8")
+        except HandsegError as e:
+            raise ValueError(f"preprocess: {e}") from None
 
 
 def checkpoint_bytes(weights: dict, card: ModelCard) -> bytes:

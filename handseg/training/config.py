@@ -15,6 +15,7 @@ from typing import Any
 from handseg.common.constants import NUM_CLASSES
 from handseg.common.errors import HandsegError
 from handseg.common.limits import max_pixels
+from handseg.data.preprocess import parse_preprocess
 from handseg.formats.tta import parse_transforms
 from handseg.models.losses import parse_loss_spec
 
@@ -66,7 +67,8 @@ class TrainConfig:
     """Test-time transforms of the out-of-fold maps written at the end (``""``: none; e.g. ``hflip``)."""
     context: list[Path] = field(default_factory=list)
     """A cascade's stage 1: run folders of whole-image models whose maps become extra input channels."""
-
+    preprocess: str | None = None
+    """Fixed pre-processing of every input image (``clahe[:CLIP[:TILE]]``), recorded in the model card."""
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -213,4 +215,5 @@ _RULES = {
     "overwrite": _bool,
     "extra": _paths, "cache": _path(optional=True), "seed": _int(0), "max_steps": _int(1, optional=True),
     "logger": _choice(LOGGERS), "oof_tta": _tta_spec, "context": _paths,
+    "preprocess": lambda name, value: parse_preprocess(value, _flag(name)),
 }

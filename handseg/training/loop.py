@@ -44,6 +44,7 @@ from handseg.training.oof import cascade_context, write_oof
 from handseg.training.records import append_metrics, make_logger, run_folder, truncate_metrics
 from handseg.training.state import (
     CheckpointWriter,
+    check_same_levers,
     check_same_model,
     check_same_run,
     find_resume,
@@ -180,7 +181,7 @@ def _plan_run(cfg: TrainConfig) -> tuple:
         in_channels += CONTEXT_CHANNELS
     plan = plan_model(arch, encoder, cfg.crop or cfg.size, in_channels, "--crop" if cfg.crop else "--size")
     card = ModelCard(arch=arch, encoder=encoder, size=cfg.size, crop=cfg.crop, norm=dict(DEFAULT_NORM),
-                     unify_hands=cfg.unify_hands, in_channels=in_channels)
+                     unify_hands=cfg.unify_hands, in_channels=in_channels, preprocess=cfg.preprocess)
     return plan, card, stage1
 
 
@@ -219,6 +220,7 @@ def _resume_point(cfg: TrainConfig, out: Path, card: ModelCard) -> _Start:
     state = read_resume(resume_path)
     header = state[1]
     check_same_model(header, card, resume_path)
+    check_same_levers(last_card, card, resume_path)
     check_same_run(header, run_identity(cfg), resume_path)
     if header["epoch"] != last_card.epoch or header["step"] != last_card.step:
         raise HandsegError(f"resume state is at epoch {header['epoch']} (step {header['step']}) but {LAST} at "

@@ -249,6 +249,21 @@ def check_same_model(header: dict, card: ModelCard, path: Path) -> None:
                                "the same model (drop the flag, or start a new run with another --out)", path)
 
 
+LEVER_KEYS = ("preprocess",)
+"""Card fields a resumed run must share with ``last.safetensors`` (newer than resume files' model keys)."""
+
+
+def check_same_levers(last: ModelCard, card: ModelCard, path: Path) -> None:
+    """A resumed run keeps the levers that change what the model sees or is: refuse another --preprocess."""
+    for key in LEVER_KEYS:
+        saved, now = getattr(last, key), getattr(card, key)
+        if saved != now:
+            flag = "--" + key.replace("_", "-")
+            raise HandsegError(f"the run was trained with {flag} {saved or 'none'}, not {now or 'none'}; --resume "
+                               "continues the same model (give the run's value, or start a new run with another "
+                               "--out)", path)
+
+
 def run_identity(cfg) -> dict:
     """What a resumed run must share with the run it continues besides the model: the data, the
     splits (by content), the fold, the extra data and the stage-1 context. Training on with another

@@ -116,6 +116,8 @@ def test_predict_refuses_bad_thresholds(run, synth_data, tmp_path, capsys, conte
     (["--loss", "bce:-1"], "must be a positive number"),
     (["--max-steps", "0"], "'--max-steps'"),
     (["--augment", "wild"], "'--augment'"),
+    (["--preprocess", "sharpen"], "--preprocess: unknown pre-processing 'sharpen'"),
+    (["--preprocess", "clahe:0"], "the clip limit must be a positive number"),
 ])
 def test_train_refuses_nonsense_flags(synth_data, tmp_path, capsys, args, needle):
     out = tmp_path / "run"
