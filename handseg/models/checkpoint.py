@@ -54,6 +54,10 @@ class ModelCard:
     preprocess: str | None = None
     """``train --preprocess``: the fixed transform every input image gets before the network, in training and
     at prediction (see :mod:`handseg.data.preprocess`; e.g. ``clahe:2:8``); None: the image as read."""
+    init: str | None = None
+    """``train --init``: the checkpoint every layer started from (its path when training began)."""
+    init_sha256: str | None = None
+    """The SHA-256 of that parent checkpoint: which model this one was fine-tuned from."""
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelCard:
@@ -100,6 +104,8 @@ def _check_card(card: ModelCard) -> None:
     if card.context_sha256 is not None and not (isinstance(card.context_sha256, list)
                                                 and all(isinstance(c, str) for c in card.context_sha256)):
         raise ValueError("context_sha256 must be a list of SHA-256 strings")
+    if not all(v is None or isinstance(v, str) for v in (card.init, card.init_sha256)):
+        raise ValueError("init and init_sha256 must be a path and a SHA-256 string")
     if card.preprocess is not None:
         try:
             if not isinstance(card.preprocess, str) or parse_preprocess(card.preprocess) is None:

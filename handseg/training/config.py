@@ -69,6 +69,8 @@ class TrainConfig:
     """A cascade's stage 1: run folders of whole-image models whose maps become extra input channels."""
     preprocess: str | None = None
     """Fixed pre-processing of every input image (``clahe[:CLIP[:TILE]]``), recorded in the model card."""
+    init: Path | None = None
+    """A run folder or checkpoint whose every layer this run starts from (a fresh optimizer and schedule)."""
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -95,6 +97,9 @@ class TrainConfig:
         if values["context"] and values["crop"] is None:
             raise HandsegError("--context needs --crop: a cascade's stage 2 trains on full-resolution crops, with "
                                "stage 1's maps of the whole image as context")
+        if values["init"] is not None and values["resume"]:
+            raise HandsegError("--init starts a new run from a model's weights and --resume continues the run in "
+                               "--out: choose one")
         return replace(self, **values)
 
 
@@ -215,5 +220,5 @@ _RULES = {
     "overwrite": _bool,
     "extra": _paths, "cache": _path(optional=True), "seed": _int(0), "max_steps": _int(1, optional=True),
     "logger": _choice(LOGGERS), "oof_tta": _tta_spec, "context": _paths,
-    "preprocess": lambda name, value: parse_preprocess(value, _flag(name)),
+    "preprocess": lambda name, value: parse_preprocess(value, _flag(name)), "init": _path(optional=True),
 }

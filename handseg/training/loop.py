@@ -40,6 +40,7 @@ from handseg.models.losses import build_loss
 from handseg.models.plan import DEFAULT_NORM, plan_model, resolve_arch, resolve_encoder
 from handseg.training.config import TrainConfig
 from handseg.training.dataset import SegmentationDataset, seed_worker, split_items, unpack_mask_bits
+from handseg.training.levers import init_parent, load_init
 from handseg.training.oof import cascade_context, write_oof
 from handseg.training.records import append_metrics, make_logger, run_folder, truncate_metrics
 from handseg.training.state import (
@@ -182,6 +183,9 @@ def _plan_run(cfg: TrainConfig) -> tuple:
     plan = plan_model(arch, encoder, cfg.crop or cfg.size, in_channels, "--crop" if cfg.crop else "--size")
     card = ModelCard(arch=arch, encoder=encoder, size=cfg.size, crop=cfg.crop, norm=dict(DEFAULT_NORM),
                      unify_hands=cfg.unify_hands, in_channels=in_channels, preprocess=cfg.preprocess)
+    if cfg.init is not None:  # the parent fits this model: checked before any data is read
+        parent, card.init_sha256 = init_parent(cfg.init, card)
+        card.init = str(parent.resolve())
     return plan, card, stage1
 
 
@@ -193,7 +197,7 @@ def _loss(cfg: TrainConfig):
 
 def _checkrun_folder(cfg: TrainConfig, out: Path) -> None:
     """The run folder is new, empty, resumed (--resume) or replaced (--overwrite), and holds no input."""
-    check_output(out, True, "dir", [cfg.data, cfg.splits, cfg.cache, *cfg.extra, *cfg.context])
+    check_output(out, True, "dir", [cfg.data, cfg.splits, cfg.cache, cfg.init, *cfg.extra, *cfg.context])
     if out.is_dir() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
         what = "already has a checkpoint" if (out / LAST).exists() else "exists and is not empty"
         raise HandsegError(f"run folder {what}; pass --resume to continue it, --overwrite to replace it, or "
@@ -221,6 +225,7 @@ def _resume_point(cfg: TrainConfig, out: Path, card: ModelCard) -> _Start:
     header = state[1]
     check_same_model(header, card, resume_path)
     check_same_levers(last_card, card, resume_path)
+    card.init, card.init_sha256 = last_card.init, last_card.init_sha256  # the parent a resumed run began from
     check_same_run(header, run_identity(cfg), resume_path)
     if header["epoch"] != last_card.epoch or header["step"] != last_card.step:
         raise HandsegError(f"resume state is at epoch {header['epoch']} (step {header['step']}) but {LAST} at "
@@ -257,8 +262,14 @@ def _build_run(cfg: TrainConfig, card: ModelCard, plan, loss_fn, train_items: li
     if sampler is not None:
         sampler.set_epoch(start.epoch)
     pending_iter = iter(loader) if cfg.workers > 0 else None
-    model = build_model(card.arch, card.encoder, cfg.encoder_weights, in_channels=card.in_channels,
-                        size=cfg.crop or cfg.size, plan=plan, size_flag="--crop" if cfg.crop else "--size").to(device)
+    model = build_model(card.arch, card.encoder, "none" if card.init else cfg.encoder_weights,
+                        in_channels=card.in_channels, size=cfg.crop or cfg.size, plan=plan,
+                        size_flag="--crop" if cfg.crop else "--size")
+    if card.init and start.state is None:
+        load_init(model, Path(card.init))
+        log(f"--init: every layer from {card.init} (sha256 {card.init_sha256[:12]}); a fresh optimizer and "
+            "learning-rate schedule")
+    model = model.to(device)
     card.plan = plan.to_dict()
     if device.startswith("cuda") and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -118,6 +118,7 @@ def test_predict_refuses_bad_thresholds(run, synth_data, tmp_path, capsys, conte
     (["--augment", "wild"], "'--augment'"),
     (["--preprocess", "sharpen"], "--preprocess: unknown pre-processing 'sharpen'"),
     (["--preprocess", "clahe:0"], "the clip limit must be a positive number"),
+    (["--init", "/nowhere/run"], "/nowhere/run: checkpoint not found"),
 ])
 def test_train_refuses_nonsense_flags(synth_data, tmp_path, capsys, args, needle):
     out = tmp_path / "run"
