@@ -94,6 +94,12 @@ def train(
                                               "schedule, e.g. to fine-tune on pseudo labels at a low --lr; the "
                                               "card records the parent's SHA-256. Not --resume (same run, same "
                                               "schedule), not --encoder-weights (encoder only).")] = None,
+    patience: Annotated[int | None, typer.Option("--patience", min=1, help="Stop when the validation Dice has not "
+                                                 "improved for N validations (the learning-rate schedule is not "
+                                                 "re-planned).")] = None,
+    ema: Annotated[float | None, typer.Option("--ema", help="Keep an exponential moving average of the weights "
+                                              "with this decay (e.g. 0.999): validation, best, last and the "
+                                              "out-of-fold maps use it; --resume continues it.")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML of training options, or a run's "
                                                 "manifest.json to replay it (flags given on the command line win; "
                                                 "--out, --overwrite and --resume come from the command line only).",

@@ -58,6 +58,8 @@ class ModelCard:
     """``train --init``: the checkpoint every layer started from (its path when training began)."""
     init_sha256: str | None = None
     """The SHA-256 of that parent checkpoint: which model this one was fine-tuned from."""
+    ema: float | None = None
+    """``train --ema``: the decay of the moving average these weights are (None: the weights as trained)."""
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelCard:
@@ -106,6 +108,9 @@ def _check_card(card: ModelCard) -> None:
         raise ValueError("context_sha256 must be a list of SHA-256 strings")
     if not all(v is None or isinstance(v, str) for v in (card.init, card.init_sha256)):
         raise ValueError("init and init_sha256 must be a path and a SHA-256 string")
+    if card.ema is not None and not (isinstance(card.ema, int | float) and not isinstance(card.ema, bool)
+                                     and 0 < card.ema < 1):
+        raise ValueError("ema must be a decay between 0 and 1")
     if card.preprocess is not None:
         try:
             if not isinstance(card.preprocess, str) or parse_preprocess(card.preprocess) is None:

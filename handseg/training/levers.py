@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from handseg.common.errors import HandsegError
-from handseg.models.checkpoint import ModelCard, checkpoint_sha256, read_card, resolve_checkpoint
+from handseg.models.checkpoint import ModelCard, checkpoint_sha256, load_weights, read_card, resolve_checkpoint
 
 INIT_KEYS = (("arch", "--arch"), ("encoder", "--encoder"), ("classes", "classes"),
              ("in_channels", "input channels (--context)"))
@@ -88,12 +88,24 @@ class Patience:
     def state(self) -> dict:
         return {"best": self.best, "since_best": self.since_best, "best_epoch": self.best_epoch}
 
-    def restore(self, saved: dict | None) -> None:
-        """From a resume header's ``patience`` (absent in runs written before it: counting starts afresh)."""
+    def restored(self, saved: dict | None) -> Patience:
+        """Itself, counting on from a resume header's ``levers.patience`` (absent in runs written before it:
+        counting starts afresh)."""
         if isinstance(saved, dict):
             self.best = float(saved.get("best", -1.0))
             self.since_best = int(saved.get("since_best", 0))
             self.best_epoch = int(saved.get("best_epoch", 0))
+        return self
+
+    def message(self, epoch: int, epochs: int) -> str:
+        return (f"early stop: validation Dice has not improved for {self.since_best} validations (--patience "
+                f"{self.limit}; best {self.best:.4f} at epoch {self.best_epoch}); stopping after epoch {epoch} of "
+                f"{epochs} (the learning-rate schedule stays planned over {epochs} epochs)")
+
+
+def stopped_early(limit: int | None, levers: dict) -> bool:
+    """Whether a resumed run had already stopped early under ``--patience limit``."""
+    return Patience(limit).restored(levers.get("patience")).exhausted
 
 
 # ---------------------------------------------------------------------------------------------- EMA
@@ -129,3 +141,14 @@ class Ema:
                     mine.mul_(self.decay).add_(theirs.detach().to(mine.dtype), alpha=1.0 - self.decay)
                 else:
                     mine.copy_(theirs)
+
+
+def make_ema(decay: float | None, model, last: Path | None) -> Ema | None:
+    """--ema: the average starts at the model's weights, or continues from a resumed run's ``last`` (which
+    holds it); None without --ema."""
+    if decay is None:
+        return None
+    ema = Ema(model, decay)
+    if last is not None:
+        load_weights(ema.module, last)
+    return ema

@@ -27,10 +27,7 @@ from handseg.common.distributed import (
     shutdown,
 )
 from handseg.common.errors import HandsegError
-from handseg.formats.files import (
-    check_output,
-    write_manifest,
-)
+from handseg.formats.files import check_output, write_manifest
 from handseg.formats.oof import OOF_DIR
 from handseg.inference.runtime import pick_device, resolve_amp
 from handseg.models.build import build_model
@@ -40,7 +37,7 @@ from handseg.models.losses import build_loss
 from handseg.models.plan import DEFAULT_NORM, plan_model, resolve_arch, resolve_encoder
 from handseg.training.config import TrainConfig
 from handseg.training.dataset import SegmentationDataset, seed_worker, split_items, unpack_mask_bits
-from handseg.training.levers import init_parent, load_init
+from handseg.training.levers import Ema, Patience, init_parent, load_init, make_ema, stopped_early
 from handseg.training.oof import cascade_context, write_oof
 from handseg.training.records import append_metrics, make_logger, run_folder, truncate_metrics
 from handseg.training.state import (
@@ -53,6 +50,7 @@ from handseg.training.state import (
     restore,
     resume_payload,
     run_identity,
+    trained_weights,
 )
 from handseg.training.validation import validate
 
@@ -94,6 +92,7 @@ class _Start:
     path: Path | None = None
     planned_epochs: int | None = None
     last_score: float | None = None
+    levers: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -122,6 +121,9 @@ class _Run:
     identity: dict = field(default_factory=dict)
     last_dice: float | None = None
     epochs_run: int = 0
+    patience: Patience = field(default_factory=lambda: Patience(None))
+    ema: Ema | None = None
+    """--ema: the weights' moving average, which validation scores and best/last hold."""
 
     @property
     def cuda(self) -> bool:
@@ -129,7 +131,12 @@ class _Run:
 
     @property
     def stopped(self) -> bool:
-        return bool(self.cfg.max_steps and self.step >= self.cfg.max_steps)
+        return bool(self.cfg.max_steps and self.step >= self.cfg.max_steps) or self.patience.exhausted
+
+    @property
+    def scored(self):
+        """The weights validation scores and the checkpoints hold: the moving average with --ema."""
+        return self.ema.module if self.ema is not None else unwrap(self.run_model)
 
 
 def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
@@ -152,7 +159,7 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
     train_items, val_items = split_items(cfg)
     context = _stage1_context(cfg, card, stage1, out, train_items + val_items, device, d, log)
     start = _resume_point(cfg, out, card)
-    if start.epoch >= cfg.epochs:
+    if start.epoch >= cfg.epochs or stopped_early(cfg.patience, start.levers):
         return _finished(cfg, out, start, val_items, device, log, context, d)
     run = _build_run(cfg, card, plan, loss_fn, train_items, context, device, d, start, log)
     with run_folder(out, d.main, run.writer, replace=cfg.overwrite, resume=cfg.resume):
@@ -182,7 +189,7 @@ def _plan_run(cfg: TrainConfig) -> tuple:
         in_channels += CONTEXT_CHANNELS
     plan = plan_model(arch, encoder, cfg.crop or cfg.size, in_channels, "--crop" if cfg.crop else "--size")
     card = ModelCard(arch=arch, encoder=encoder, size=cfg.size, crop=cfg.crop, norm=dict(DEFAULT_NORM),
-                     unify_hands=cfg.unify_hands, in_channels=in_channels, preprocess=cfg.preprocess)
+                     unify_hands=cfg.unify_hands, in_channels=in_channels, preprocess=cfg.preprocess, ema=cfg.ema)
     if cfg.init is not None:  # the parent fits this model: checked before any data is read
         parent, card.init_sha256 = init_parent(cfg.init, card)
         card.init = str(parent.resolve())
@@ -232,13 +239,16 @@ def _resume_point(cfg: TrainConfig, out: Path, card: ModelCard) -> _Start:
                            f"epoch {last_card.epoch} (step {last_card.step})", resume_path)
     best = read_card(out / BEST).score if (out / BEST).is_file() else -1.0
     return _Start(header["epoch"], header["step"], -1.0 if best is None else best, state, resume_path,
-                  header["run"]["epochs"], last_card.score)
+                  header["run"]["epochs"], last_card.score, header.get("levers") or {})
 
 
 def _finished(cfg: TrainConfig, out: Path, start: _Start, val_items: list, device: str, log, context, d) -> dict:
     """A resumed run that has no epoch left: its out-of-fold maps if they are missing, else nothing."""
     if val_items and not (out / OOF_DIR / "manifest.json").is_file():
         write_oof(cfg, out, val_items, device, log, context)  # the run finished, its oof maps did not
+    elif start.epoch < cfg.epochs:
+        log(f"nothing to do: {out} stopped early at epoch {start.epoch} (--patience {cfg.patience}); pass a larger "
+            "--patience to train on")
     else:
         log(f"nothing to do: {out} has finished all {start.epoch} epoch{'s' if start.epoch != 1 else ''} (pass "
             "a larger --epochs to train on)")
@@ -280,6 +290,7 @@ def _build_run(cfg: TrainConfig, card: ModelCard, plan, loss_fn, train_items: li
     scaler = torch.amp.GradScaler("cuda", enabled=(dtype == torch.float16))
     if start.state is not None:
         _restore(cfg, model, optimizer, scheduler, scaler, start, log)
+    ema = make_ema(cfg.ema, model, Path(cfg.out) / LAST if start.state is not None else None)
     run_model = model
     if d.world > 1:
         run_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank]
@@ -288,7 +299,8 @@ def _build_run(cfg: TrainConfig, card: ModelCard, plan, loss_fn, train_items: li
         run_model = torch.compile(run_model)
     return _Run(cfg, d, device, card, model, run_model, optimizer, scheduler, scaler, loss_fn, dtype, loader, sampler,
                 seed_epoch, pending_iter, start.step, start.best, log,
-                writer=CheckpointWriter(Path(cfg.out)) if d.main else None, identity=run_identity(cfg))
+                writer=CheckpointWriter(Path(cfg.out)) if d.main else None, identity=run_identity(cfg),
+                patience=Patience(cfg.patience).restored(start.levers.get("patience")), ema=ema)
 
 
 def _data(cfg: TrainConfig, train_items: list, in_channels: int, seed: int, context, d: Dist, device: str):
@@ -320,6 +332,8 @@ def _restore(cfg: TrainConfig, model, optimizer, scheduler, scaler, start: _Star
     """Weights from ``last``, and the optimizer, schedule and scaler from the resume file."""
     out = Path(cfg.out)
     load_weights(model, out / LAST)
+    if cfg.ema is not None:  # last holds the average; the resume file the weights being trained
+        model.load_state_dict(trained_weights(start.state[0], start.path))
     restore(*start.state, optimizer, scheduler, scaler, start.path)
     log(f"resuming {out}: epoch {start.epoch + 1} of {cfg.epochs} next (step {start.step})")
     if start.planned_epochs != cfg.epochs:  # the cosine decay now ends at the new last step: say so, once restored
@@ -405,6 +419,8 @@ def _step(run: _Run, x, y, group_size: int, update: bool):
         run.optimizer.zero_grad(set_to_none=True)
         run.scheduler.step()
         run.step += 1
+        if run.ema is not None:
+            run.ema.update(run.model)
     return loss
 
 
@@ -428,9 +444,11 @@ def _validate_epoch(run: _Run, epoch: int, val_items: list, context):
     t_val = time.perf_counter()
     if val_items and ((epoch + 1) % cfg.val_every == 0 or last_epoch):
         broadcast_buffers(run.model, run.d)
-        per_class = validate(unwrap(run.run_model), run.card, val_items, run.device, run.dtype, run.d,
-                             cfg.batch_size, context)
+        if run.ema is not None:
+            broadcast_buffers(run.ema.module, run.d)
+        per_class = validate(run.scored, run.card, val_items, run.device, run.dtype, run.d, cfg.batch_size, context)
         run.last_dice = float(per_class.mean())
+        run.patience.update(run.last_dice, epoch + 1)  # every rank: all stop together
     run.epochs_run += 1
     return per_class, time.perf_counter() - t_val
 
@@ -444,8 +462,9 @@ def _checkpoint_epoch(run: _Run, epoch: int, stats: dict, per_class, val_seconds
     if per_class is not None and run.last_dice > run.best:
         run.best = run.last_dice
     run.writer.wait_seconds = 0.0
-    run.writer.save_epoch(run.model, card, improved, resume_payload(run.optimizer, run.scheduler, run.scaler,
-                                                                    epoch + 1, run.step, run.best, card, run.identity))
+    run.writer.save_epoch(run.scored, card, improved, resume_payload(
+        run.optimizer, run.scheduler, run.scaler, epoch + 1, run.step, run.best, card, run.identity,
+        weights=run.model if run.ema is not None else None, levers={"patience": run.patience.state()}))
     row = {"epoch": epoch + 1, "step": run.step, "train_loss": round(stats["train_loss"], 6),
            "lr": run.scheduler.get_last_lr()[0], "images_per_s": round(stats["images_per_s"], 3),
            "seconds": round(stats["seconds"], 2), "data_wait": round(stats["data_wait"], 4),
@@ -459,21 +478,11 @@ def _checkpoint_epoch(run: _Run, epoch: int, stats: dict, per_class, val_seconds
     dice_text = f" val dice {run.last_dice:.4f}" if per_class is not None else ""
     run.log(f"epoch {epoch + 1}: loss {stats['train_loss']:.4f}{dice_text} ({stats['images_per_s']:.1f} img/s, "
             f"{stats['seconds']:.1f}s)")
+    if run.patience.exhausted:
+        run.log(run.patience.message(epoch + 1, cfg.epochs))
     if stats["data_wait"] > DATA_WAIT_HINT and cfg.workers < (os.cpu_count() or 1):
         run.log(f"  the loop waited for data {stats['data_wait']:.0%} of this epoch: more --workers (now "
                 f"{cfg.workers}) or `handseg prep` caches would help")
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 __all__ = ["train"]
