@@ -13,6 +13,8 @@ from handseg.formats.tta import tta_option
 SOFT, HARD = "soft", "hard"
 RECIPE_FORMAT = "handseg-recipe"
 RECIPE_VERSION = 1
+RECIPE_VERSIONS = (1, 2)
+"""Version 2: a soft-vote class may carry its own ``weights`` (per-class weights chosen by ``select``)."""
 MEMBER_THRESHOLD = DEFAULT_THRESHOLD
 """The threshold each member's map is cut at before a hard vote."""
 
@@ -30,6 +32,8 @@ class ClassRecipe:
     threshold: float | None = None
     min_votes: int | None = None
     keep_largest: bool = False
+    weights: tuple[float, ...] | None = None
+    """A soft vote's own relative weights, one per configuration (None: the recipe's ``soft_weights``)."""
 
 
 @dataclass
@@ -94,8 +98,9 @@ def recipe_from_json(doc: dict, base: Path | None = None, where: Path | None = N
 
     if not isinstance(doc, dict) or doc.get("format") != RECIPE_FORMAT:
         raise bad(f'no "format": "{RECIPE_FORMAT}" (written by `handseg select`?)')
-    if doc.get("version") != RECIPE_VERSION:
-        raise bad(f"version {doc.get('version')!r}; this handseg reads version {RECIPE_VERSION}")
+    if doc.get("version") not in RECIPE_VERSIONS:
+        raise bad(f"version {doc.get('version')!r}; this handseg reads versions "
+                  f"{', '.join(map(str, RECIPE_VERSIONS))}")
     configs = []
     for c in doc.get("configurations") or []:
         try:
@@ -135,7 +140,8 @@ def recipe_from_json(doc: dict, base: Path | None = None, where: Path | None = N
             if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not 0 <= thr < 1:
                 raise bad(f"{name}: threshold must be a number in [0, 1)")
             thr, votes = float(thr), None
-        classes.append(ClassRecipe(src, thr, votes, bool(e.get("keep_largest", False))))
+        classes.append(ClassRecipe(src, thr, votes, bool(e.get("keep_largest", False)),
+                                   _class_weights(e.get("weights"), src, len(configs), doc.get("version"), bad, name)))
     ensemble = doc.get("ensemble") or {}
     weights = (ensemble.get("soft") or {}).get("weights", [1.0] * len(configs))
     if (not isinstance(weights, list) or len(weights) != len(configs)
@@ -147,6 +153,24 @@ def recipe_from_json(doc: dict, base: Path | None = None, where: Path | None = N
     cv = doc.get("cv_dice")
     return Recipe(configs, classes, [float(w) for w in weights], float(member),
                   float(cv) if isinstance(cv, (int, float)) else None)
+
+
+def _class_weights(weights, source: str, m: int, version, bad, name: str) -> tuple[float, ...] | None:
+    """A class's own soft-vote weights: ``m`` non-negative numbers, not all zero, on a soft vote, version 2."""
+    if weights is None:
+        return None
+    if source != SOFT or version != 2:
+        raise bad(f"{name}: weights belong to a soft vote of a version 2 recipe")
+    if (not isinstance(weights, list) or len(weights) != m or sum(w for w in weights if _number(w)) <= 0
+            or not all(_number(w) and w >= 0 for w in weights)):
+        raise bad(f"{name}: weights must be {m} non-negative numbers, not all zero")
+    return tuple(float(w) for w in weights)
+
+
+def _number(w) -> bool:
+    import math
+
+    return isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
 
 
 def read_recipe(path: str | Path) -> Recipe:
