@@ -127,3 +127,14 @@ def test_baseline_recipe_runs_tiny(capsys):
     for recipe in ("baseline", "handseg"):
         assert r[recipe]["steps"] >= 1 and 0.0 <= r[recipe]["dice"] <= 1.0
     assert r["baseline_workers"] == 1 and r["test_images"] == 2 and "official baseline" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_levers_benchmark_runs_tiny(capsys):
+    import levers
+
+    rows = levers.main(["--epochs", "1", "--ids", "5", "--held-out-ids", "1", "--image-size", "96"])
+    assert [r["run"] for r in rows] == ["baseline", "--preprocess clahe", "--ema 0.9", "--patience 2",
+                                        "--init baseline, lr / 10"]
+    assert all(0.0 <= r["held_out"] <= 1.0 and r["steps"] >= 1 for r in rows)
+    assert "| run | steps | best val Dice | held-out Dice | vs baseline |" in capsys.readouterr().out

@@ -383,7 +383,15 @@ def test_read_recipe_rejects_bad_files(tmp_path, noisy_selection):
              ({**doc, "classes": {**doc["classes"], "Ulna": {"source": "nope", "threshold": 0.5}}}, "unknown source"),
              ({**doc, "classes": {**doc["classes"], "Ulna": {"source": "soft", "threshold": 1.5}}}, r"\[0, 1\)"),
              ({**doc, "classes": {**doc["classes"], "Ulna": {"source": "hard", "min_votes": 3}}}, "min_votes"),
-             ({**doc, "ensemble": {"soft": {"weights": [1]}}}, "weights")]
+             ({**doc, "ensemble": {"soft": {"weights": [1]}}}, "weights"),
+             # per-class weights: a soft vote's, in a version 2 recipe (an older handseg refuses version 2)
+             ({**doc, "version": 2, "classes": {**doc["classes"], "Ulna": {"source": "soft", "threshold": 0.5,
+                                                                            "weights": [1, -1]}}}, "non-negative"),
+             ({**doc, "version": 2, "classes": {**doc["classes"], "Ulna": {"source": "soft", "threshold": 0.5,
+                                                                            "weights": [0, 0]}}}, "not all zero"),
+             ({**doc, "version": 1, "classes": {**doc["classes"], "Ulna": {"source": "soft", "threshold": 0.5,
+                                                                            "weights": [3, 1]}}}, "version 2"),
+             ({**doc, "version": 3}, "reads versions 1, 2")]
     for bad, match in cases:
         (tmp_path / "bad.json").write_text(json.dumps(bad))
         with pytest.raises(HandsegError, match=match):
