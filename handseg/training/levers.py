@@ -92,9 +92,10 @@ class Patience:
         """Itself, counting on from a resume header's ``levers.patience`` (absent in runs written before it:
         counting starts afresh)."""
         if isinstance(saved, dict):
-            self.best = float(saved.get("best", -1.0))
-            self.since_best = int(saved.get("since_best", 0))
-            self.best_epoch = int(saved.get("best_epoch", 0))
+            values = (saved.get("best", -1.0), saved.get("since_best", 0), saved.get("best_epoch", 0))
+            if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+                raise HandsegError(f"resume state is malformed: its patience count {saved!r} is not numbers")
+            self.best, self.since_best, self.best_epoch = float(values[0]), int(values[1]), int(values[2])
         return self
 
     def message(self, epoch: int, epochs: int) -> str:

@@ -460,7 +460,7 @@ def test_ordered_map_keeps_order_and_passes_errors_on():
         list(ordered_map(_square_unless, 33, jobs, 2))
 
 
-def test_per_class_soft_vote_weights_are_found_on_a_hand_made_two_configuration_case(tmp_path):
+def test_per_class_soft_vote_weights_are_found_on_a_hand_made_two_configuration_case(tmp_path, capsys):
     # Inside each truth rectangle the pixels alternate between two kinds, G2 (A 0.70, B 0.05) and G3
     # (A 0.371, B 0.97); in the ring just outside it between O2 (A 0.40, B 0.75) and O3 (A 0.635, B 0.022).
     # With a = wA / (wA + wB) the weighted levels separate G2 from O2 only for a > 0.7 and G3 from O3 only
@@ -500,3 +500,9 @@ def test_per_class_soft_vote_weights_are_found_on_a_hand_made_two_configuration_
 
     truth = truth_masks(data)[name]
     assert all(np.array_equal(runs_to_mask(r, truth.shape[1:]), truth[c]) for c, r in enumerate(runs_))
+    from tests.conftest import run_cli
+
+    code, out, err = run_cli(["select", *runs, "-o", tmp_path / "again.json", "-j", 1], capsys)
+    assert code == 0, err
+    assert ("soft-vote weights per class (unet/resnet34@64:fpn/resnet34@64): 3:1 " + ", ".join(CLASSES)
+            in " ".join(out.split()))
