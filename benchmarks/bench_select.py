@@ -138,6 +138,8 @@ def baseline_option_dice(runs: list[Path], data: Path, images: list[str], grid: 
         dense = [ProbMap(c[image]).dense() for c in members]
         truth = class_masks(read_polygons(samples[image].label_path), dense[0].shape[1:])
         sources = dense + ([np.mean(dense, axis=0), np.sum([d > 0.5 for d in dense], axis=0)] if m >= 2 else [])
+        sources += [np.tensordot(np.asarray(space.source_weights[s]) / sum(space.source_weights[s]), dense, axes=1)
+                    for s in space.weighted_sources]  # the per-class weightings of the soft vote
         for s, src in enumerate(sources):
             for j, value in enumerate(space.cuts[s]):
                 for c in range(NUM_CLASSES):

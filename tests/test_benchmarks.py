@@ -141,3 +141,13 @@ def test_gpu_check_runs_tiny_on_cpu(capsys):
     assert r["batch_size_auto"]["batch_size"] == 4 and r["batch_size_auto"]["device"] == "cpu"
     assert r["goals"] == {k: "n/a on CPU" for k in gpu_check.GOALS}
     assert '"batch_size_auto"' in capsys.readouterr().out
+
+
+def test_levers_benchmark_runs_tiny(capsys):
+    import levers
+
+    rows = levers.main(["--epochs", "1", "--ids", "5", "--held-out-ids", "1", "--image-size", "96"])
+    assert [r["run"] for r in rows] == ["baseline", "--preprocess clahe", "--ema 0.9", "--patience 2",
+                                        "--init baseline, lr / 10"]
+    assert all(0.0 <= r["held_out"] <= 1.0 and r["steps"] >= 1 for r in rows)
+    assert "| run | steps | best val Dice | held-out Dice | vs baseline |" in capsys.readouterr().out

@@ -295,7 +295,7 @@ def test_strong_preset_noise_is_a_few_grey_levels():
 
 
 def test_accumulation_groups_average_what_they_took_and_the_schedule_counts_them(synth_data, tmp_path):
-    from handseg.training.loop import accumulation_groups
+    from handseg.training.schedule import accumulation_groups
 
     assert accumulation_groups(5, 2) == [2, 2, 2, 2, 1]
     assert accumulation_groups(4, 4) == [4, 4, 4, 4]

@@ -54,6 +54,13 @@ def select(
               if doc.get("chosen_by") == "nested" else "")
     stdout.print(f"chosen: {doc['chosen']}: OOF Dice {doc['cv_dice']:.4f}"
                  + (f", {nested:.4f} tuned on other folds{picked}" if nested is not None else "") + f" -> {out}")
+    weighted: dict[str, list[str]] = {}
+    for name, entry in doc["classes"].items():
+        if "weights" in entry:
+            weighted.setdefault(":".join(f"{w:g}" for w in entry["weights"]), []).append(name)
+    if weighted:  # the classes whose soft vote has its own weights (relative, one per configuration)
+        stdout.print("soft-vote weights per class (" + ":".join(c.name for c in result.configs) + "): "
+                     + "; ".join(f"{w} {', '.join(names)}" for w, names in weighted.items()))
     for line in next_commands(out, doc.get("data")):
         stdout.print(line, markup=False)
 

@@ -116,6 +116,20 @@ def train(
                                               "the run finishes; best and last stay either way. Without it the "
                                               "run cannot be continued with --resume (`handseg prune RUN` drops "
                                               "it later).")] = True,
+    preprocess: Annotated[str | None, typer.Option("--preprocess", help="Fixed pre-processing of every input image, "
+                                                   "in training and wherever the model predicts (recorded in its "
+                                                   "card): clahe[:CLIP[:TILE]], default clip 2, 8x8 tiles.")] = None,
+    init: Annotated[Path | None, typer.Option("--init", help="Start every layer from a trained model (a run "
+                                              "folder: its best; or a checkpoint) with a fresh optimizer and "
+                                              "schedule, e.g. to fine-tune on pseudo labels at a low --lr; the "
+                                              "card records the parent's SHA-256. Not --resume (same run, same "
+                                              "schedule), not --encoder-weights (encoder only).")] = None,
+    patience: Annotated[int | None, typer.Option("--patience", min=1, help="Stop when the validation Dice has not "
+                                                 "improved for N validations (the learning-rate schedule is not "
+                                                 "re-planned).")] = None,
+    ema: Annotated[float | None, typer.Option("--ema", help="Keep an exponential moving average of the weights "
+                                              "with this decay (e.g. 0.999): validation, best, last and the "
+                                              "out-of-fold maps use it; --resume continues it.")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML of training options, or a run's "
                                                 "manifest.json to replay it (flags given on the command line win; "
                                                 "--out, --overwrite and --resume come from the command line only). "
@@ -129,6 +143,7 @@ def train(
       handseg train --data data/train --splits splits.json --fold 0 --encoder hrnet_w48 --size 1024
       handseg train --config runs/hr48_f0/manifest.json --fold 1 --out runs/hr48_f1      (replay a run)
       handseg train --crop 1024 --context runs/low_f0 runs/low_f1 --fold 0 --out runs/cascade_f0   (a cascade)
+      handseg train --init runs/hr48_f0 --extra pseudo --lr 5e-5 --epochs 20 --out runs/hr48_ft_f0   (fine-tune)
       torchrun --nproc_per_node 4 -m handseg train --encoder hrnet_w48 --size 2048 --out runs/hr48
     """
     from handseg.console import is_main_process, log, make_progress, stdout

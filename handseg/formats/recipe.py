@@ -14,6 +14,8 @@ from handseg.formats.tta import tta_option
 SOFT, HARD = "soft", "hard"
 RECIPE_FORMAT = "handseg-recipe"
 RECIPE_VERSION = 1
+RECIPE_VERSIONS = (1, 2)
+"""Version 2: a soft-vote class may carry its own ``weights`` (per-class weights chosen by ``select``)."""
 MEMBER_THRESHOLD = DEFAULT_THRESHOLD
 """The threshold each member's map is cut at before a hard vote."""
 
@@ -31,6 +33,8 @@ class ClassRecipe:
     threshold: float | None = None
     min_votes: int | None = None
     keep_largest: bool = False
+    weights: tuple[float, ...] | None = None
+    """A soft vote's own relative weights, one per configuration (None: the recipe's ``soft_weights``)."""
 
 
 @dataclass
@@ -109,8 +113,9 @@ def recipe_from_json(doc: dict, base: Path | None = None, where: Path | None = N
 
     if not isinstance(doc, dict) or doc.get("format") != RECIPE_FORMAT:
         raise bad(f'no "format": "{RECIPE_FORMAT}" (written by `handseg select`?)')
-    if doc.get("version") != RECIPE_VERSION:
-        raise bad(f"version {doc.get('version')!r}; this handseg reads version {RECIPE_VERSION}")
+    if doc.get("version") not in RECIPE_VERSIONS:
+        raise bad(f"version {doc.get('version')!r}; this handseg reads versions "
+                  f"{', '.join(map(str, RECIPE_VERSIONS))}")
     configs = []
     for c in doc.get("configurations") or []:
         try:
@@ -158,7 +163,8 @@ def recipe_from_json(doc: dict, base: Path | None = None, where: Path | None = N
         keep = e.get("keep_largest", False)
         if not isinstance(keep, bool):
             raise bad(f"{name}: keep_largest must be true or false, got {keep!r}")
-        classes.append(ClassRecipe(src, thr, votes, keep))
+        classes.append(ClassRecipe(src, thr, votes, keep,
+                                   _class_weights(e.get("weights"), src, len(configs), doc.get("version"), bad, name)))
     ensemble = doc.get("ensemble") or {}
     weights = (ensemble.get("soft") or {}).get("weights", [1.0] * len(configs))
     if (not isinstance(weights, list) or len(weights) != len(configs)
@@ -178,6 +184,24 @@ def recipe_from_json(doc: dict, base: Path | None = None, where: Path | None = N
         raise bad('"data" must be the path of the training folder')
     return Recipe(configs, classes, [float(w) for w in weights], float(member),
                   float(cv) if isinstance(cv, (int, float)) else None, Path(data) if data else None)
+
+
+def _class_weights(weights, source: str, m: int, version, bad, name: str) -> tuple[float, ...] | None:
+    """A class's own soft-vote weights: ``m`` non-negative numbers, not all zero, on a soft vote, version 2."""
+    if weights is None:
+        return None
+    if source != SOFT or version != 2:
+        raise bad(f"{name}: weights belong to a soft vote of a version 2 recipe")
+    if (not isinstance(weights, list) or len(weights) != m or sum(w for w in weights if _number(w)) <= 0
+            or not all(_number(w) and w >= 0 for w in weights)):
+        raise bad(f"{name}: weights must be {m} non-negative numbers, not all zero")
+    return tuple(float(w) for w in weights)
+
+
+def _number(w) -> bool:
+    import math
+
+    return isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
 
 
 def read_recipe(path: str | Path) -> Recipe:

@@ -24,6 +24,7 @@ from handseg.common.notices import notice
 from handseg.common.threads import recorded as recorded_threads
 from handseg.data.anatomy import side_of
 from handseg.data.images import resize_image
+from handseg.data.preprocess import preprocess_image
 from handseg.formats.probs import quantise_probs
 from handseg.formats.tta import IDENTITY, MERGES, Transform, parse_transforms, tta_option
 from handseg.inference.onnx import load_onnx, onnx_beside
@@ -312,6 +313,8 @@ class Predictor:
 
         flip = _ttach_flip(t.flip) if t.flip else None
         out = []
+        # the card's fixed pre-processing (train --preprocess) on the full-resolution image, as in training
+        images = [preprocess_image(image, card.preprocess) for image in images]
         if card.crop:
             for i, image in enumerate(images):
                 h, w = image.shape

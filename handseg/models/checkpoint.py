@@ -17,6 +17,7 @@ from pathlib import Path
 from handseg import __version__
 from handseg.common.constants import CLASSES, DEFAULT_THRESHOLD
 from handseg.common.errors import JSON_TOO_DEEP, HandsegError
+from handseg.data.preprocess import parse_preprocess
 from handseg.formats.files import atomic_open
 from handseg.models.build import build_model
 from handseg.models.plan import ModelPlan, model_plan
@@ -53,6 +54,15 @@ class ModelCard:
     plan: dict | None = None
     """How the model was built (:class:`handseg.models.plan.ModelPlan`: input size, encoder options);
     filled from the model when saved. Cards written before it existed rebuild from arch, encoder and size."""
+    preprocess: str | None = None
+    """``train --preprocess``: the fixed transform every input image gets before the network, in training and
+    at prediction (see :mod:`handseg.data.preprocess`; e.g. ``clahe:2:8``); None: the image as read."""
+    init: str | None = None
+    """``train --init``: the checkpoint every layer started from (its path when training began)."""
+    init_sha256: str | None = None
+    """The SHA-256 of that parent checkpoint: which model this one was fine-tuned from."""
+    ema: float | None = None
+    """``train --ema``: the decay of the moving average these weights are (None: the weights as trained)."""
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelCard:
@@ -102,6 +112,17 @@ def _check_card(card: ModelCard) -> None:
     if card.context_tta is not None and not (isinstance(card.context_tta, list)
                                              and all(isinstance(c, str) for c in card.context_tta)):
         raise ValueError("context_tta must be a list of transform names")
+    if not all(v is None or isinstance(v, str) for v in (card.init, card.init_sha256)):
+        raise ValueError("init and init_sha256 must be a path and a SHA-256 string")
+    if card.ema is not None and not (isinstance(card.ema, int | float) and not isinstance(card.ema, bool)
+                                     and 0 < card.ema < 1):
+        raise ValueError("ema must be a decay between 0 and 1")
+    if card.preprocess is not None:
+        try:
+            if not isinstance(card.preprocess, str) or parse_preprocess(card.preprocess) is None:
+                raise HandsegError("expected a spec like clahe:2:8")
+        except HandsegError as e:
+            raise ValueError(f"preprocess: {e}") from None
 
 
 def checkpoint_bytes(weights: dict, card: ModelCard) -> bytes:

@@ -208,7 +208,6 @@ def recipe_image_runs(recipe: Recipe, maps: Mapping[str, object], shape: tuple[i
         29 runs (:mod:`handseg.formats.rle`), in class order.
     """
     names = [c.name for c in recipe.configs]
-    weight_sum = sum(recipe.soft_weights)
     out = []
     for c, how in enumerate(recipe.classes):
         members = names if how.source in (SOFT, HARD) else [how.source]
@@ -219,7 +218,8 @@ def recipe_image_runs(recipe: Recipe, maps: Mapping[str, object], shape: tuple[i
             continue
         placed = [place_crop(g, box) for g in gots]
         if how.source == SOFT:
-            level, cut = soft_level(placed, recipe.soft_weights), cut_value(SOFT, how.threshold, weight_sum)
+            weights = how.weights or recipe.soft_weights  # the class's own weights, chosen by select
+            level, cut = soft_level(placed, weights), cut_value(SOFT, how.threshold, sum(weights))
         elif how.source == HARD:
             level, cut = hard_level(placed, recipe.member_threshold), cut_value(HARD, how.min_votes)
         else:

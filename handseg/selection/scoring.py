@@ -44,6 +44,9 @@ class OptionSpace:
     index: dict[tuple[int, int, bool], int]
     weights: list[float]
     """The soft vote's weights (one per configuration)."""
+    source_weights: list = field(default_factory=list)
+    """Per source: the weights of a soft vote (the plain soft vote's ``weights``, or a per-class weighting's
+    integers, see :func:`weight_vectors`); None for a configuration or the hard vote."""
     cut_array: list[np.ndarray] = field(init=False)
     """Per source: the values a level must exceed, one per cut, ascending (nested, shrinking masks)."""
     plain_index: list[np.ndarray] = field(init=False)
@@ -51,15 +54,23 @@ class OptionSpace:
     """Per source and cut: where its option without (``plain_index``) and with keep-largest lies."""
 
     @classmethod
-    def build(cls, config_names: Sequence[str], grid: Sequence[float] = GRID) -> OptionSpace:
+    def build(cls, config_names: Sequence[str], grid: Sequence[float] = GRID, weighted: bool = True) -> OptionSpace:
+        """The space of these configurations; ``weighted``: with the soft votes of :func:`weight_vectors`
+        as further sources (for per-class weights)."""
         grid = sorted({round(float(t), 6) for t in grid} | {DEFAULT_THRESHOLD})
         if grid[0] < 0 or grid[-1] >= 1:
             raise HandsegError(f"thresholds must lie in [0, 1), got {grid[0]}..{grid[-1]}")
         m = len(config_names)
         names, kinds = list(config_names), ["config"] * m
+        source_weights: list = [None] * m
         if m >= 2:
             names += [SOFT, HARD]
             kinds += [SOFT, HARD]
+            source_weights += [[1.0] * m, None]
+            for w in weight_vectors(m) if weighted else []:
+                names.append(f"soft {':'.join(str(v) for v in w)}")
+                kinds.append(SOFT)
+                source_weights.append([float(v) for v in w])
         cuts, default = [], []
         for kind in kinds:
             if kind == HARD:
@@ -74,9 +85,11 @@ class OptionSpace:
                 order = [default[s]] + [j for j in range(len(cuts[s])) if j != default[s]]
                 options += [Option(s, j, lcc) for j in order]
         index = {(o.source, o.cut, o.keep_largest): i for i, o in enumerate(options)}
-        return cls(names, kinds, cuts, default, options, index, [1.0] * m)
+        return cls(names, kinds, cuts, default, options, index, [1.0] * m, source_weights)
 
     def __post_init__(self) -> None:
+        if not self.source_weights:
+            self.source_weights = [list(self.weights) if k == SOFT else None for k in self.kinds]
         self.cut_array = [self.cut_values(s) for s in range(len(self.names))]
         self.plain_index = [np.array([self.index[(s, j, False)] for j in range(len(c))])
                             for s, c in enumerate(self.cuts)]
@@ -87,8 +100,14 @@ class OptionSpace:
     def n_configs(self) -> int:
         return self.kinds.count("config")
 
+    @property
+    def weighted_sources(self) -> list[int]:
+        """The soft votes with per-class weights (beyond the plain soft vote)."""
+        return [s for s in range(self.n_configs + 2, len(self.names)) if self.kinds[s] == SOFT]
+
     def cut_values(self, s: int) -> np.ndarray:
-        return np.array([cut_value(self.kinds[s], v, sum(self.weights)) for v in self.cuts[s]])
+        w = self.source_weights[s]
+        return np.array([cut_value(self.kinds[s], v, sum(w) if w else 1.0) for v in self.cuts[s]])
 
     def allowed(self, sources: Sequence[int], thresholds: bool, keep_largest: bool) -> np.ndarray:
         """``(options,)`` bool: the options of these sources (any cut or the default; keep-largest or not)."""
@@ -99,12 +118,38 @@ class OptionSpace:
         opt = self.options[o]
         value = self.cuts[opt.source][opt.cut]
         entry: dict = {"source": self.names[opt.source]}
+        if opt.source in self.weighted_sources:
+            entry = {"source": SOFT, "weights": list(self.source_weights[opt.source])}
         if self.kinds[opt.source] == HARD:
             entry["min_votes"] = int(value)
         else:
             entry["threshold"] = float(value)
         entry["keep_largest"] = bool(opt.keep_largest)
         return entry
+
+
+WEIGHT_STEPS = 4
+"""Per-class soft-vote weights: each configuration's weight is one of 0, 1/4, .., 1 (0..4 as integers)."""
+MAX_WEIGHTINGS = 16
+"""More weightings than this (three or more configurations at quarter steps) fall back to half steps, then
+to none (the search's cost grows with every weighting)."""
+
+
+def weight_vectors(m: int) -> list[tuple[int, ...]]:
+    """The soft-vote weightings searched per class for ``m`` configurations: integer weights
+    (``0..WEIGHT_STEPS``, i.e. 0..1 in steps of 1/4), normalised (one vector per ratio: divided by their
+    greatest common divisor), at least two members non-zero (one alone is that configuration), and not
+    all equal (the plain soft vote). Integers keep every weighted level exact (see
+    :func:`~handseg.ensemble.masks.soft_level`). Falls back to coarser steps beyond :data:`MAX_WEIGHTINGS`."""
+    import itertools
+    import math
+
+    for steps in (WEIGHT_STEPS, 2):
+        found = [w for w in itertools.product(range(steps + 1), repeat=m)
+                 if sum(v > 0 for v in w) >= 2 and math.gcd(*w) == 1 and len(set(w)) > 1]
+        if len(found) <= MAX_WEIGHTINGS:
+            return found
+    return []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,7 +186,8 @@ def _score_class(placed: list[np.ndarray], inside: np.ndarray, t_area: int, spac
     """Fill ``out`` (``(options,)``) with the Dice of every option for one image and class."""
     for s, kind in enumerate(space.kinds):
         if kind == SOFT:
-            level, top = soft_level(placed, space.weights), 255 * int(sum(space.weights))
+            w = space.source_weights[s]
+            level, top = soft_level(placed, w), 255 * int(sum(w))
         elif kind == HARD:
             level, top = hard_level(placed), space.n_configs
         else:

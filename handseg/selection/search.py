@@ -85,14 +85,16 @@ class Candidate:
 
 def candidate_sets(space: OptionSpace) -> list[tuple[str, np.ndarray]]:
     """The candidates, simplest first: each base (each configuration, the soft and the hard vote, the best
-    configuration per class, the best of everything per class) alone, then with thresholds, with
-    keep-largest, with both."""
+    configuration per class, the soft vote with its weights chosen per class, the best of everything per
+    class) alone, then with thresholds, with keep-largest, with both."""
     m = space.n_configs
     bases = [(space.names[k], [k]) for k in range(m)]
     if m >= 2:
         soft, hard = space.kinds.index(SOFT), space.kinds.index(HARD)
-        bases += [("soft vote", [soft]), ("hard vote", [hard]), ("class-wise best configuration", list(range(m))),
-                  ("class-wise best of all", list(range(len(space.names))))]
+        bases += [("soft vote", [soft]), ("hard vote", [hard]), ("class-wise best configuration", list(range(m)))]
+        if space.weighted_sources:  # the weights of the soft vote chosen per class, as the 2025 winner did
+            bases.append(("soft vote, per-class weights", [soft, *space.weighted_sources]))
+        bases.append(("class-wise best of all", list(range(len(space.names)))))
     out = []
     for thresholds, lcc in ((False, False), (True, False), (False, True), (True, True)):
         for name, sources in bases:
@@ -169,9 +171,11 @@ def build_recipe(configs: Sequence[Configuration], scores: OptionScores, chosen:
     caller replaces it by :func:`apply_recipe`'s). Each run's checkpoint is pinned by its SHA-256."""
     base = out.resolve().parent
     space = scores.space
+    classes = {name: space.class_recipe(int(o)) for name, o in zip(CLASSES, chosen.choice)}
     return {
         "format": RECIPE_FORMAT,
-        "version": RECIPE_VERSION,
+        # a recipe with per-class weights is version 2: an older handseg refuses it rather than ignore them
+        "version": 2 if any("weights" in e for e in classes.values()) else RECIPE_VERSION,
         "cv_dice": chosen.cv_dice,
         "nested_cv_dice": chosen.nested_cv_dice,
         "chosen": chosen.name,
@@ -190,7 +194,7 @@ def build_recipe(configs: Sequence[Configuration], scores: OptionScores, chosen:
             "soft": {"members": [c.name for c in configs], "weights": list(space.weights)},
             "hard": {"members": [c.name for c in configs], "member_threshold": MEMBER_THRESHOLD},
         },
-        "classes": {name: space.class_recipe(int(o)) for name, o in zip(CLASSES, chosen.choice)},
+        "classes": classes,
         "data": str(data.resolve()),
         "images": len(scores.images),
         "folds": sorted(set(scores.folds.tolist())),

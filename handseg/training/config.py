@@ -15,6 +15,7 @@ from typing import Any
 from handseg.common.constants import NUM_CLASSES
 from handseg.common.errors import HandsegError
 from handseg.common.limits import max_pixels
+from handseg.data.preprocess import parse_preprocess
 from handseg.formats.tta import parse_transforms
 from handseg.models.losses import parse_loss_spec
 
@@ -71,6 +72,14 @@ class TrainConfig:
     keep_resume: bool = True
     """Keep ``resume-<epoch>.safetensors`` when the run finishes (``False``: delete it then; best and last stay)."""
 
+    preprocess: str | None = None
+    """Fixed pre-processing of every input image (``clahe[:CLIP[:TILE]]``), recorded in the model card."""
+    init: Path | None = None
+    """A run folder or checkpoint whose every layer this run starts from (a fresh optimizer and schedule)."""
+    patience: int | None = None
+    """Stop when the validation Dice has not improved for this many validations (None: never)."""
+    ema: float | None = None
+    """Decay of an exponential moving average of the weights, which validation, best, last and OOF use."""
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -97,6 +106,11 @@ class TrainConfig:
         if values["context"] and values["crop"] is None:
             raise HandsegError("--context needs --crop: a cascade's stage 2 trains on full-resolution crops, with "
                                "stage 1's maps of the whole image as context")
+        if values["patience"] is not None and values["fold"] < 0:
+            raise HandsegError("--patience stops on the validation Dice, and --fold -1 has no validation images")
+        if values["init"] is not None and values["resume"]:
+            raise HandsegError("--init starts a new run from a model's weights and --resume continues the run in "
+                               "--out: choose one")
         return replace(self, **values)
 
 
@@ -218,6 +232,15 @@ def parse_class_weights(name: str, value: Any) -> list[float] | None:
     return weights
 
 
+def _decay(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    number = _float(0.0, exclusive=True)(name, value)
+    if number >= 1.0:
+        raise HandsegError(f"{_flag(name)}: must be a decay between 0 and 1 (e.g. 0.999), got {value!r}")
+    return number
+
+
 _RULES = {
     "data": _path(), "splits": _path(optional=True), "fold": _int(-1), "arch": _text, "encoder": _text,
     "encoder_weights": _text, "size": _int(1), "crop": _int(1, optional=True), "epochs": _int(1),
@@ -229,4 +252,6 @@ _RULES = {
     "overwrite": _bool,
     "extra": _paths, "cache": _path(optional=True), "seed": _int(0), "max_steps": _int(1, optional=True),
     "logger": _choice(LOGGERS), "oof_tta": _tta_spec, "context": _paths, "keep_resume": _bool,
+    "preprocess": lambda name, value: parse_preprocess(value, _flag(name)), "init": _path(optional=True),
+    "patience": _int(1, optional=True), "ema": lambda name, value: _decay(name, value),
 }

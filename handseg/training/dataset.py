@@ -23,6 +23,7 @@ from handseg.data.images import image_size, read_image, resize_image
 from handseg.data.kfold import make_splits, read_splits
 from handseg.data.labels import BoneCrops, place_crops, polygon_crops, read_polygons
 from handseg.data.layout import Sample, discover, resolve_data
+from handseg.data.preprocess import preprocess_image
 from handseg.formats.files import MANIFEST_NAME, read_json
 from handseg.inference.cascade import render_context
 from handseg.inference.runtime import worker_threads
@@ -212,13 +213,14 @@ class SegmentationDataset:
     def __getitem__(self, index: int):
         import torch
 
-
         item = self.items[index]
         image, crops = load_item_crops(item)
         mirrored = False
         if self.cfg.unify_hands and hand_side(crops=crops) == "left":
             mirrored = True
             image, crops = image[:, ::-1], _flip_crops(crops, image.shape[1])
+        # the fixed pre-processing the card records, at full resolution before any crop or resize, as predict does
+        image = preprocess_image(image, self.cfg.preprocess)
         ctx = None
         if self.cfg.crop:
             crop = self.cfg.crop

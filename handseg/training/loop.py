@@ -27,10 +27,7 @@ from handseg.common.distributed import (
 )
 from handseg.common.errors import HandsegError
 from handseg.common.threads import budget as thread_budget
-from handseg.formats.files import (
-    check_output,
-    write_manifest,
-)
+from handseg.formats.files import check_output, write_manifest
 from handseg.formats.oof import OOF_DIR
 from handseg.inference.runtime import apply_threads, pick_device, resolve_amp
 from handseg.models.build import build_model
@@ -41,10 +38,13 @@ from handseg.models.plan import DEFAULT_NORM, plan_model, resolve_arch, resolve_
 from handseg.training.batchsize import resolve_batch_size
 from handseg.training.config import TrainConfig
 from handseg.training.dataset import SegmentationDataset, seed_worker, split_items, unpack_mask_bits
+from handseg.training.levers import Ema, Patience, init_parent, load_init, make_ema, stopped_early
 from handseg.training.oof import cascade_context, write_oof
 from handseg.training.records import append_metrics, make_logger, run_folder, truncate_metrics
+from handseg.training.schedule import accumulation_groups, planned_schedule
 from handseg.training.state import (
     CheckpointWriter,
+    check_same_levers,
     check_same_model,
     check_same_run,
     find_resume,
@@ -52,45 +52,13 @@ from handseg.training.state import (
     restore,
     resume_payload,
     run_identity,
+    trained_weights,
 )
 from handseg.training.validation import validate
 
 SYNC_EVERY = 10
 """Steps between the host's waits for the device (loss check, progress)."""
 DATA_WAIT_HINT = 0.2
-
-
-def lr_lambda(total_steps: int, warmup: int):
-    """Linear warm-up, then cosine decay to 2% of the learning rate at ``total_steps``."""
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return f
-
-
-def planned_schedule(epochs: int, steps_per_epoch: int, max_steps: int | None = None):
-    """The learning-rate factor per optimizer step (:func:`lr_lambda`) over the steps the run will take:
-    ``epochs * steps_per_epoch``, or ``max_steps`` where that stops it first (its warm-up and cosine end
-    there, not at steps the run never reaches)."""
-
-    total = epochs * steps_per_epoch
-    if max_steps:
-        total = min(total, max_steps)
-    return lr_lambda(total, min(100, total // 20 + 1))
-
-
-def accumulation_groups(batches: int, accum: int) -> list[int]:
-    """The size of the accumulation group each batch belongs to: ``accum`` except for a shorter last
-    group, so every optimizer step averages the gradients of the batches it actually took."""
-    sizes = []
-    for start in range(0, batches, accum):
-        n = min(accum, batches - start)
-        sizes += [n] * n
-    return sizes
 
 
 @dataclass
@@ -104,6 +72,7 @@ class _Start:
     path: Path | None = None
     planned_epochs: int | None = None
     last_score: float | None = None
+    levers: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -134,6 +103,9 @@ class _Run:
     epochs_run: int = 0
     batch_auto: dict | None = None
     """How ``--batch-size auto`` chose (for the manifest), or None."""
+    patience: Patience = field(default_factory=lambda: Patience(None))
+    ema: Ema | None = None
+    """--ema: the weights' moving average, which validation scores and best/last hold."""
 
     @property
     def cuda(self) -> bool:
@@ -141,7 +113,12 @@ class _Run:
 
     @property
     def stopped(self) -> bool:
-        return bool(self.cfg.max_steps and self.step >= self.cfg.max_steps)
+        return bool(self.cfg.max_steps and self.step >= self.cfg.max_steps) or self.patience.exhausted
+
+    @property
+    def scored(self):
+        """The weights validation scores and the checkpoints hold: the moving average with --ema."""
+        return self.ema.module if self.ema is not None else unwrap(self.run_model)
 
 
 def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
@@ -167,7 +144,7 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
     context = _stage1_context(cfg, card, stage1, out, train_items + val_items, device, d, log,
                               {i.sample.name for i in val_items})
     start = _resume_point(cfg, out, card)
-    if start.epoch >= cfg.epochs:
+    if start.epoch >= cfg.epochs or stopped_early(cfg.patience, start.levers):
         return _finished(cfg, out, start, val_items, device, log, context, d)
     run = _build_run(cfg, card, plan, loss_fn, train_items, context, device, d, start, log)
     run.batch_auto = batch_auto
@@ -206,7 +183,10 @@ def _plan_run(cfg: TrainConfig) -> tuple:
         in_channels += CONTEXT_CHANNELS
     plan = plan_model(arch, encoder, cfg.crop or cfg.size, in_channels, "--crop" if cfg.crop else "--size")
     card = ModelCard(arch=arch, encoder=encoder, size=cfg.size, crop=cfg.crop, norm=dict(DEFAULT_NORM),
-                     unify_hands=cfg.unify_hands, in_channels=in_channels)
+                     unify_hands=cfg.unify_hands, in_channels=in_channels, preprocess=cfg.preprocess, ema=cfg.ema)
+    if cfg.init is not None:  # the parent fits this model: checked before any data is read
+        parent, card.init_sha256 = init_parent(cfg.init, card)
+        card.init = str(parent.resolve())
     return plan, card, stage1
 
 
@@ -218,7 +198,7 @@ def _loss(cfg: TrainConfig):
 
 def _check_run_folder(cfg: TrainConfig, out: Path) -> None:
     """The run folder is new, empty, resumed (--resume) or replaced (--overwrite), and holds no input."""
-    check_output(out, True, "dir", [cfg.data, cfg.splits, cfg.cache, *cfg.extra, *cfg.context])
+    check_output(out, True, "dir", [cfg.data, cfg.splits, cfg.cache, cfg.init, *cfg.extra, *cfg.context])
     if out.is_dir() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
         what = "already has a checkpoint" if (out / LAST).exists() else "exists and is not empty"
         raise HandsegError(f"run folder {what}; pass --resume to continue it, --overwrite to replace it, or "
@@ -248,19 +228,24 @@ def _resume_point(cfg: TrainConfig, out: Path, card: ModelCard) -> _Start:
     state = read_resume(resume_path)
     header = state[1]
     check_same_model(header, card, resume_path)
+    check_same_levers(last_card, card, resume_path)
+    card.init, card.init_sha256 = last_card.init, last_card.init_sha256  # the parent a resumed run began from
     check_same_run(header, run_identity(cfg), resume_path)
     if header["epoch"] != last_card.epoch or header["step"] != last_card.step:
         raise HandsegError(f"resume state is at epoch {header['epoch']} (step {header['step']}) but {LAST} at "
                            f"epoch {last_card.epoch} (step {last_card.step})", resume_path)
     best = read_card(out / BEST).score if (out / BEST).is_file() else -1.0
     return _Start(header["epoch"], header["step"], -1.0 if best is None else best, state, resume_path,
-                  header["run"]["epochs"], last_card.score)
+                  header["run"]["epochs"], last_card.score, header.get("levers") or {})
 
 
 def _finished(cfg: TrainConfig, out: Path, start: _Start, val_items: list, device: str, log, context, d) -> dict:
     """A resumed run that has no epoch left: its out-of-fold maps if they are missing, else nothing."""
     if val_items and not (out / OOF_DIR / "manifest.json").is_file():
         write_oof(cfg, out, val_items, device, log, context)  # the run finished, its oof maps did not
+    elif start.epoch < cfg.epochs:
+        log(f"nothing to do: {out} stopped early at epoch {start.epoch} (--patience {cfg.patience}); pass a larger "
+            "--patience to train on")
     else:
         log(f"nothing to do: {out} has finished all {start.epoch} epoch{'s' if start.epoch != 1 else ''} (pass "
             "a larger --epochs to train on)")
@@ -284,8 +269,14 @@ def _build_run(cfg: TrainConfig, card: ModelCard, plan, loss_fn, train_items: li
     if sampler is not None:
         sampler.set_epoch(start.epoch)
     pending_iter = iter(loader) if cfg.workers > 0 else None
-    model = build_model(card.arch, card.encoder, cfg.encoder_weights, in_channels=card.in_channels,
-                        size=cfg.crop or cfg.size, plan=plan, size_flag="--crop" if cfg.crop else "--size").to(device)
+    model = build_model(card.arch, card.encoder, "none" if card.init else cfg.encoder_weights,
+                        in_channels=card.in_channels, size=cfg.crop or cfg.size, plan=plan,
+                        size_flag="--crop" if cfg.crop else "--size")
+    if card.init and start.state is None:
+        load_init(model, Path(card.init))
+        log(f"--init: every layer from {card.init} (sha256 {card.init_sha256[:12]}); a fresh optimizer and "
+            "learning-rate schedule")
+    model = model.to(device)
     card.plan = plan.to_dict()
     if device.startswith("cuda") and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -296,6 +287,7 @@ def _build_run(cfg: TrainConfig, card: ModelCard, plan, loss_fn, train_items: li
     scaler = torch.amp.GradScaler("cuda", enabled=(dtype == torch.float16))
     if start.state is not None:
         _restore(cfg, model, optimizer, scheduler, scaler, start, log)
+    ema = make_ema(cfg.ema, model, Path(cfg.out) / LAST if start.state is not None else None)
     run_model = model
     if d.world > 1:
         run_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank]
@@ -304,7 +296,8 @@ def _build_run(cfg: TrainConfig, card: ModelCard, plan, loss_fn, train_items: li
         run_model = torch.compile(run_model)
     return _Run(cfg, d, device, card, model, run_model, optimizer, scheduler, scaler, loss_fn, dtype, loader, sampler,
                 seed_epoch, pending_iter, start.step, start.best, log,
-                writer=CheckpointWriter(Path(cfg.out)) if d.main else None, identity=run_identity(cfg))
+                writer=CheckpointWriter(Path(cfg.out)) if d.main else None, identity=run_identity(cfg),
+                patience=Patience(cfg.patience).restored(start.levers.get("patience")), ema=ema)
 
 
 def _data(cfg: TrainConfig, train_items: list, in_channels: int, seed: int, context, d: Dist, device: str):
@@ -336,6 +329,8 @@ def _restore(cfg: TrainConfig, model, optimizer, scheduler, scaler, start: _Star
     """Weights from ``last``, and the optimizer, schedule and scaler from the resume file."""
     out = Path(cfg.out)
     load_weights(model, out / LAST)
+    if cfg.ema is not None:  # last holds the average; the resume file the weights being trained
+        model.load_state_dict(trained_weights(start.state[0], start.path))
     restore(*start.state, optimizer, scheduler, scaler, start.path)
     log(f"resuming {out}: epoch {start.epoch + 1} of {cfg.epochs} next (step {start.step})")
     if start.planned_epochs != cfg.epochs:  # the cosine decay now ends at the new last step: say so, once restored
@@ -422,6 +417,8 @@ def _step(run: _Run, x, y, group_size: int, update: bool):
         run.optimizer.zero_grad(set_to_none=True)
         run.scheduler.step()
         run.step += 1
+        if run.ema is not None:
+            run.ema.update(run.model)
     return loss
 
 
@@ -445,9 +442,11 @@ def _validate_epoch(run: _Run, epoch: int, val_items: list, context):
     t_val = time.perf_counter()
     if val_items and ((epoch + 1) % cfg.val_every == 0 or last_epoch):
         broadcast_buffers(run.model, run.d)
-        per_class = validate(unwrap(run.run_model), run.card, val_items, run.device, run.dtype, run.d,
-                             cfg.batch_size, context)
+        if run.ema is not None:
+            broadcast_buffers(run.ema.module, run.d)
+        per_class = validate(run.scored, run.card, val_items, run.device, run.dtype, run.d, cfg.batch_size, context)
         run.last_dice = float(per_class.mean())
+        run.patience.update(run.last_dice, epoch + 1)  # every rank: all stop together
     run.epochs_run += 1
     return per_class, time.perf_counter() - t_val
 
@@ -461,8 +460,9 @@ def _checkpoint_epoch(run: _Run, epoch: int, stats: dict, per_class, val_seconds
     if per_class is not None and run.last_dice > run.best:
         run.best = run.last_dice
     run.writer.wait_seconds = 0.0
-    run.writer.save_epoch(run.model, card, improved, resume_payload(run.optimizer, run.scheduler, run.scaler,
-                                                                    epoch + 1, run.step, run.best, card, run.identity))
+    run.writer.save_epoch(run.scored, card, improved, resume_payload(
+        run.optimizer, run.scheduler, run.scaler, epoch + 1, run.step, run.best, card, run.identity,
+        weights=run.model if run.ema is not None else None, levers={"patience": run.patience.state()}))
     row = {"epoch": epoch + 1, "step": run.step, "train_loss": round(stats["train_loss"], 6),
            "lr": run.scheduler.get_last_lr()[0], "images_per_s": round(stats["images_per_s"], 3),
            "seconds": round(stats["seconds"], 2), "data_wait": round(stats["data_wait"], 4),
@@ -476,21 +476,11 @@ def _checkpoint_epoch(run: _Run, epoch: int, stats: dict, per_class, val_seconds
     dice_text = f" val dice {run.last_dice:.4f}" if per_class is not None else ""
     run.log(f"epoch {epoch + 1}: loss {stats['train_loss']:.4f}{dice_text} ({stats['images_per_s']:.1f} img/s, "
             f"{stats['seconds']:.1f}s)")
+    if run.patience.exhausted:
+        run.log(run.patience.message(epoch + 1, cfg.epochs))
     if stats["data_wait"] > DATA_WAIT_HINT and cfg.workers + 1 < thread_budget()[0]:
         run.log(f"  the loop waited for data {stats['data_wait']:.0%} of this epoch: more --workers (now "
                 f"{cfg.workers}) or `handseg prep` caches would help")
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 __all__ = ["train"]

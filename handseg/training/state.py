@@ -39,6 +39,22 @@ MODEL_KEYS = ("arch", "encoder", "size", "crop", "in_channels", "unify_hands", "
 """What a resumed run must share with the run it continues."""
 
 
+WEIGHTS_PREFIX = "weights."
+"""Resume-file tensors of the weights being trained, where ``last`` holds their moving average (``--ema``)."""
+
+
+def trained_weights(tensors: dict, path: Path) -> dict:
+    """The weights being trained from a resume file of an ``--ema`` run (``{name: tensor}``).
+
+    Raises:
+        HandsegError: the file holds none (written by a run without --ema, or edited).
+    """
+    found = {k[len(WEIGHTS_PREFIX):]: v for k, v in tensors.items() if k.startswith(WEIGHTS_PREFIX)}
+    if not found:
+        raise HandsegError("resume state holds no training weights (the run was not trained with --ema?)", path)
+    return found
+
+
 def resume_name(epoch: int) -> str:
     return f"resume-{epoch:04d}.safetensors"
 
@@ -67,11 +83,18 @@ def _json_safe(value: Any, where: str) -> Any:
 
 
 def resume_payload(optimizer, scheduler, scaler, epoch: int, step: int, best: float, card: ModelCard,
-                   run: dict | None = None) -> tuple[dict, dict]:
-    """The resume state as ``(tensors, header)``, copied to the host now (training goes on meanwhile)."""
+                   run: dict | None = None, weights=None, levers: dict | None = None) -> tuple[dict, dict]:
+    """The resume state as ``(tensors, header)``, copied to the host now (training goes on meanwhile).
+
+    ``weights``: the model being trained, when ``last`` holds other weights (``--ema``: last holds the
+    average, the resume file the weights it averages, as ``weights.<name>``). ``levers``: JSON state of
+    the training levers (the ``--patience`` count), under ``levers`` in the header.
+    """
     import torch
 
     tensors, scalars = {}, {}
+    if weights is not None:
+        tensors.update({f"{WEIGHTS_PREFIX}{k}": _host(v) for k, v in unwrap(weights).state_dict().items()})
     opt = optimizer.state_dict()
     for pid, entries in opt["state"].items():
         for name, value in entries.items():
@@ -94,6 +117,7 @@ def resume_payload(optimizer, scheduler, scaler, epoch: int, step: int, best: fl
         "scaler": _json_safe(scaler.state_dict(), "scaler"),
         "numpy_rng": [int(pos), int(has_gauss), float(cached)],
         "python_rng": _json_safe(random.getstate(), "random"),
+        "levers": _json_safe(levers or {}, "levers"),
     }
     return tensors, header
 
@@ -250,6 +274,22 @@ def check_same_model(header: dict, card: ModelCard, path: Path) -> None:
             flag = "--" + key.replace("_", "-")
             raise HandsegError(f"the run was trained with {flag} {saved[key]}, not {now[key]}; --resume continues "
                                "the same model (drop the flag, or start a new run with another --out)", path)
+
+
+LEVER_KEYS = ("preprocess", "ema")
+"""Card fields a resumed run must share with ``last.safetensors`` (newer than resume files' model keys)."""
+
+
+def check_same_levers(last: ModelCard, card: ModelCard, path: Path) -> None:
+    """A resumed run keeps the levers that change what the model sees or is: refuse another --preprocess or
+    --ema."""
+    for key in LEVER_KEYS:
+        saved, now = getattr(last, key), getattr(card, key)
+        if saved != now:
+            flag = "--" + key.replace("_", "-")
+            raise HandsegError(f"the run was trained with {flag} {saved or 'none'}, not {now or 'none'}; --resume "
+                               "continues the same model (give the run's value, or start a new run with another "
+                               "--out)", path)
 
 
 def run_identity(cfg) -> dict:

@@ -37,7 +37,7 @@ def test_select_writes_recipe_and_prints_table(two_configs, capsys):
     assert doc["chosen"] == "unet/resnet34@64 + keep-largest"
     assert all(doc["classes"][c]["source"] == "unet/resnet34@64" and doc["classes"][c]["keep_largest"]
                for c in doc["classes"])
-    assert len(doc["candidates"]) == 24 and all({"name", "cv_dice"} <= c.keys() for c in doc["candidates"])
+    assert len(doc["candidates"]) == 28 and all({"name", "cv_dice"} <= c.keys() for c in doc["candidates"])
     assert doc["candidates"][0]["name"] == doc["chosen"]
     assert doc["uses"] == ["unet/resnet34@64"] and doc["data"] == str(data.resolve())
     assert doc["configurations"][1]["runs"] == {"0": "runs/fpn_f0", "1": "runs/fpn_f1"}

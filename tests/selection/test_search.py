@@ -230,7 +230,8 @@ def test_recipe_is_never_worse_than_any_candidate(noisy_selection):
     best = max(c.cv_dice for c in sel.candidates)
     assert sel.recipe["cv_dice"] >= best - 1e-12
     assert sel.recipe["cv_dice"] == pytest.approx(sel.chosen.cv_dice, abs=1e-9)
-    assert len(sel.candidates) == 24 and len({c.name for c in sel.candidates}) == 24
+    # 6 bases (+ per-class soft weights) x (plain, thresholds, keep-largest, both)
+    assert len(sel.candidates) == 28 and len({c.name for c in sel.candidates}) == 28
     # the search's option Dice are exact: the chosen recipe's, recomputed by applying it, agree (checked
     # inside select_recipe), and a per-class choice can only gain over a fixed one
     by_name = {c.name: c for c in sel.candidates}
@@ -245,7 +246,7 @@ def test_nested_estimate_shows_the_tuning_optimism(noisy_selection):
     by_name = {c.name: c for c in sel.candidates}
     for name, c in by_name.items():
         assert c.nested_cv_dice is not None
-        if "thresholds" in name or "class-wise" in name:
+        if "thresholds" in name or "class-wise" in name or "per-class weights" in name:
             assert c.nested_cv_dice <= c.cv_dice + 1e-12, name
         elif "keep-largest" not in name and "min-votes" not in name:
             assert c.nested_cv_dice == pytest.approx(c.cv_dice, abs=1e-12), name  # nothing tuned
@@ -382,7 +383,15 @@ def test_read_recipe_rejects_bad_files(tmp_path, noisy_selection):
              ({**doc, "classes": {**doc["classes"], "Ulna": {"source": "nope", "threshold": 0.5}}}, "unknown source"),
              ({**doc, "classes": {**doc["classes"], "Ulna": {"source": "soft", "threshold": 1.5}}}, r"\[0, 1\)"),
              ({**doc, "classes": {**doc["classes"], "Ulna": {"source": "hard", "min_votes": 3}}}, "min_votes"),
-             ({**doc, "ensemble": {"soft": {"weights": [1]}}}, "weights")]
+             ({**doc, "ensemble": {"soft": {"weights": [1]}}}, "weights"),
+             # per-class weights: a soft vote's, in a version 2 recipe (an older handseg refuses version 2)
+             ({**doc, "version": 2, "classes": {**doc["classes"], "Ulna": {"source": "soft", "threshold": 0.5,
+                                                                            "weights": [1, -1]}}}, "non-negative"),
+             ({**doc, "version": 2, "classes": {**doc["classes"], "Ulna": {"source": "soft", "threshold": 0.5,
+                                                                            "weights": [0, 0]}}}, "not all zero"),
+             ({**doc, "version": 1, "classes": {**doc["classes"], "Ulna": {"source": "soft", "threshold": 0.5,
+                                                                            "weights": [3, 1]}}}, "version 2"),
+             ({**doc, "version": 3}, "reads versions 1, 2")]
     for bad, match in cases:
         (tmp_path / "bad.json").write_text(json.dumps(bad))
         with pytest.raises(HandsegError, match=match):
@@ -451,3 +460,51 @@ def test_ordered_map_keeps_order_and_passes_errors_on():
     assert list(ordered_map(_square_unless, -1, jobs, 2)) == [j * j for j in jobs]
     with pytest.raises(HandsegError, match="job 33 is bad"):
         list(ordered_map(_square_unless, 33, jobs, 2))
+
+
+def test_per_class_soft_vote_weights_are_found_on_a_hand_made_two_configuration_case(tmp_path, capsys):
+    # Inside each truth rectangle the pixels alternate between two kinds, G2 (A 0.70, B 0.05) and G3
+    # (A 0.371, B 0.97); in the ring just outside it between O2 (A 0.40, B 0.75) and O3 (A 0.635, B 0.022).
+    # With a = wA / (wA + wB) the weighted levels separate G2 from O2 only for a > 0.7 and G3 from O3 only
+    # for a < 0.79: of the quarter-step weightings only 3:1 (a = 0.75) is exact, and at threshold 0.5.
+    # Neither configuration alone, the plain soft vote (a = 0.5) nor the hard vote can be, at any cut.
+    data = write_labelled(tmp_path / "data", 4)
+    kernel = np.ones((3, 3), np.uint8)
+    a_maps, b_maps = {}, {}
+    for name, masks in truth_masks(data).items():
+        pa, pb = np.zeros(masks.shape, np.float32), np.zeros(masks.shape, np.float32)
+        parity = (np.add.outer(np.arange(masks.shape[1]), np.arange(masks.shape[2])) % 2).astype(bool)
+        for c, m in enumerate(masks.view(np.uint8)):
+            inside, ring = m > 0, (cv2.dilate(m, kernel) > 0) & (m == 0)
+            for region, even, odd in ((inside, (0.70, 0.05), (0.371, 0.97)), (ring, (0.40, 0.75), (0.635, 0.022))):
+                for where, (va, vb) in ((region & ~parity, even), (region & parity, odd)):
+                    pa[c][where], pb[c][where] = va, vb
+        a_maps[name], b_maps[name] = pa, pb
+    runs = write_config(tmp_path, "unet", a_maps, 2, data) + write_config(tmp_path, "fpn", b_maps, 2, data)
+    sel = select_recipe(runs, tmp_path / "recipe.json")
+    doc = sel.recipe
+    assert doc["chosen"] == "soft vote, per-class weights" and doc["version"] == 2
+    assert all(doc["classes"][c] == {"source": "soft", "weights": [3.0, 1.0], "threshold": 0.5,
+                                     "keep_largest": False} for c in CLASSES)
+    assert doc["cv_dice"] == pytest.approx(1.0, abs=1e-12)
+    chosen = next(c for c in sel.candidates if c.name == doc["chosen"])
+    assert chosen.nested_cv_dice == pytest.approx(1.0, abs=1e-12)  # each fold alone chooses 3:1 too
+    # every candidate without per-class weights falls short ("best of all" includes the weightings)
+    others = [c for c in sel.candidates if "per-class weights" not in c.name and "best of all" not in c.name]
+    assert len(others) == 20 and max(c.cv_dice for c in others) < 0.99
+    # predict --recipe applies the class's weights: the recipe read back makes the exact masks
+    recipe = read_recipe(tmp_path / "recipe.json")
+    assert recipe.classes[0].weights == (3.0, 1.0)
+    name = next(iter(a_maps))
+    runs_ = recipe_image_runs(recipe, {"unet/resnet34@64": ArrayMap(a_maps[name]),
+                                       "fpn/resnet34@64": ArrayMap(b_maps[name])}, a_maps[name].shape[1:])
+    from handseg.formats.rle import runs_to_mask
+
+    truth = truth_masks(data)[name]
+    assert all(np.array_equal(runs_to_mask(r, truth.shape[1:]), truth[c]) for c, r in enumerate(runs_))
+    from tests.conftest import run_cli
+
+    code, out, err = run_cli(["select", *runs, "-o", tmp_path / "again.json", "-j", 1], capsys)
+    assert code == 0, err
+    assert ("soft-vote weights per class (unet/resnet34@64:fpn/resnet34@64): 3:1 " + ", ".join(CLASSES)
+            in " ".join(out.split()))

@@ -111,3 +111,28 @@ def test_dataset_unify_hands_mirrors_left_hands(cached):
         assert np.array_equal(_unpack(y.numpy()), want)
         assert hand_side(masks=_unpack(y.numpy())) == "right"
     assert "left" in sides and "right" in sides
+
+
+@pytest.mark.parametrize("crop", [None, 64])
+def test_dataset_input_is_predicts_input_of_the_preprocessed_image(cached, crop):
+    """--preprocess: a training sample's image channel is what predict feeds the network (CLAHE on the full
+    image, then the resize or the window), by an independent computation with OpenCV."""
+    from handseg.data.images import read_image, resize_image
+    from handseg.models.plan import DEFAULT_NORM
+
+    cfg = TrainConfig(size=128, crop=crop, augment="none", preprocess="clahe:3:4")
+    samples = discover(cached)
+    ds = SegmentationDataset([Item(s, find_cache(cached)) for s in samples[:1]], cfg)
+    x, _ = ds[0]
+    image = cv2.createCLAHE(clipLimit=3.0, tileGridSize=(4, 4)).apply(read_image(samples[0].image_path))
+    if crop is None:
+        want = resize_image(image, (128, 128))
+    else:  # the sample's window: find it by matching the CLAHE image (the plain image would not match)
+        side = crop
+        windows = {(r, c): image[r : r + side, c : c + side] for r in range(image.shape[0] - side + 1)
+                   for c in range(image.shape[1] - side + 1)}
+        got = np.round(x[0].numpy() * DEFAULT_NORM["std"] * 255 + DEFAULT_NORM["mean"] * 255).astype(np.uint8)
+        assert any(np.array_equal(got, w) for w in windows.values())
+        return
+    expected = (torch.from_numpy(want).float() / 255 - DEFAULT_NORM["mean"]) / DEFAULT_NORM["std"]
+    assert torch.allclose(x[0], expected, atol=1e-6)

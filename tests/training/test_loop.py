@@ -222,7 +222,7 @@ def test_max_steps_plans_warm_up_and_cosine_over_the_steps_it_takes():
     """100 epochs of 10 steps cut at 43 steps: warm-up 3 steps (43 // 20 + 1), then the cosine reaches its
     floor (2% of --lr) at step 43 and is at half way (0.02 + 0.98 / 2) at step 3 + 20; not the schedule of
     1000 steps, which would still be warming up."""
-    from handseg.training.loop import planned_schedule
+    from handseg.training.schedule import planned_schedule
 
     f = planned_schedule(100, 10, max_steps=43)
     assert f(0) == pytest.approx(1 / 3) and f(2) == pytest.approx(1.0)
