@@ -141,6 +141,50 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def onnx_row(checkpoint: Path, data: Path, samples, tmp: Path, device: str, transforms, batch: int) -> dict | None:
+    """The same prediction through onnxruntime (the checkpoint exported to ONNX beside a copy of it, as a
+    model zip unpacks), end to end and the forward pass alone, against torch's forward pass alone; None
+    without onnxruntime."""
+    import shutil
+
+    import torch
+
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return None
+    from handseg.data.images import read_image
+    from handseg.inference.onnx import ONNX_NAME, export_onnx
+    from handseg.inference.predictor import Predictor
+    from handseg.inference.run import PredictConfig, run_predictions
+
+    copy = tmp / "onnx_model" / "best.safetensors"
+    copy.parent.mkdir(exist_ok=True)
+    shutil.copy(Path(checkpoint) if Path(checkpoint).is_file() else Path(checkpoint) / "best.safetensors", copy)
+    copy.with_name(ONNX_NAME).write_bytes(export_onnx(copy)[0])
+    config = PredictConfig(transforms=transforms, device=device, batch=batch)
+    run_predictions([copy], data, tmp / "warm_onnx.csv", config=config, samples=samples[:batch])
+    reset_peak(device)
+    t0 = time.perf_counter()
+    run_predictions([copy], data, tmp / "onnx.csv", config=config, samples=samples)
+    seconds = time.perf_counter() - t0
+    gib = peak_gib(device)
+    images = [read_image(s.image_path) for s in samples]
+    forward = {}
+    for name, path in (("torch", checkpoint), ("onnxruntime", copy)):
+        predictor = Predictor.load([path], device, True, batch)
+        with torch.inference_mode():
+            predictor.predict(images[:batch], transforms)  # warm-up
+            _sync(device)
+            t0 = time.perf_counter()
+            for start in range(0, len(images), batch):
+                predictor.predict(images[start : start + batch], transforms)
+            _sync(device)
+            forward[name] = time.perf_counter() - t0
+    return {"seconds": seconds, "img_s": len(samples) / seconds, "gib": gib, "forward": forward,
+            "agreement": _agreement(tmp / "ours.csv", tmp / "onnx.csv")[0]}
+
+
 def handseg_pieces(checkpoint: Path, samples, out_csv: Path, device: str, transforms, batch: int) -> dict[str, float]:
     """Seconds of each piece of handseg's prediction pipeline, each timed alone on the same images."""
     import torch
@@ -253,6 +297,7 @@ def run(checkpoint: Path | None, data: Path | None, arch: str, encoder: str, siz
             ours_s = time.perf_counter() - t0
             ours_gib = peak_gib(device)
 
+            onnx = onnx_row(checkpoint, data, unlabelled, tmp, device, transforms, batch)
             pieces = handseg_pieces(checkpoint, unlabelled, tmp / "pieces.csv", device, transforms, batch)
             agreement, pixels = _agreement(tmp / "base.csv", tmp / "ours.csv")
             info["rows"].append({"tta": "hflip" if use_tta else "none", "images": len(samples), "batch": batch,
@@ -260,7 +305,8 @@ def run(checkpoint: Path | None, data: Path | None, arch: str, encoder: str, siz
                                  "handseg_img_s": len(samples) / ours_s, "baseline_gib": base_gib,
                                  "handseg_gib": ours_gib, "agreement": agreement, "handseg_pixels": pixels,
                                  "pieces_agree": _agreement(tmp / "ours.csv", tmp / "pieces.csv")[0],
-                                 "truth_dice": _truth_dice(samples, tmp / "ours.csv"), "pieces": pieces})
+                                 "truth_dice": _truth_dice(samples, tmp / "ours.csv"), "pieces": pieces,
+                                 "onnx": onnx})
     return info
 
 
@@ -309,6 +355,20 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {r['tta']} | {r['baseline_img_s']:.2f} | {r['handseg_img_s']:.2f} | "
               f"{r['handseg_img_s'] / r['baseline_img_s']:.2f}x | {r['baseline_gib']:.2f} / {r['handseg_gib']:.2f} | "
               f"{r['agreement']:.4f} |")
+    if rows[0]["onnx"] is not None:
+        print()
+        print("the same through onnxruntime (the checkpoint exported to ONNX, as `export --format onnx` does): end to "
+              "end, and the forward passes alone (resize, network, resize back, sigmoid) on decoded images")
+        print("| TTA | torch img/s | onnxruntime img/s | onnxruntime / torch | forward alone: torch s / "
+              "onnxruntime s | peak GiB (torch / onnxruntime) | agreement (mean Dice) |")
+        print("|---|---:|---:|---:|---|---|---:|")
+        for r in rows:
+            o = r["onnx"]
+            ratio = o["img_s"] / r["handseg_img_s"]
+            print(f"| {r['tta']} | {r['handseg_img_s']:.2f} | {o['img_s']:.2f} | {ratio:.2f}x "
+                  f"| {o['forward']['torch']:.2f} / {o['forward']['onnxruntime']:.2f} "
+                  f"({o['forward']['torch'] / o['forward']['onnxruntime']:.2f}x) | {r['handseg_gib']:.2f} / "
+                  f"{o['gib']:.2f} | {o['agreement']:.4f} |")
     print()
     print("handseg's pieces, each timed alone on the same images, as shares of its pipeline's wall time: a sum "
           "above 100% is what the pipeline overlaps (decoding ahead in threads, RLE text behind)")

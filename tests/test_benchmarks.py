@@ -100,6 +100,10 @@ def test_predict_throughput_loops_predict_the_same_masks(tmp_path, capsys):
         assert r["agreement"] > 0.99
         assert r["pieces_agree"] == pytest.approx(1.0)  # the pieces, timed alone, make the same CSV
         assert set(r["pieces"]) == {"load", "decode", "forward", "runs", "rle", "csv"}
+        # onnxruntime (the test extra installs it) predicts the same masks
+        o = r["onnx"]
+        assert o is not None and o["agreement"] > 0.999 and o["img_s"] > 0
+        assert o["forward"]["torch"] > 0 and o["forward"]["onnxruntime"] > 0
         assert all(v >= 0 for v in r["pieces"].values())
         assert 0.0 <= r["truth_dice"] <= 1.0
     out = capsys.readouterr().out
