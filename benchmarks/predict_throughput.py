@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -141,11 +142,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def onnx_row(checkpoint: Path, data: Path, samples, tmp: Path, device: str, transforms, batch: int) -> dict | None:
+def onnx_row(checkpoint: Path, data: Path, samples, tmp: Path, device: str, transforms, batch: int,
+             torch_csv: Path) -> dict | None:
     """The same prediction through onnxruntime (the checkpoint exported to ONNX beside a copy of it, as a
     model zip unpacks), end to end and the forward pass alone, against torch's forward pass alone; None
     without onnxruntime."""
-    import shutil
 
     import torch
 
@@ -182,7 +183,7 @@ def onnx_row(checkpoint: Path, data: Path, samples, tmp: Path, device: str, tran
             _sync(device)
             forward[name] = time.perf_counter() - t0
     return {"seconds": seconds, "img_s": len(samples) / seconds, "gib": gib, "forward": forward,
-            "agreement": _agreement(tmp / "ours.csv", tmp / "onnx.csv")[0]}
+            "agreement": _agreement(torch_csv, tmp / "onnx.csv")[0]}
 
 
 def handseg_pieces(checkpoint: Path, samples, out_csv: Path, device: str, transforms, batch: int) -> dict[str, float]:
@@ -252,7 +253,7 @@ def train_briefly(root: Path, arch: str, encoder: str, size: int, image_size: in
 
 def run(checkpoint: Path | None, data: Path | None, arch: str, encoder: str, size: int, image_size: int,
         images: int, device: str, batch: int = 4, tta: bool = False, baseline_workers: int = 4,
-        train_steps: int | None = None) -> dict:
+        train_steps: int | None = None, with_onnx: bool = True) -> dict:
     from handseg.data.layout import discover
     from handseg.data.synth import make_dataset
     from handseg.formats.tta import parse_transforms
@@ -297,7 +298,7 @@ def run(checkpoint: Path | None, data: Path | None, arch: str, encoder: str, siz
             ours_s = time.perf_counter() - t0
             ours_gib = peak_gib(device)
 
-            onnx = onnx_row(checkpoint, data, unlabelled, tmp, device, transforms, batch)
+            shutil.copy(tmp / "ours.csv", tmp / f"ours_{'hflip' if use_tta else 'none'}.csv")
             pieces = handseg_pieces(checkpoint, unlabelled, tmp / "pieces.csv", device, transforms, batch)
             agreement, pixels = _agreement(tmp / "base.csv", tmp / "ours.csv")
             info["rows"].append({"tta": "hflip" if use_tta else "none", "images": len(samples), "batch": batch,
@@ -306,7 +307,12 @@ def run(checkpoint: Path | None, data: Path | None, arch: str, encoder: str, siz
                                  "handseg_gib": ours_gib, "agreement": agreement, "handseg_pixels": pixels,
                                  "pieces_agree": _agreement(tmp / "ours.csv", tmp / "pieces.csv")[0],
                                  "truth_dice": _truth_dice(samples, tmp / "ours.csv"), "pieces": pieces,
-                                 "onnx": onnx})
+                                 "onnx": None})
+        # onnxruntime last: no DataLoader worker is forked once its sessions have run in this process
+        for row in info["rows"] if with_onnx else []:
+            row["onnx"] = onnx_row(checkpoint, data, unlabelled, tmp, device,
+                                   parse_transforms("hflip" if row["tta"] == "hflip" else ""), batch,
+                                   tmp / f"ours_{row['tta']}.csv")
     return info
 
 
@@ -329,12 +335,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--baseline-workers", type=int, default=4, help="DataLoader workers of the baseline")
     parser.add_argument("--train-steps", type=int, help="steps of the brief training (default: 300 on GPU, 30 on CPU)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime rows (default: when installed)")
     args = parser.parse_args(argv)
     for name in ("images", "batch", "size", "image_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     info = run(args.checkpoint, args.data, args.arch, args.encoder, args.size, args.image_size, args.images,
-               args.device, args.batch, args.tta, args.baseline_workers, args.train_steps)
+               args.device, args.batch, args.tta, args.baseline_workers, args.train_steps, not args.no_onnx)
     rows = info["rows"]
     if info["trained"]:
         tiny = ", a tiny CPU training" if info["device"] == "cpu" else ""
