@@ -72,7 +72,8 @@ class Model:
         return self._predictor.predict([_grey(image)], self._transforms)[0].float().cpu().numpy()
 
     def predict(self, image: np.ndarray, thresholds: Sequence[float] | None = None) -> np.ndarray:
-        """Masks of one X-ray, as ``handseg predict`` writes them in its CSV.
+        """Masks of one X-ray, as ``handseg predict`` writes them in its CSV: a pixel is in class k's mask
+        when its stored level ``round(255 p)`` exceeds ``255 t_k`` (handseg's one cut rule).
 
         Args:
             image: ``(H, W)`` uint8 grey image, any size.

@@ -588,7 +588,8 @@ def test_the_python_api_predicts_arrays_and_folders(tiny_run, synth_data, tmp_pa
     low = [0.05] * 29
     masks = model.predict(image, thresholds=low)
     assert masks.dtype == bool and masks.shape == (29, *image.shape)
-    assert np.array_equal(masks, probs > np.float32(0.05)) and masks.any()
+    # the one cut rule: the stored level round(255 p) above 255 t, as predict's CSV
+    assert np.array_equal(masks, np.round(probs * np.float32(255.0)) > 255 * 0.05) and masks.any()
     rles = model.predict_rles(image)
     assert len(rles) == 29 and all(np.array_equal(hs.rle_decode(r, image.shape), m)
                                    for r, m in zip(rles, model.predict(image)))

@@ -59,7 +59,7 @@ def test_select_writes_recipe_and_prints_table(two_configs, capsys):
     assert json.loads(out.read_text())["chosen_by"] == "nested"
     # the chosen row is the highest of many nested estimates on the same images: said in the table and the line
     flat = " ".join(stdout.split())
-    assert "The chosen row was picked for its 'tuned on other folds' figure among 24 candidates on the same " \
+    assert "The chosen row was picked for its 'tuned on other folds' figure among 28 candidates on the same " \
            "images, so its figure is still optimistic." in flat
     assert "tuned on other folds (the highest of 24 such estimates on the same images: still optimistic)" in flat
 
