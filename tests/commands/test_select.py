@@ -61,7 +61,7 @@ def test_select_writes_recipe_and_prints_table(two_configs, capsys):
     flat = " ".join(stdout.split())
     assert "The chosen row was picked for its 'tuned on other folds' figure among 28 candidates on the same " \
            "images, so its figure is still optimistic." in flat
-    assert "tuned on other folds (the highest of 24 such estimates on the same images: still optimistic)" in flat
+    assert "tuned on other folds (the highest of 28 such estimates on the same images: still optimistic)" in flat
 
 
 def test_select_bad_inputs_exit_2_with_one_line_and_no_recipe(two_configs, capsys):
