@@ -9,6 +9,7 @@ from handseg.inference.predictor import Predictor
 from handseg.models.checkpoint import BEST, checkpoint_bytes, checkpoint_sha256, read_card
 from handseg.training.config import TrainConfig
 from handseg.training.loop import train
+from handseg.training.schedule import lr_lambda
 
 QUIET = {"log": lambda *a: None}
 
@@ -121,7 +122,7 @@ def test_patience_stops_training_and_says_so(synth_data, tmp_path, monkeypatch):
                             "0.5000 at epoch 2); stopping after epoch 4 of 8") for s in said)
     # the schedule was planned over 8 epochs (2 steps each), not re-planned
     lr_at_4 = float(rows[-1]["lr"])
-    assert lr_at_4 == pytest.approx(3e-3 * loop.lr_lambda(16, 16 // 20 + 1)(8), rel=1e-6)
+    assert lr_at_4 == pytest.approx(3e-3 * lr_lambda(16, 16 // 20 + 1)(8), rel=1e-6)
     # a resume knows it stopped
     said.clear()
     assert train(_cfg(synth_data, out, epochs=8, patience=2, resume=True), log=said.append)["finished"]
