@@ -14,8 +14,8 @@ import pytest
 
 from tests.conftest import run_cli
 
-# onnxruntime runs in a child process only: its threads in the test process would be inherited by the
-# DataLoader workers later tests fork
+# ONNX export and onnxruntime run in child processes only: torch.onnx loads onnxruntime, whose
+# background thread can hold a lock when a later test forks DataLoader workers, which then hang
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not (importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx")),
     reason="the optional extra handseg[onnx] is not installed")]
@@ -76,9 +76,9 @@ def test_onnx_zip_predicts_the_masks_of_the_runs(case, trained, synth_data, caps
         export = members
         # folds averaged with hflip TTA (resize), or a sliding window with hflip (crop)
         by_torch, by_onnx = ["tta", *members, "--transforms", "hflip"], ["tta", zip_path, "--transforms", "hflip"]
-    code, out, err = run_cli(["export", *export, "--format", "onnx", "-o", zip_path], capsys)
-    assert code == 0, err
-    assert "ONNX graphs (opset 17)" in out
+    done = _handseg(["export", *export, "--format", "onnx", "-o", zip_path])
+    assert done.returncode == 0, done.stderr
+    assert "ONNX graphs (opset 17)" in done.stdout
     with zipfile.ZipFile(zip_path) as z:
         index = json.loads(z.read("handseg_model.json"))
         assert all(m["onnx"]["file"] in z.namelist() and m["onnx"]["opset"] == 17 for m in index["models"])
@@ -95,7 +95,7 @@ def test_without_onnxruntime_one_line_names_the_extra(trained, synth_data, tmp_p
 
     tmp, runs, _ = trained
     zip_path = tmp_path / "m.zip"
-    assert run_cli(["export", runs["r_f0"], "--format", "onnx", "-o", zip_path])[0] == 0
+    assert _handseg(["export", runs["r_f0"], "--format", "onnx", "-o", zip_path]).returncode == 0
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as where it is not installed
     code, _, err = run_cli(["predict", zip_path, "--data", synth_data / "test", "-o", tmp_path / "p.csv"], capsys)
     errors = [line for line in err.splitlines() if not line.startswith("handseg: note:")]  # a load note may come first
