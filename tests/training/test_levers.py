@@ -177,7 +177,12 @@ def test_ema_run_saves_the_average_and_resume_continues_it(synth_data, tmp_path,
     monkeypatch.setattr(Ema, "__init__", record_init)
     monkeypatch.setattr(Ema, "update", record_update)
     out = tmp_path / "run"
-    train(_cfg(synth_data, out, epochs=2, max_steps=2, ema=0.6), **QUIET)  # stops after epoch 1
+    def interrupt(message):  # Ctrl-C once epoch 1 is saved (--max-steps would plan a shorter schedule)
+        if message.startswith("epoch 1:"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(synth_data, out, epochs=2, ema=0.6), log=interrupt)
     assert len(seen) == 3  # the start and 2 steps
     last = load_file(str(out / "last.safetensors"))
     d = 0.6
