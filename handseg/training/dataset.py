@@ -26,7 +26,6 @@ from handseg.data.layout import Sample, discover, resolve_data
 from handseg.data.preprocess import preprocess_image
 from handseg.formats.files import MANIFEST_NAME, read_json
 from handseg.inference.cascade import render_context
-from handseg.inference.runtime import worker_threads
 from handseg.models.plan import DEFAULT_NORM
 from handseg.training.config import AUGMENT_PRESETS, TrainConfig
 
@@ -253,7 +252,8 @@ def seed_worker(worker_id: int) -> None:
     import torch
     from torch.utils.data import get_worker_info
 
-    worker_threads(worker_id)  # one thread per worker: the budget is split between processes
+    # torch's worker loop already runs one intra-op thread; OpenCV's pool is not reconfigured in a forked
+    # worker (its threads did not survive the fork, and resizing that pool there can deadlock)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
