@@ -71,15 +71,6 @@ def apply_threads(device: str = "cpu", workers: int | None = None, say=None, ada
     return plan
 
 
-def worker_threads(worker_id: int = 0) -> None:
-    """In a DataLoader worker: one torch thread and one OpenCV thread (the budget is split between
-    processes, never multiplied by them)."""
-    import torch
-
-    torch.set_num_threads(1)
-    _cv2_threads(1)
-
-
 def _cv2_threads(n: int) -> None:
     import cv2
 
