@@ -182,13 +182,15 @@ def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, dev
     from handseg.commands.options import say_data
     from handseg.common.distributed import dist_env
     from handseg.common.errors import HandsegError
+    from handseg.common.notices import notice
     from handseg.console import print_table, progress_task, stdout
     from handseg.data.layout import resolve_data
     from handseg.ensemble.masks import format_keep_largest, parse_keep_largest
     from handseg.formats.files import atomic_dir, check_output, sidecar_manifest_path, write_manifest
     from handseg.formats.tta import parse_transforms
+    from handseg.inference.predictor import say_roi
     from handseg.inference.run import PredictConfig, read_thresholds, run_predictions, write_thresholds
-    from handseg.models.checkpoint import resolve_checkpoint
+    from handseg.models.checkpoint import read_card, resolve_checkpoint
     from handseg.models.context import model_inputs
 
     main = dist_env().main
@@ -205,6 +207,9 @@ def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, dev
         if probs is not None:
             check_output(probs, overwrite, "dir", sources)
     resolved = [resolve_checkpoint(c) for c in checkpoints]
+    roi = say_roi([read_card(c) for c in resolved], [str(c) for c in checkpoints])
+    if roi and main:
+        notice("roi-models", roi)
     transform_list = parse_transforms(transforms)
     thr = read_thresholds(thresholds) if thresholds else None
     samples, context = None, None

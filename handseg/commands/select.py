@@ -61,6 +61,11 @@ def select(
     if weighted:  # the classes whose soft vote has its own weights (relative, one per configuration)
         stdout.print("soft-vote weights per class (" + ":".join(c.name for c in result.configs) + "): "
                      + "; ".join(f"{w} {', '.join(names)}" for w, names in weighted.items()))
+    roi = [c.name for c in result.configs if c.card.get("roi")]
+    if roi:  # what a ROI configuration's empty classes mean for the votes above
+        stdout.print(f"ROI configurations ({', '.join(roi)}) predict their own classes only: their maps of the others "
+                     "are empty, which votes count as 0; the class-wise picks choose per class between them and "
+                     "the whole-hand configurations")
     for line in next_commands(out, doc.get("data")):
         stdout.print(line, markup=False)
 

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from handseg.commands.options import DataDir, Device, Seed
+from handseg.data.roi import ROI_MARGIN
 
 
 class Augment(str, Enum):
@@ -130,6 +131,14 @@ def train(
     ema: Annotated[float | None, typer.Option("--ema", help="Keep an exponential moving average of the weights "
                                               "with this decay (e.g. 0.999): validation, best, last and the "
                                               "out-of-fold maps use it; --resume continues it.")] = None,
+    roi: Annotated[str | None, typer.Option("--roi", help="Train a model for a group of bones on a box around them "
+                                            "at full resolution (resized to --size): carpals, or class names "
+                                            "(Scaphoid,Lunate). The box comes from the labels in training and from "
+                                            "the --context runs' masks at prediction; predict takes only these "
+                                            "classes from it, and select can choose them per class.",
+                                            metavar="CLASSES")] = None,
+    roi_margin: Annotated[float, typer.Option("--roi-margin", min=0.0, max=2.0, help="The ROI box's margin on each "
+                                              "side, as a share of the classes' extent.")] = ROI_MARGIN,
     config: Annotated[Path | None, typer.Option("--config", help="YAML of training options, or a run's "
                                                 "manifest.json to replay it (flags given on the command line win; "
                                                 "--out, --overwrite and --resume come from the command line only). "
@@ -144,6 +153,7 @@ def train(
       handseg train --config runs/hr48_f0/manifest.json --fold 1 --out runs/hr48_f1      (replay a run)
       handseg train --crop 1024 --context runs/low_f0 runs/low_f1 --fold 0 --out runs/cascade_f0   (a cascade)
       handseg train --init runs/hr48_f0 --extra pseudo --lr 5e-5 --epochs 20 --out runs/hr48_ft_f0   (fine-tune)
+      handseg train --roi carpals --size 768 --context runs/low_f0 runs/low_f1 --fold 0 --out runs/wrist_f0   (ROI)
       torchrun --nproc_per_node 4 -m handseg train --encoder hrnet_w48 --size 2048 --out runs/hr48
     """
     from handseg.console import is_main_process, log, make_progress, stdout

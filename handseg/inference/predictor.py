@@ -18,13 +18,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from handseg.common.constants import CLASS_INDEX
+from handseg.common.constants import CLASS_INDEX, DEFAULT_THRESHOLD
 from handseg.common.errors import HandsegError
 from handseg.common.notices import notice
 from handseg.common.threads import recorded as recorded_threads
 from handseg.data.anatomy import side_of
 from handseg.data.images import resize_image
 from handseg.data.preprocess import preprocess_image
+from handseg.data.roi import Box, cut_box, mask_bounds, overlap, roi_box, roi_label
+from handseg.ensemble.masks import level_cuts
 from handseg.formats.probs import quantise_probs
 from handseg.formats.tta import IDENTITY, MERGES, Transform, parse_transforms, tta_option
 from handseg.inference.onnx import load_onnx, onnx_beside
@@ -186,8 +188,33 @@ class Predictor:
 
     @property
     def thresholds(self) -> np.ndarray:
-        """Per-class thresholds: the mean of the checkpoints' own."""
-        return np.mean([c.thresholds for c in self.cards], axis=0)
+        """Per-class thresholds: the mean of the checkpoints' own (of each class's models, with ROI models)."""
+        counted = self.class_models()
+        if counted is None:
+            return np.mean([c.thresholds for c in self.cards], axis=0)
+        own = np.array([c.thresholds for c in self.cards], dtype=np.float64)
+        made = counted.sum(axis=0)
+        # a class no model makes is empty at any threshold: the plain mean keeps the value in range
+        return np.where(made > 0, (own * counted).sum(axis=0) / made.clip(min=1), own.mean(axis=0))
+
+    def class_models(self) -> np.ndarray | None:
+        """Which models make each class: ``(models, classes)`` float 0/1, or None when every model makes every
+        class (no ROI model). A ROI model (``train --roi``) replaces the other models in its classes: a class
+        that ROI models predict comes from them alone (their mean), every other class from the whole-image
+        models. A class no model makes stays empty (``predict`` says so: :func:`say_roi`)."""
+        if not any(c.roi for c in self.cards):
+            return None
+        k = len(self.cards[0].classes)
+        counted = np.zeros((len(self.cards), k), dtype=np.float32)
+        by_roi = np.zeros(k, dtype=bool)
+        for m, card in enumerate(self.cards):
+            if card.roi:
+                counted[m, card.predicted] = 1.0
+                by_roi[card.predicted] = True
+        for m, card in enumerate(self.cards):
+            if not card.roi:
+                counted[m, ~by_roi] = 1.0
+        return counted
 
     def probs(self, image: np.ndarray, transform: Transform = IDENTITY):
         """One image, one transform: ``(K, H, W)`` probabilities on the device."""
@@ -216,16 +243,24 @@ class Predictor:
         merged: list = [None] * n
         with torch.inference_mode():
             context = self._contexts(images, contexts)
+            counted = self.class_models()
             for t in transforms:
                 per_model = None
                 for m in range(len(self.models)):
                     probs = self._model_probs(m, images, t, mirror, context.get(m))
+                    if counted is not None:  # ROI models: each model adds the classes it counts for
+                        mask = torch.as_tensor(counted[m], device=self.device).view(-1, 1, 1)
+                        probs = [p.mul_(mask) for p in probs]
                     if per_model is None:
                         per_model = probs
                     else:
                         for i in range(n):
                             per_model[i].add_(probs[i])
-                if len(self.models) > 1:
+                if counted is not None:
+                    count = torch.as_tensor(counted.sum(axis=0).clip(min=1), device=self.device).view(-1, 1, 1)
+                    for p in per_model:
+                        p.div_(count)
+                elif len(self.models) > 1:
                     for p in per_model:
                         p.div_(len(self.models))
                 if on_transform is not None:
@@ -336,11 +371,28 @@ class Predictor:
                     logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
                 out.append(logits[0].sigmoid_())
             return out
+        if card.roi:
+            return self._run_roi(model, card, images, t, context)
+        return self._run_resized(model, card, images, t, context)
+
+    def _run_resized(self, model, card: ModelCard, images: list[np.ndarray], t: Transform, context: list | None = None
+                     ) -> list:
+        """A resize model's probabilities per image (batched), each at its image's size; a ROI model's
+        ``context`` (``(29, h, w)`` tensors of each image) is resized with it."""
+        import torch
+        import torch.nn.functional as F
+
+        flip = _ttach_flip(t.flip) if t.flip else None
+        out = []
         side = run_side(model, card, t.scale)
         for start in range(0, len(images), self.batch):
             chunk = images[start : start + self.batch]
             batch = np.stack([resize_image(im, (side, side)) for im in chunk])
             x = to_input(batch, card, self.device)
+            if context is not None:
+                ctx = torch.stack([F.interpolate(c.unsqueeze(0), size=(side, side), mode="bilinear",
+                                                 align_corners=False)[0] for c in context[start : start + self.batch]])
+                x = torch.cat([x, ctx], dim=1)
             if self.device.startswith("cuda"):
                 x = x.contiguous(memory_format=torch.channels_last)
             if flip is not None:
@@ -356,6 +408,65 @@ class Predictor:
                     one = F.interpolate(one, size=image.shape, mode="bilinear", align_corners=False)
                 out.append(one[0].sigmoid_())
         return out
+
+    def _run_roi(self, model, card: ModelCard, images: list[np.ndarray], t: Transform, context: list) -> list:
+        """A ROI model's probabilities per image at the image's size: the box around its classes in the
+        stage-1 ``context`` masks (:func:`~handseg.data.roi.roi_box`, the rule training's label boxes follow),
+        cut from the image and the context and run as a resize model; its classes inside the box, 0 elsewhere.
+        An image whose stage-1 masks hold none of its classes keeps stage 1's probabilities of them (and
+        that is said)."""
+        import torch
+
+        own = card.predicted
+        cut = level_cuts(DEFAULT_THRESHOLD) / 255.0  # the one cut rule, on the stage-1 levels the context holds
+        boxes, cuts, ctxs = [], [], []
+        for image, ctx in zip(images, context):
+            present = (ctx[own] > cut).any(dim=0)
+            bounds = mask_bounds(present.any(dim=1).cpu().numpy(), present.any(dim=0).cpu().numpy())
+            box = None if bounds is None else roi_box(bounds, card.roi_margin)
+            boxes.append(box)
+            if box is not None:
+                cuts.append(cut_box(image, box))
+                ctxs.append(_cut_tensor_box(ctx, box))
+        found = iter(self._run_resized(model, card, cuts, t, ctxs) if cuts else [])
+        out = []
+        for image, ctx, box in zip(images, context, boxes):
+            full = torch.zeros((len(card.classes), *image.shape), dtype=torch.float32, device=self.device)
+            if box is None:
+                notice(("roi-no-box", tuple(card.roi)), f"stage 1 found none of the ROI model's classes "
+                       f"({', '.join(card.roi)}) in an image: there they are stage 1's own probabilities")
+                full[own] = ctx[own].float()
+            else:
+                probs, where = next(found), overlap(box, image.shape)
+                ir, ic, br, bc = where
+                full[own, ir, ic] = probs[own][:, br, bc]
+            out.append(full)
+        return out
+
+
+def say_roi(cards: list[ModelCard], names: list[str]) -> str | None:
+    """What ``predict`` says when ROI models are among its models: which classes they replace, or that only
+    ROI models were given, so that the other classes stay empty. None without ROI models."""
+    roi = [(name, card) for name, card in zip(names, cards) if card.roi]
+    if not roi:
+        return None
+    if len(roi) == len(cards):
+        made = sorted({c for _, card in roi for c in card.roi})
+        return (f"only ROI models were given: they predict {len(made)} classes ({roi_label(made)}); the other "
+                f"{len(cards[0].classes) - len(made)} classes stay empty (give a whole-hand model beside them)")
+    return "; ".join(f"{name} predicts {roi_label(card.roi)} in place of the other models" for name, card in roi)
+
+
+def _cut_tensor_box(tensor, box: Box):
+    """The box of a ``(C, H, W)`` tensor, 0 beyond the image's edge (as :func:`~handseg.data.roi.cut_box`)."""
+    import torch
+
+    out = torch.zeros((tensor.shape[0], box[2], box[2]), dtype=tensor.dtype, device=tensor.device)
+    where = overlap(box, tuple(tensor.shape[-2:]))
+    if where is not None:
+        ir, ic, br, bc = where
+        out[:, br, bc] = tensor[:, ir, ic]
+    return out
 
 
 def _is_left_hand(probs) -> bool:

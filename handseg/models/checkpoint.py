@@ -63,6 +63,19 @@ class ModelCard:
     """The SHA-256 of that parent checkpoint: which model this one was fine-tuned from."""
     ema: float | None = None
     """``train --ema``: the decay of the moving average these weights are (None: the weights as trained)."""
+    roi: list[str] | None = None
+    """``train --roi``: the classes this model predicts, from a box around them (see :mod:`handseg.data.roi`);
+    the box comes from its stage-1 (``context``) masks at prediction, and predict takes only these classes from
+    it (replacing the whole-hand models' ones). None: a whole-image model of every class."""
+    roi_margin: float | None = None
+    """The margin of the ROI box (share of the classes' extent on each side)."""
+
+    @property
+    def predicted(self) -> list[int]:
+        """The indices (in ``classes``) of the classes this model predicts: all, or a ROI model's own."""
+        if not self.roi:
+            return list(range(len(self.classes)))
+        return [i for i, c in enumerate(self.classes) if c in self.roi]
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelCard:
@@ -117,6 +130,15 @@ def _check_card(card: ModelCard) -> None:
     if card.ema is not None and not (isinstance(card.ema, int | float) and not isinstance(card.ema, bool)
                                      and 0 < card.ema < 1):
         raise ValueError("ema must be a decay between 0 and 1")
+    if card.roi is not None:
+        if not (isinstance(card.roi, list) and card.roi and all(isinstance(c, str) and c in card.classes
+                                                                 for c in card.roi)):
+            raise ValueError("roi must be a list of the model's class names")
+        if not card.context:
+            raise ValueError("a ROI model needs its stage-1 runs (context) for its box")
+        m = card.roi_margin
+        if not (isinstance(m, int | float) and not isinstance(m, bool) and 0 <= m <= 2):
+            raise ValueError("roi_margin must be a number between 0 and 2")
     if card.preprocess is not None:
         try:
             if not isinstance(card.preprocess, str) or parse_preprocess(card.preprocess) is None:

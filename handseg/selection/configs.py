@@ -13,6 +13,7 @@ from handseg.common.errors import HandsegError
 from handseg.data.images import image_size
 from handseg.data.labels import polygon_crops, read_polygons
 from handseg.data.layout import discover
+from handseg.data.roi import roi_label
 from handseg.formats.files import MANIFEST_NAME, read_json
 from handseg.formats.oof import OOF_DIR, OofRun
 from handseg.formats.probs import probs_name, read_probs_index
@@ -99,6 +100,8 @@ def _config_name(card: dict, transforms: list[str]) -> str:
         name += f" crop{card['crop']}"
     if card.get("unify_hands"):
         name += " unified"
+    if card.get("roi"):
+        name += f" roi:{roi_label(card['roi'])}"
     tta = [t for t in transforms if t != "identity"]
     return name + (" +" + "+".join(tta) if tta else "")
 

@@ -36,6 +36,8 @@ from handseg.selection.apply import pinned_checkpoints
 INDEX = "handseg_model.json"
 FORMAT = "handseg-model"
 VERSION = 1
+STAGE1_DIR = "stage1"
+"""Where a zip keeps the stage-1 checkpoints of its cascades and ROI models, each once (by SHA-256)."""
 DEFAULT_MAX_ZIP_BYTES = 8 * 2**30
 """What a model zip may unpack to in all, unless ``HANDSEG_MAX_ZIP_BYTES`` says otherwise: a zip can
 claim any size (a 2 MB zip can unpack to gigabytes), and a recipe's checkpoints are a few GB at most."""
@@ -100,7 +102,7 @@ def export_models(runs: list[Path], out: Path, recipe: Path | None = None, fmt: 
     graphs = _graphs(entries) if fmt == "onnx" else {}
     index = {"format": FORMAT, "version": VERSION, "handseg_version": __version__,
              "models": [{"name": n, "file": f"{n}/{BEST}", "sha256": digest, "card": asdict(card),
-                         "role": "stage-1" if "/context/" in n else "model",
+                         "role": "stage-1" if n.startswith(f"{STAGE1_DIR}/") else "model",
                          **({"onnx": graphs[n][1]} if n in graphs else {})}
                         for (n, _, card), digest in zip(entries, digests)],
              "recipe": "recipe.json" if recipe_doc is not None else None}
@@ -163,17 +165,21 @@ def _with_context(entries: list[tuple[str, Path]]) -> list[tuple[str, Path | byt
     from dataclasses import replace
 
 
-    out = []
+    out, shared = [], {}
     for name, path in entries:
         card = read_card(path)
         if not card.context:
             out.append((name, path, card))
             continue
         stage1 = resolve_context(card.context, path, card.context_sha256)
-        card = replace(card, context=[f"context/{i}/{BEST}" for i in range(len(stage1))])
+        refs = []
+        for p in stage1:  # stored once however many stage-2 folds name it (five folds: 25 names, 5 files)
+            member = f"{STAGE1_DIR}/{checkpoint_sha256(p)[:16]}"
+            shared.setdefault(member, p)
+            refs.append(os.path.relpath(f"{member}/{BEST}", f"{name}"))
+        card = replace(card, context=refs)
         out.append((name, with_card(path, card), card))
-        out += [(f"{name}/context/{i}", p, read_card(p)) for i, p in enumerate(stage1)]
-    return out
+    return out + [(member, p, read_card(p)) for member, p in shared.items()]
 
 
 @dataclass

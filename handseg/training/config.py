@@ -16,6 +16,7 @@ from handseg.common.constants import NUM_CLASSES
 from handseg.common.errors import HandsegError
 from handseg.common.limits import max_pixels
 from handseg.data.preprocess import parse_preprocess
+from handseg.data.roi import ROI_MARGIN, parse_roi
 from handseg.formats.tta import parse_transforms
 from handseg.models.losses import parse_loss_spec
 
@@ -80,6 +81,10 @@ class TrainConfig:
     """Stop when the validation Dice has not improved for this many validations (None: never)."""
     ema: float | None = None
     """Decay of an exponential moving average of the weights, which validation, best, last and OOF use."""
+    roi: list[str] | None = None
+    """The classes of a ROI model (``--roi carpals``), trained on a box around them (:mod:`handseg.data.roi`)."""
+    roi_margin: float = ROI_MARGIN
+    """The ROI box's margin on each side, as a share of the classes' extent."""
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -103,9 +108,16 @@ class TrainConfig:
             if side is not None and side * side > max_pixels():
                 raise HandsegError(f"{flag} {side}: larger than the largest image handseg reads ({max_pixels():,} "
                                    "pixels; HANDSEG_MAX_PIXELS)")
-        if values["context"] and values["crop"] is None:
-            raise HandsegError("--context needs --crop: a cascade's stage 2 trains on full-resolution crops, with "
-                               "stage 1's maps of the whole image as context")
+        if values["roi"] is not None:
+            if values["crop"] is not None:
+                raise HandsegError("--roi trains on a box around its classes, resized to --size; --crop (sliding "
+                                   "windows) does not go with it")
+            if not values["context"]:
+                raise HandsegError("--roi needs --context STAGE1_RUN...: at prediction the box around its classes "
+                                   "comes from a whole-image model's masks (e.g. the folds of a --size 512 run)")
+        elif values["context"] and values["crop"] is None:
+            raise HandsegError("--context needs --crop (a cascade's stage 2 trains on full-resolution crops, with "
+                               "stage 1's maps of the whole image as context) or --roi")
         if values["patience"] is not None and values["fold"] < 0:
             raise HandsegError("--patience stops on the validation Dice, and --fold -1 has no validation images")
         if values["init"] is not None and values["resume"]:
@@ -241,6 +253,13 @@ def _decay(name: str, value: Any) -> float | None:
     return number
 
 
+def _margin(name: str, value: Any) -> float:
+    number = _float(0.0, exclusive=False)(name, value)
+    if number > 2.0:
+        raise HandsegError(f"{_flag(name)}: a margin is a share of the box's extent between 0 and 2, got {value!r}")
+    return number
+
+
 _RULES = {
     "data": _path(), "splits": _path(optional=True), "fold": _int(-1), "arch": _text, "encoder": _text,
     "encoder_weights": _text, "size": _int(1), "crop": _int(1, optional=True), "epochs": _int(1),
@@ -254,4 +273,5 @@ _RULES = {
     "logger": _choice(LOGGERS), "oof_tta": _tta_spec, "context": _paths, "keep_resume": _bool,
     "preprocess": lambda name, value: parse_preprocess(value, _flag(name)), "init": _path(optional=True),
     "patience": _int(1, optional=True), "ema": lambda name, value: _decay(name, value),
+    "roi": lambda name, value: parse_roi(value, _flag(name)), "roi_margin": _margin,
 }

@@ -24,6 +24,7 @@ from handseg.data.kfold import make_splits, read_splits
 from handseg.data.labels import BoneCrops, place_crops, polygon_crops, read_polygons
 from handseg.data.layout import Sample, discover, resolve_data
 from handseg.data.preprocess import preprocess_image
+from handseg.data.roi import crops_bounds, crops_in_box, cut_box, jittered_box, roi_box, roi_indices
 from handseg.formats.files import MANIFEST_NAME, read_json
 from handseg.inference.cascade import render_context
 from handseg.models.plan import DEFAULT_NORM
@@ -209,6 +210,25 @@ class SegmentationDataset:
                 return min(max(r, 0), max(h - side, 0)), min(max(c, 0), max(w - side, 0))
         return int(self.rng.integers(0, max(h - side, 0) + 1)), int(self.rng.integers(0, max(w - side, 0) + 1))
 
+    def _roi_sample(self, item: Item, image: np.ndarray, crops: BoneCrops, mirrored: bool):
+        """A ROI model's sample: the box around its classes from the labels (jittered when training; the
+        whole image when the image has none of them), cut from the full-resolution image and resized to
+        ``--size``, with its masks and stage-1 context."""
+        import cv2
+
+        s = self.cfg.size
+        bounds = crops_bounds(crops, roi_indices(self.cfg.roi)) or (0, image.shape[0], 0, image.shape[1])
+        box = (jittered_box(bounds, self.cfg.roi_margin, self.rng) if self.train
+               else roi_box(bounds, self.cfg.roi_margin))
+        ctx = None
+        if self.context is not None:
+            ctx = render_context(self.context.crops(item.sample.name), box, image.shape[1] if mirrored else None)
+            ctx = cv2.resize(ctx, (s, s), interpolation=cv2.INTER_LINEAR)  # bilinear, as prediction resizes it
+            ctx = ctx[..., None] if ctx.ndim == 2 else ctx
+        side = box[2]
+        hwc = render_masks(crops_in_box(crops, box), (side, side), size=s)
+        return resize_image(cut_box(image, box), (s, s)), hwc, ctx
+
     def __getitem__(self, index: int):
         import torch
 
@@ -231,6 +251,8 @@ class SegmentationDataset:
                 ctx = render_context(self.context.crops(item.sample.name), (r, c, crop),
                                      image.shape[1] if mirrored else None)
             image, hwc = window, render_masks(crops, image.shape, window=(r, c, crop))
+        elif self.cfg.roi:
+            image, hwc, ctx = self._roi_sample(item, image, crops, mirrored)
         else:
             s = self.cfg.size
             hwc = render_masks(crops, image.shape, size=s)

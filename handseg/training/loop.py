@@ -183,7 +183,8 @@ def _plan_run(cfg: TrainConfig) -> tuple:
         in_channels += CONTEXT_CHANNELS
     plan = plan_model(arch, encoder, cfg.crop or cfg.size, in_channels, "--crop" if cfg.crop else "--size")
     card = ModelCard(arch=arch, encoder=encoder, size=cfg.size, crop=cfg.crop, norm=dict(DEFAULT_NORM),
-                     unify_hands=cfg.unify_hands, in_channels=in_channels, preprocess=cfg.preprocess, ema=cfg.ema)
+                     unify_hands=cfg.unify_hands, in_channels=in_channels, preprocess=cfg.preprocess, ema=cfg.ema,
+                     roi=cfg.roi, roi_margin=cfg.roi_margin if cfg.roi else None)
     if cfg.init is not None:  # the parent fits this model: checked before any data is read
         parent, card.init_sha256 = init_parent(cfg.init, card)
         card.init = str(parent.resolve())
@@ -445,7 +446,7 @@ def _validate_epoch(run: _Run, epoch: int, val_items: list, context):
         if run.ema is not None:
             broadcast_buffers(run.ema.module, run.d)
         per_class = validate(run.scored, run.card, val_items, run.device, run.dtype, run.d, cfg.batch_size, context)
-        run.last_dice = float(per_class.mean())
+        run.last_dice = float(per_class[run.card.predicted].mean())  # a ROI model: its own classes
         run.patience.update(run.last_dice, epoch + 1)  # every rank: all stop together
     run.epochs_run += 1
     return per_class, time.perf_counter() - t_val
@@ -469,11 +470,13 @@ def _checkpoint_epoch(run: _Run, epoch: int, stats: dict, per_class, val_seconds
            "val_seconds": round(val_seconds, 2), "save_seconds": round(run.writer.wait_seconds, 3),
            "val_dice": "" if per_class is None else round(run.last_dice, 6)}
     if per_class is not None:
-        row.update({c: round(float(v), 6) for c, v in zip(CLASSES, per_class)})
+        own = set(card.predicted)  # a ROI model's other classes are not its to score: left blank
+        row.update({c: round(float(v), 6) if i in own else "" for i, (c, v) in enumerate(zip(CLASSES, per_class))})
     append_metrics(out / "metrics.csv", row)
     if logger:
         logger(row, run.step)
-    dice_text = f" val dice {run.last_dice:.4f}" if per_class is not None else ""
+    over = f" ({len(card.roi)} ROI classes)" if card.roi else ""
+    dice_text = f" val dice{over} {run.last_dice:.4f}" if per_class is not None else ""
     run.log(f"epoch {epoch + 1}: loss {stats['train_loss']:.4f}{dice_text} ({stats['images_per_s']:.1f} img/s, "
             f"{stats['seconds']:.1f}s)")
     if run.patience.exhausted:

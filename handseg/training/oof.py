@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from handseg.common.distributed import (
     barrier,
     dist_env,
@@ -66,5 +68,8 @@ def write_oof(cfg: TrainConfig, out: Path, val_items: list, device: str, log=pri
                                n_folds=n_folds or 5, splits=cfg.splits, checkpoint=best)
     if main:
         key = "merged" if "merged" in result.dice else transforms[0].name
-        log(f"out-of-fold maps of fold {cfg.fold} ({result.images} images, Dice {result.dice[key]:.4f} with "
+        dice, over = result.dice[key], ""
+        if cfg.roi and result.per_class:  # a ROI model is scored on its own classes, as its validation was
+            dice, over = float(np.mean([result.per_class[c] for c in cfg.roi])), f" of its {len(cfg.roi)} ROI classes"
+        log(f"out-of-fold maps of fold {cfg.fold} ({result.images} images, Dice{over} {dice:.4f} with "
             f"{best.name}) -> {out / OOF_DIR}")

@@ -28,6 +28,7 @@ import numpy as np
 
 from handseg.common.errors import JSON_TOO_DEEP, HandsegError
 from handseg.data.layout import resolve_data
+from handseg.data.roi import roi_label
 from handseg.formats.files import MANIFEST_NAME, atomic_write_bytes, read_json
 from handseg.formats.oof import OOF_DIR
 from handseg.models.checkpoint import BEST, LAST, ModelCard, checkpoint_bytes, read_card, unwrap
@@ -276,16 +277,17 @@ def check_same_model(header: dict, card: ModelCard, path: Path) -> None:
                                "the same model (drop the flag, or start a new run with another --out)", path)
 
 
-LEVER_KEYS = ("preprocess", "ema")
+LEVER_KEYS = ("preprocess", "ema", "roi", "roi_margin")
 """Card fields a resumed run must share with ``last.safetensors`` (newer than resume files' model keys)."""
 
 
 def check_same_levers(last: ModelCard, card: ModelCard, path: Path) -> None:
-    """A resumed run keeps the levers that change what the model sees or is: refuse another --preprocess or
-    --ema."""
+    """A resumed run keeps the levers that change what the model sees or is: refuse another --preprocess,
+    --ema, --roi or --roi-margin."""
     for key in LEVER_KEYS:
         saved, now = getattr(last, key), getattr(card, key)
         if saved != now:
+            saved, now = (roi_label(v) if isinstance(v, list) else v for v in (saved, now))
             flag = "--" + key.replace("_", "-")
             raise HandsegError(f"the run was trained with {flag} {saved or 'none'}, not {now or 'none'}; --resume "
                                "continues the same model (give the run's value, or start a new run with another "
