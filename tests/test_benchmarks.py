@@ -149,9 +149,9 @@ def test_levers_benchmark_runs_tiny(capsys):
 
     rows = levers.main(["--epochs", "1", "--ids", "5", "--held-out-ids", "1", "--image-size", "96"])
     assert [r["run"] for r in rows] == ["baseline", "--preprocess clahe", "--ema 0.9", "--patience 2",
-                                        "--init baseline, lr / 10"]
-    assert all(0.0 <= r["held_out"] <= 1.0 and r["steps"] >= 1 for r in rows)
-    assert "| run | steps | best val Dice | held-out Dice | vs baseline |" in capsys.readouterr().out
+                                        "--init baseline, lr / 10", "--roi carpals, beside baseline"]
+    assert all(0.0 <= r["held_out"] <= 1.0 and 0.0 <= r["carpals"] <= 1.0 and r["steps"] >= 1 for r in rows)
+    assert "| run | steps | best val Dice | held-out Dice | vs baseline | held-out carpals |" in capsys.readouterr().out
 
 
 @pytest.mark.slow

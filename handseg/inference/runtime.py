@@ -40,7 +40,8 @@ def resolve_amp(amp: str, device: str):
 
 def apply_threads(device: str = "cpu", workers: int | None = None, say=None, adapt_to_load: bool = True):
     """Decide this run's threads (:func:`~handseg.common.threads.plan_threads` over the usable CPUs or
-    ``--threads``), set torch's and OpenCV's intra-op threads to it, and record it for the manifest.
+    ``--threads``), set torch's and OpenCV's intra-op threads to it (OpenCV's to one where loader workers will
+    be forked), and record it for the manifest.
 
     ``adapt_to_load=False`` (training) ignores the machine's load, so results do not depend on it.
 
@@ -60,7 +61,9 @@ def apply_threads(device: str = "cpu", workers: int | None = None, say=None, ada
     torch.set_num_threads(plan.intra_op)
     with contextlib.suppress(RuntimeError):  # settable once, before the first parallel work
         torch.set_num_interop_threads(1 if plan.intra_op <= 2 else 2)
-    _cv2_threads(plan.intra_op)
+    # a process that forks loader workers keeps OpenCV to one thread: the workers inherit that (one thread each,
+    # as the plan counts them), and resizing OpenCV's pool inside a forked worker can deadlock
+    _cv2_threads(1 if plan.workers > 0 else plan.intra_op)
     threads.record(plan)
     # a loaded machine gets fewer intra-op threads (plan.busy says why); the manifest records it rather
     # than a note on every command, which would also come before a command's one-line error
