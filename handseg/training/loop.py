@@ -337,6 +337,14 @@ def _restore(cfg: TrainConfig, model, optimizer, scheduler, scaler, start: _Star
     if start.planned_epochs != cfg.epochs:  # the cosine decay now ends at the new last step: say so, once restored
         log(f"--epochs {cfg.epochs}: the run planned {start.planned_epochs}; its learning-rate schedule is re-planned "
             f"over {cfg.epochs} epochs from step {start.step}")
+    saved_max = (start.state[1]["run"].get("max_steps") if start.state else None)
+    if saved_max != cfg.max_steps and "max_steps" in (start.state[1]["run"] if start.state else {}):
+        def plan(m):
+            return f"--max-steps {m}" if m else "no --max-steps"
+
+        log(f"{plan(cfg.max_steps)}: the run planned its warm-up and cosine with {plan(saved_max)}; its learning-rate "
+            f"schedule is re-planned over {cfg.max_steps or cfg.epochs} {'steps' if cfg.max_steps else 'epochs'} from "
+            f"step {start.step}")
 
 
 def _start_run(run: _Run, out: Path, n_train: int, n_val: int, start: _Start):

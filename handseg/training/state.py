@@ -309,7 +309,8 @@ def run_identity(cfg) -> dict:
         splits = hashlib.sha256(Path(cfg.splits).read_bytes()).hexdigest()
     return {"data": real(resolve_data(cfg.data, "train").root), "splits": splits, "fold": cfg.fold,
             "extra": sorted(real(p) for p in cfg.extra), "context": sorted(real(p) for p in cfg.context),
-            "seed": cfg.seed, "lr": cfg.lr, "batch_size": cfg.batch_size, "accum": cfg.accum, "epochs": cfg.epochs}
+            "seed": cfg.seed, "lr": cfg.lr, "batch_size": cfg.batch_size, "accum": cfg.accum, "epochs": cfg.epochs,
+            "max_steps": cfg.max_steps}
 
 
 _RUN_FLAGS = {"data": "--data", "splits": "--splits (its content)", "fold": "--fold", "extra": "--extra",

@@ -691,6 +691,10 @@ def test_resume_takes_the_options_not_given_from_the_run_and_says_a_longer_plan(
     assert "--epochs 2: the run planned 1; its learning-rate schedule is re-planned over 2 epochs from step" in said
     options = json.loads((out / "manifest.json").read_text())["options"]
     assert (options["lr"], options["batch_size"], options["accum"], options["epochs"]) == (3e-3, 3, 1, 2)
+    code, said, err = run_cli(_resume_args(synth_data, out, "--epochs", 3, "--max-steps", 100), capsys)
+    assert code == 0, err  # another --max-steps re-plans the schedule too, and says so
+    assert ("--max-steps 100: the run planned its warm-up and cosine with no --max-steps; its learning-rate schedule "
+            "is re-planned over 100 steps from step") in said
 
 
 def test_recipe_values_are_refused_in_one_line(run, synth_data, tmp_path, capsys):
