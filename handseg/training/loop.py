@@ -343,8 +343,7 @@ def _restore(cfg: TrainConfig, model, optimizer, scheduler, scaler, start: _Star
             return f"--max-steps {m}" if m else "no --max-steps"
 
         log(f"{plan(cfg.max_steps)}: the run planned its warm-up and cosine with {plan(saved_max)}; its learning-rate "
-            f"schedule is re-planned over {cfg.max_steps or cfg.epochs} {'steps' if cfg.max_steps else 'epochs'} from "
-            f"step {start.step}")
+            f"schedule is re-planned with {plan(cfg.max_steps)} over {cfg.epochs} epochs from step {start.step}")
 
 
 def _start_run(run: _Run, out: Path, n_train: int, n_val: int, start: _Start):

@@ -694,7 +694,7 @@ def test_resume_takes_the_options_not_given_from_the_run_and_says_a_longer_plan(
     code, said, err = run_cli(_resume_args(synth_data, out, "--epochs", 3, "--max-steps", 100), capsys)
     assert code == 0, err  # another --max-steps re-plans the schedule too, and says so
     assert ("--max-steps 100: the run planned its warm-up and cosine with no --max-steps; its learning-rate schedule "
-            "is re-planned over 100 steps from step") in said
+            "is re-planned with --max-steps 100 over 3 epochs from step") in said
 
 
 def test_recipe_values_are_refused_in_one_line(run, synth_data, tmp_path, capsys):
