@@ -308,6 +308,13 @@ def level_cuts(thresholds, weight_sum: float = 1.0) -> np.ndarray:
     return np.asarray(thresholds, dtype=np.float64) * 255.0 * float(weight_sum)
 
 
+def integer_cuts(thresholds, weight_sum: float = 1.0) -> np.ndarray:
+    """:func:`level_cuts` for levels that are whole numbers (a uint8 map, or ``round(255 p)`` held as floats):
+    ``q > c`` exactly when ``q > floor(c)``, so the cuts are whole numbers too and a map can be compared as
+    uint8, or as float32 without the cut's rounding to float32 moving a level across it."""
+    return np.floor(level_cuts(thresholds, weight_sum))
+
+
 def cut_value(kind: str, value: float, weight_sum: float = 1.0) -> float:
     """The number a level must exceed: ``255 t`` (configuration), ``255 t sum(w)`` (soft), ``k - 0.5`` (hard,
     ``value`` = min votes)."""

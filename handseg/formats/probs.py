@@ -38,6 +38,16 @@ def quantise_probs(probs):
     return q.byte()  # a torch tensor (this module imports no torch)
 
 
+def levels_inplace(probs):
+    """Probabilities in [0, 1] (a float torch tensor or numpy array) turned, in place, into the levels
+    :func:`quantise_probs` stores, ``round(255 p)``, held as floats: no copy of a 29-map image (half a
+    gigabyte at 2048 px), and ``.to(uint8)`` of the result equals :func:`quantise_probs` of the input."""
+    if isinstance(probs, np.ndarray):
+        np.multiply(probs, 255.0, out=probs)
+        return np.round(probs, out=probs)
+    return probs.mul_(255.0).round_()
+
+
 def pack_probs(probs: np.ndarray) -> np.ndarray:
     """``(C, H, W)`` float probabilities (or uint8 from :func:`quantise_probs`) -> the 1-D uint8 buffer
     described above."""

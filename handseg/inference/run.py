@@ -23,9 +23,9 @@ from handseg.common.threads import budget as thread_budget
 from handseg.data.images import read_image
 from handseg.data.labels import class_masks, read_polygons
 from handseg.data.layout import Sample, discover
-from handseg.ensemble.masks import GRID, check_thresholds, keep_largest_classes, level_cuts
+from handseg.ensemble.masks import GRID, check_thresholds, integer_cuts, keep_largest_classes, level_cuts
 from handseg.formats.files import atomic_write_json, read_json
-from handseg.formats.probs import PROBS_FORMATS, PROBS_INDEX, probs_name, quantise_probs, write_probs
+from handseg.formats.probs import PROBS_FORMATS, PROBS_INDEX, levels_inplace, probs_name, quantise_probs, write_probs
 from handseg.formats.rle import mask_to_runs, runs_to_mask, runs_to_rle
 from handseg.formats.submission import write_predictions
 from handseg.formats.tta import IDENTITY, Transform
@@ -170,7 +170,10 @@ def _predict_shard(predictor: Predictor, shard: list[Sample], transforms: list[T
     rows: dict[str, object] = {}
     if progress:
         progress(total=len(shard))
-    cuts = torch.as_tensor(level_cuts(thr), dtype=torch.float64, device=predictor.device).view(-1, 1, 1)
+    # whole-number cuts: compared with uint8 levels, or with round(255 p) held as float32, without widening either
+    whole = integer_cuts(thr)
+    cuts = torch.as_tensor(whole, dtype=torch.uint8, device=predictor.device).view(-1, 1, 1)
+    float_cuts = torch.as_tensor(whole, dtype=torch.float32, device=predictor.device).view(-1, 1, 1)
     per_forward = 1 if any(c.crop for c in predictor.cards) else max(1, batch)
     saves = []
     # one thread behind the model: RLE text, tuning statistics and map files, in order
@@ -192,8 +195,9 @@ def _predict_shard(predictor: Predictor, shard: list[Sample], transforms: list[T
             for (s, _), truth, p in zip(group, truths, merged):
                 # thresholds, runs and quantisation on the device: only run boundaries (and uint8 maps
                 # when asked for) cross to the host, not 29 float maps of the image's full size
-                level = quantise_probs(p)
-                masks = level > cuts
+                levels_inplace(p)  # p holds round(255 p) now (no copy of the image's 29 maps)
+                masks = p > float_cuts
+                level = p.to(torch.uint8) if (tune or probs_dir is not None) else None
                 if tune:
                     dice_sum[merged_key] += dice_masks(truth, masks.cpu().numpy())
                     rows[s.name] = encoder.submit(_tune_rows, level.cpu().numpy(), truth, tune_sum)

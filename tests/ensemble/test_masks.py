@@ -58,3 +58,24 @@ def test_predict_vote_soft_and_the_recipe_give_identical_masks_at_every_threshol
         assert len(read_predictions(base / f"p{t}.csv").images) == 4
         checked += sum(bool(line.split(",")[2]) for line in rows[0][:-1])
     assert checked  # some masks are not empty: the comparison saw pixels
+
+
+def test_whole_number_cuts_cut_every_level_as_the_one_rule_does():
+    """predict compares round(255 p), held as float32 (in place), or uint8 levels with floor(255 t): the same
+    pixels as the stored level against 255 t, at thresholds whose cut is (nearly) a whole number too."""
+    import torch
+
+    from handseg.ensemble.masks import integer_cuts, level_cuts
+    from handseg.formats.probs import levels_inplace, quantise_probs
+
+    p = torch.cat([torch.arange(256, dtype=torch.float32) / 255, torch.rand(4000)])  # every level, and others
+    q = quantise_probs(p)
+    for t in [*GRID, 127 / 255, 128 / 255, 0.5, 1e-6, 0.999999, 100.5 / 255]:
+        want = q.numpy() > level_cuts(t)
+        whole = float(integer_cuts(t))
+        assert whole == int(whole)
+        assert np.array_equal((levels_inplace(p.clone()) > torch.tensor(whole, dtype=torch.float32)).numpy(), want), t
+        assert np.array_equal((q > torch.tensor(whole, dtype=torch.uint8)).numpy(), want), t
+    assert torch.equal(levels_inplace(p.clone()).to(torch.uint8), q)
+    a = p.numpy().copy()
+    assert np.array_equal(levels_inplace(a).astype(np.uint8), quantise_probs(p.numpy()))
