@@ -28,6 +28,7 @@ from handseg.data.preprocess import preprocess_image
 from handseg.data.roi import Box, cut_box, mask_bounds, overlap, roi_box, roi_label
 from handseg.ensemble.masks import level_cuts
 from handseg.formats.probs import quantise_probs
+from handseg.formats.rle import mask_to_runs
 from handseg.formats.tta import IDENTITY, MERGES, Transform, parse_transforms, tta_option
 from handseg.inference.onnx import load_onnx, onnx_beside
 from handseg.inference.runtime import apply_threads, pick_device, resolve_amp
@@ -489,6 +490,14 @@ def masks_to_runs(masks) -> list:
     """Runs (see :mod:`handseg.formats.rle`) of each ``(K, H, W)`` bool mask of a tensor, computed where
     the tensor lives: on a GPU only the run boundaries are copied to the host. Equal to
     :func:`~handseg.formats.rle.mask_to_runs` of each mask."""
+
+    if masks.device.type == "cpu":  # on the host, the bounding-box runs of each mask are ~20x faster at 2048 px
+        return [mask_to_runs(m) for m in masks.numpy()]
+    return tensor_runs(masks)
+
+
+def tensor_runs(masks) -> list:
+    """:func:`masks_to_runs` computed with torch where the tensor lives (what a GPU runs)."""
     import torch
 
     k = masks.shape[0]

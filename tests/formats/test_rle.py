@@ -106,15 +106,16 @@ def test_tensor_runs_equal_numpy_runs(device):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA")
 
-    from handseg.inference.predictor import masks_to_runs
+    from handseg.inference.predictor import masks_to_runs, tensor_runs
 
     rng = np.random.default_rng(3)
     for h, w in ((37, 53), (64, 64)):
         masks = rng.random((6, h, w)) < np.array([0.0, 1.0, 0.5, 0.02, 0.98, 0.3]).reshape(-1, 1, 1)
         masks[5, :, -3:] = True
         masks[5, 1:, :2] = True  # runs that continue from one row's end into the next
-        got = masks_to_runs(torch.from_numpy(masks).to(device))
-        for m, (starts, lengths) in zip(masks, got):
-            want = mask_to_runs(m)
-            assert starts.dtype == np.int64 and lengths.dtype == np.int64
-            assert np.array_equal(starts, want[0]) and np.array_equal(lengths, want[1])
+        tensor = torch.from_numpy(masks).to(device)
+        for got in (masks_to_runs(tensor), tensor_runs(tensor)):  # the host's choice, and torch's on any device
+            for m, (starts, lengths) in zip(masks, got):
+                want = mask_to_runs(m)
+                assert starts.dtype == np.int64 and lengths.dtype == np.int64
+                assert np.array_equal(starts, want[0]) and np.array_equal(lengths, want[1])
