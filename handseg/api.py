@@ -26,14 +26,14 @@ from handseg.commands.predict import predict
 from handseg.commands.predict import tta as run_tta
 from handseg.common.constants import CLASSES
 from handseg.common.errors import HandsegError
-from handseg.common.notices import reset
+from handseg.common.notices import notice, reset
 from handseg.data.images import read_image as read
 from handseg.ensemble.masks import check_thresholds, level_cuts
 from handseg.formats.probs import quantise_probs
 from handseg.formats.rle import rle_decode as decode
 from handseg.formats.rle import rle_encode as encode
 from handseg.formats.tta import parse_transforms
-from handseg.inference.predictor import Predictor
+from handseg.inference.predictor import Predictor, say_roi
 from handseg.models.checkpoint import resolve_checkpoint
 from handseg.selection.export import is_model_zip, open_model_zip
 
@@ -132,6 +132,9 @@ def load_model(source: PathLike | Sequence[PathLike], device: str = "auto", tta:
             sources = bundle.checkpoints
         # the weights are read into memory here, so the unpacked zip can go when the block ends
         predictor = Predictor.load([resolve_checkpoint(s) for s in sources], device=device, amp=amp, batch=batch)
+        roi = say_roi(predictor.cards, [bundle.label(s) if zips else str(s) for s in sources])
+        if roi:
+            notice("roi-models", roi)
     return Model(predictor, transforms)
 
 

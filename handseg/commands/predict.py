@@ -207,7 +207,8 @@ def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, dev
         if probs is not None:
             check_output(probs, overwrite, "dir", sources)
     resolved = [resolve_checkpoint(c) for c in checkpoints]
-    roi = say_roi([read_card(c) for c in resolved], [str(c) for c in checkpoints])
+    named = bundle.label if bundle is not None else str  # a zip's members by ZIP:MEMBER, not its temporary folder
+    roi = say_roi([read_card(c) for c in resolved], [named(c) for c in checkpoints])
     if roi and main:
         notice("roi-models", roi)
     transform_list = parse_transforms(transforms)

@@ -4,8 +4,9 @@ A 2024 team replaced the carpal classes of their whole-hand model with the outpu
 on a wrist crop. Here such a model is trained on a square box around its classes, taken from the labels
 (with a random jitter of its size and centre, so that the model does not rely on a perfect box); at
 prediction the box comes from a stage-1 model's masks of those classes (the cascade's ``--context``
-runs). The box is cut from the full-resolution image (beyond the image's edge: black, as training's
-crops pad) and resized to the model's ``--size``.
+runs; each class's largest connected component, so that a stray pixel does not stretch it). The box is
+cut from the full-resolution image (beyond the image's edge: black, as training's crops pad) and resized
+to the model's ``--size``.
 
 This module is the one home of the rule that turns the classes' extent into a box, used by training
 (:class:`~handseg.training.dataset.SegmentationDataset`) and prediction

@@ -28,6 +28,8 @@ from handseg.formats.probs import ProbMap, probs_name, read_probs_index
 from handseg.formats.recipe import read_recipe
 from handseg.formats.rle import check_runs_fit, runs_to_crop
 from handseg.formats.submission import read_predictions
+from handseg.models.checkpoint import read_card, resolve_checkpoint
+from handseg.models.context import resolve_context
 
 
 @dataclass
@@ -82,11 +84,12 @@ def pseudo_origin(source: str | Path) -> list[dict] | None:
     doc = read_json(manifest, "manifest")
     options = doc.get("options") if isinstance(doc, dict) and isinstance(doc.get("options"), dict) else {}
     if isinstance(options.get("checkpoints"), list):
-        runs = [Path(str(c)).parent for c in options["checkpoints"]]
+        checkpoints = [Path(str(c)) for c in options["checkpoints"]]
     elif isinstance(options.get("recipe"), str) and Path(options["recipe"]).is_file():
-        runs = [Path(r) for c in read_recipe(options["recipe"]).configs for r in c.checkpoints]
+        checkpoints = [Path(r) for c in read_recipe(options["recipe"]).configs for r in c.checkpoints]
     else:
         return None
+    runs = list(dict.fromkeys(run for c in checkpoints for run in _runs_behind(c)))
     out = []
     for run in runs:
         doc = read_json(run / MANIFEST_NAME, "manifest") if (run / MANIFEST_NAME).is_file() else {}
@@ -96,6 +99,19 @@ def pseudo_origin(source: str | Path) -> list[dict] | None:
         out.append({"run": str(run), "fold": fold if isinstance(fold, int) and not isinstance(fold, bool) else None,
                     "splits": inputs.get("splits") if isinstance(inputs.get("splits"), str) else None})
     return out
+
+
+def _runs_behind(checkpoint: Path) -> list[Path]:
+    """The run of a checkpoint (a run folder or a checkpoint file) and, for a cascade or a ROI model, its
+    stage-1 runs: their maps went into its predictions, so they count among the models that made them."""
+    run = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    try:
+        path = resolve_checkpoint(checkpoint)
+        card = read_card(path)
+        stage1 = resolve_context(card.context, path, card.context_sha256) if card.context else []
+    except HandsegError:
+        return [run]  # not readable here: the run alone, which then says what it can
+    return [run, *(Path(os.path.normpath(p)).parent for p in stage1)]
 
 
 def make_pseudo(source: Path, data: Path, out: Path, min_confidence: float | None = None,

@@ -25,8 +25,8 @@ from handseg.common.threads import recorded as recorded_threads
 from handseg.data.anatomy import side_of
 from handseg.data.images import resize_image
 from handseg.data.preprocess import preprocess_image
-from handseg.data.roi import Box, cut_box, mask_bounds, overlap, roi_box, roi_label
-from handseg.ensemble.masks import level_cuts
+from handseg.data.roi import Bounds, Box, cut_box, mask_bounds, overlap, roi_box, roi_label
+from handseg.ensemble.masks import largest_component, level_cuts
 from handseg.formats.probs import quantise_probs
 from handseg.formats.rle import mask_to_runs
 from handseg.formats.tta import IDENTITY, MERGES, Transform, parse_transforms, tta_option
@@ -324,6 +324,9 @@ class Predictor:
                                   "right hand, and a flip would show them a left one")
             t = Transform(t.name, None, t.scale)
         out: list = [None] * len(images)
+        if m not in mirror and card.roi:
+            # a ROI model's own maps hold no fingers: the side comes from stage 1's maps of the whole hand
+            mirror[m] = [_is_left_hand(c) for c in context]
         if m not in mirror:
             first = self._run(model, card, images, IDENTITY, context)
             mirror[m] = [_is_left_hand(p) for p in first]
@@ -422,8 +425,7 @@ class Predictor:
         cut = level_cuts(DEFAULT_THRESHOLD) / 255.0  # the one cut rule, on the stage-1 levels the context holds
         boxes, cuts, ctxs = [], [], []
         for image, ctx in zip(images, context):
-            present = (ctx[own] > cut).any(dim=0)
-            bounds = mask_bounds(present.any(dim=1).cpu().numpy(), present.any(dim=0).cpu().numpy())
+            bounds = stage1_bounds(ctx[own] > cut)
             box = None if bounds is None else roi_box(bounds, card.roi_margin)
             boxes.append(box)
             if box is not None:
@@ -443,6 +445,25 @@ class Predictor:
                 full[own, ir, ic] = probs[own][:, br, bc]
             out.append(full)
         return out
+
+
+def stage1_bounds(masks) -> Bounds | None:
+    """The extent a ROI box is drawn around at prediction: the union of each class's largest 8-connected
+    component in stage 1's ``(k, H, W)`` bool masks (a tensor), so that a stray pixel far from the bones
+    does not stretch the box beyond what training's label boxes look like; None when every mask is empty."""
+    found = []
+    for mask in masks:
+        rows, cols = mask.any(dim=1).cpu().numpy(), mask.any(dim=0).cpu().numpy()
+        extent = mask_bounds(rows, cols)
+        if extent is None:
+            continue
+        r0, r1, c0, c1 = extent
+        part = largest_component(mask[r0:r1, c0:c1].cpu().numpy())
+        i0, i1, j0, j1 = mask_bounds(part.any(axis=1), part.any(axis=0))
+        found.append((r0 + i0, r0 + i1, c0 + j0, c0 + j1))
+    if not found:
+        return None
+    return (min(b[0] for b in found), max(b[1] for b in found), min(b[2] for b in found), max(b[3] for b in found))
 
 
 def say_roi(cards: list[ModelCard], names: list[str]) -> str | None:

@@ -115,6 +115,8 @@ class TrainConfig:
             if not values["context"]:
                 raise HandsegError("--roi needs --context STAGE1_RUN...: at prediction the box around its classes "
                                    "comes from a whole-image model's masks (e.g. the folds of a --size 512 run)")
+        elif values["roi_margin"] != ROI_MARGIN:
+            raise HandsegError("--roi-margin sets the box of a --roi model; give --roi CLASSES too")
         elif values["context"] and values["crop"] is None:
             raise HandsegError("--context needs --crop (a cascade's stage 2 trains on full-resolution crops, with "
                                "stage 1's maps of the whole image as context) or --roi")

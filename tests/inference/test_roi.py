@@ -43,6 +43,8 @@ def test_roi_options_are_checked(tmp_path):
         _cfg(tmp_path, tmp_path / "o", roi="carpals", crop=64, context=[tmp_path]).validated()
     with pytest.raises(HandsegError, match="unknown class or group 'wrist'"):
         _cfg(tmp_path, tmp_path / "o", roi="wrist", context=[tmp_path]).validated()
+    with pytest.raises(HandsegError, match="--roi-margin sets the box of a --roi model"):
+        _cfg(tmp_path, tmp_path / "o", roi_margin=0.3).validated()
     with pytest.raises(HandsegError, match="--context needs --crop .* or --roi"):
         _cfg(tmp_path, tmp_path / "o", context=[tmp_path]).validated()
     cfg = _cfg(tmp_path, tmp_path / "o", roi="Lunate,Scaphoid", context=[tmp_path]).validated()
@@ -108,6 +110,7 @@ def test_prediction_takes_the_box_from_stage_1s_masks_and_gives_only_roi_classes
     context[CLASS_INDEX["Lunate"], 70:75, 55:60] = 128  # and, just above the cut (q > 127.5), a lunate
     context[CLASS_INDEX["Capitate"], 0:10, 0:10] = 127  # below the cut: not part of the box
     context[CLASS_INDEX["finger-3"], 5:40, 10:90] = 255  # not a ROI class
+    context[CLASS_INDEX["Scaphoid"], 115, 95] = 255  # a stray pixel: not the scaphoid's largest component
     model = _Recorder()
     probs = Predictor([model], [_roi_card()], "cpu").predict([image], contexts=[context])[0]
 
@@ -126,6 +129,29 @@ def test_prediction_takes_the_box_from_stage_1s_masks_and_gives_only_roi_classes
     p = probs.numpy()
     assert np.allclose(p[CARPAL_IDX][:, inside], 1 / (1 + np.exp(-2.0)), atol=1e-6)
     assert not p[CARPAL_IDX][:, ~inside].any() and not p[OTHER_IDX].any()
+
+
+def test_a_unified_roi_model_sees_left_hands_mirrored_by_stage_1s_side():
+    """--unify-hands: training mirrors left hands from the labels; prediction from stage 1's fingers (a ROI
+    model's own maps have none), so the box and the image are those of the mirrored hand."""
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 255, (120, 100), dtype=np.uint8)
+    context = np.zeros((NUM_CLASSES, 120, 100), dtype=np.uint8)
+    context[CLASS_INDEX["finger-1"], 10:20, 80:90] = 255  # the thumb right of the little finger: a left hand
+    context[CLASS_INDEX["finger-16"], 10:20, 5:15] = 255
+    context[CLASS_INDEX["Scaphoid"], 60:80, 30:50] = 255
+    card = _roi_card()
+    card.unify_hands = True
+    model = _Recorder()
+    probs = Predictor([model], [card], "cpu").predict([image], contexts=[context])[0].numpy()
+    box = roi_box((60, 80, 50, 70), 0.15)  # the scaphoid of the mirrored hand
+    want = (torch.from_numpy(resize_image(cut_box(np.ascontiguousarray(image[:, ::-1]), box), (64, 64))).float() / 255
+            - DEFAULT_NORM["mean"]) / DEFAULT_NORM["std"]
+    assert len(model.seen) == 1 and torch.allclose(model.seen[0][0, 0], want, atol=1e-6)
+    inside = np.zeros((120, 100), dtype=bool)
+    r, c, side = box
+    inside[max(r, 0) : r + side, max(c, 0) : c + side] = True
+    assert np.array_equal(probs[CLASS_INDEX["Scaphoid"]] > 0, inside[:, ::-1])  # mirrored back
 
 
 def test_without_roi_classes_in_stage_1_the_roi_classes_are_stage_1s(capsys):
@@ -193,6 +219,11 @@ def test_roi_runs_end_to_end(synth_data, tmp_path, capsys):
     assert run_cli(["predict", low[0], "--data", test, "-o", csv["whole"], "--device", "cpu"])[0] == 0
     code, _, err = run_cli(["predict", low[0], wrist[0], "--data", test, "-o", csv["both"], "--device", "cpu"], capsys)
     assert code == 0 and "wrist_f0 predicts carpals in place of the other models" in err
+    from handseg.ensemble.pseudo import pseudo_origin
+
+    # pseudo labels from it count its stage-1 runs among their makers (fold 1's saw fold 0's images)
+    origin = {o["run"]: o["fold"] for o in pseudo_origin(csv["both"])}
+    assert origin == {str(low[0]): 0, str(wrist[0]): 0, str(low[1]): 1}
     code, _, err = run_cli(["predict", wrist[0], "--data", test, "-o", csv["roi"], "--device", "cpu"], capsys)
     assert code == 0 and "only ROI models were given" in err
     a, b, r = (pd.read_csv(csv[k]).fillna("") for k in ("whole", "both", "roi"))
