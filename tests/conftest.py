@@ -11,12 +11,15 @@ os.environ.setdefault("HANDSEG_NO_PROGRESS", "1")
 
 
 @pytest.fixture(autouse=True)
-def _fresh_notices():
-    """Each test says its notes afresh (notes are said once per process otherwise)."""
+def _fresh_notices(monkeypatch):
+    """Each test says its notes afresh (notes are said once per process otherwise), and decides threads
+    as on a quiet machine: what other jobs do to the machine's load does not change a test's thread count
+    (nor the order its sums run in). Tests of the load rule set it themselves."""
     from handseg.common import notices, threads
 
     notices.reset()
     threads.reset()
+    monkeypatch.setattr(threads, "_sample_load", lambda: None)
 
 
 @pytest.fixture(scope="session")

@@ -80,17 +80,66 @@ def usable_cpus(affinity=_READ, quota=_READ, count: int | None = None) -> int:
     return max(1, min(limits))
 
 
+STAT = Path("/proc/stat")
+SAMPLE_SECONDS = 0.25
+"""How long :func:`read_load` watches the machine's CPU counters (once per process)."""
+
+_load: tuple | None = None
+"""The cached :func:`read_load` result, in a 1-tuple (so that "the OS does not say" is cached too)."""
+
+
+def cpu_times(text: str) -> tuple[int, int]:
+    """``(idle ticks, all ticks)`` of all CPUs from the text of ``/proc/stat`` (its ``cpu`` line: user,
+    nice, system, idle, iowait, irq, softirq, steal; guest time is already inside user)."""
+    for line in text.splitlines():
+        parts = line.split()
+        if parts and parts[0] == "cpu":
+            ticks = [int(v) for v in parts[1:9]]
+            return ticks[3] + (ticks[4] if len(ticks) > 4 else 0), sum(ticks)
+    raise ValueError("no cpu line")
+
+
+def busy_cpus(before: tuple[int, int], after: tuple[int, int], cpus: int) -> float:
+    """CPUs busy between two :func:`cpu_times` readings (0 .. ``cpus``)."""
+    idle, total = after[0] - before[0], after[1] - before[1]
+    if total <= 0:
+        return 0.0
+    return min(float(cpus), max(0.0, cpus * (1.0 - idle / total)))
+
+
 def read_load() -> tuple[float, int] | None:
-    """``(1-minute load average, online CPUs of the machine)``, or ``None`` where the OS does not say."""
+    """``(CPUs the machine's other work keeps busy now, online CPUs of the machine)``, or ``None`` where
+    the OS does not say; read once per process (:func:`reset` forgets it).
+
+    Linux: the busy share of all CPUs over :data:`SAMPLE_SECONDS` from ``/proc/stat``, while this process
+    sleeps, so its own work is not counted. Elsewhere: the 1-minute load average, which lags: right after
+    a previous command it still counts that command's work.
+    """
+    global _load
+    if _load is None:
+        _load = (_sample_load(),)
+    return _load[0]
+
+
+def _sample_load() -> tuple[float, int] | None:
+    import time
+
+    cpus = os.cpu_count() or 1
     try:
-        return os.getloadavg()[0], os.cpu_count() or 1
+        before = cpu_times(STAT.read_text())
+        time.sleep(SAMPLE_SECONDS)
+        return busy_cpus(before, cpu_times(STAT.read_text()), cpus), cpus
+    except (OSError, ValueError):
+        pass
+    try:
+        return os.getloadavg()[0], cpus
     except (AttributeError, OSError):
         return None
 
 
 def free_cpus(usable: int, load=_READ) -> int:
     """Of ``usable`` CPUs, those the machine's other work leaves free: ``usable`` times the idle share of
-    the machine (``1 - load / cpus``), rounded up, at least 1.
+    the machine (``1 - busy / cpus``), rounded up, at least 1.
 
     Why: torch's intra-op threads meet at a barrier after every operation, so one thread the OS has
     descheduled for a busy neighbour stalls the others; on a loaded 2-core box two threads ran the demo
@@ -112,6 +161,11 @@ def set_override(threads: int | None) -> None:
     _override = threads
 
 
+def overridden() -> bool:
+    """Whether ``handseg --threads`` set this run's budget."""
+    return _override is not None
+
+
 def budget() -> tuple[int, str]:
     """``(threads, where the number comes from)``: ``--threads``, or the usable CPUs."""
     if _override is not None:
@@ -128,7 +182,7 @@ def intra_op_cap(plan_budget: int) -> tuple[int, str | None]:
     if free >= plan_budget:
         return plan_budget, None
     load = read_load()
-    return free, f"load average {load[0]:.1f} on {load[1]} CPUs" if load else None
+    return free, f"other work busy on {load[0]:.1f} of {load[1]} CPUs" if load else None
 
 
 @dataclass(frozen=True)
@@ -191,7 +245,9 @@ def recorded() -> dict | None:
 
 
 def reset() -> None:
-    """Forget ``--threads`` and the recorded plan (each CLI run in one process starts afresh)."""
-    global _override, _recorded
+    """Forget ``--threads``, the machine's load and the recorded plan (each CLI run in one process starts
+    afresh)."""
+    global _override, _recorded, _load
     _override = None
     _recorded = None
+    _load = None

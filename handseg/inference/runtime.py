@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import replace
 
 from handseg.common import threads
 from handseg.common.distributed import dist_env
@@ -38,12 +39,17 @@ def resolve_amp(amp: str, device: str):
     return torch.float16
 
 
-def apply_threads(device: str = "cpu", workers: int | None = None, say=None, adapt_to_load: bool = True):
+def apply_threads(device: str = "cpu", workers: int | None = None, say=None, adapt_to_load: bool = True,
+                  intra_op: int | None = None):
     """Decide this run's threads (:func:`~handseg.common.threads.plan_threads` over the usable CPUs or
     ``--threads``), set torch's and OpenCV's intra-op threads to it (OpenCV's to one where loader workers will
     be forked), and record it for the manifest.
 
-    ``adapt_to_load=False`` (training) ignores the machine's load, so results do not depend on it.
+    Args:
+        adapt_to_load: give fewer intra-op threads while other work keeps the machine's CPUs busy
+            (:func:`~handseg.common.threads.intra_op_cap`); ``False`` ignores the machine's load.
+        intra_op: the intra-op threads to keep (a resumed run keeps its run's, so that it sums in the same
+            order), at most what the budget allows; ``--threads`` overrides it.
 
     Returns:
         The :class:`~handseg.common.threads.ThreadPlan`; ``plan.workers`` is the DataLoader's count.
@@ -54,10 +60,11 @@ def apply_threads(device: str = "cpu", workers: int | None = None, say=None, ada
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # torchrun: the processes of one machine share it
     if local > 1:
         n, source = max(1, n // local), f"{source}, shared by {local} processes"
-    # training keeps the same thread count whatever the load, so a seeded run (and its resume) sums in
-    # the same order on the same machine; prediction may shed threads on a loaded machine
-    cap = threads.intra_op_cap(n) if adapt_to_load else (n, None)
+    # the machine's load is not read under torchrun (its other processes are this run's own work)
+    cap = threads.intra_op_cap(n) if adapt_to_load and local == 1 and intra_op is None else (n, None)
     plan = threads.plan_threads(n, device, workers, source, cap)
+    if intra_op is not None and not threads.overridden():
+        plan = replace(plan, intra_op=max(1, min(intra_op, plan.intra_op)), busy=None)
     torch.set_num_threads(plan.intra_op)
     with contextlib.suppress(RuntimeError):  # settable once, before the first parallel work
         torch.set_num_interop_threads(1 if plan.intra_op <= 2 else 2)

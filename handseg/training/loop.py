@@ -73,6 +73,8 @@ class _Start:
     planned_epochs: int | None = None
     last_score: float | None = None
     levers: dict = field(default_factory=dict)
+    threads: int | None = None
+    """The intra-op threads the resumed run trained with (``None``: a fresh run, or an older resume file)."""
 
 
 @dataclass
@@ -144,6 +146,8 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
     context = _stage1_context(cfg, card, stage1, out, train_items + val_items, device, d, log,
                               {i.sample.name for i in val_items})
     start = _resume_point(cfg, out, card)
+    if start.threads is not None:  # the resumed run sums in the order its run did
+        cfg = _fit_threads(cfg, device, None, start.threads)
     if start.epoch >= cfg.epochs or stopped_early(cfg.patience, start.levers):
         return _finished(cfg, out, start, val_items, device, log, context, d)
     run = _build_run(cfg, card, plan, loss_fn, train_items, context, device, d, start, log)
@@ -166,12 +170,13 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
             "steps": run.step, "out": str(out)}
 
 
-def _fit_threads(cfg: TrainConfig, device: str, log) -> TrainConfig:
+def _fit_threads(cfg: TrainConfig, device: str, log, intra_op: int | None = None) -> TrainConfig:
     """The run's threads (see :mod:`handseg.common.threads`): ``--workers`` fitted to the usable CPUs or
-    ``handseg --threads``, so the manifest's options say what ran."""
+    ``handseg --threads``, so the manifest's options say what ran; intra-op threads fewer while other work
+    keeps the machine busy, or ``intra_op``, those of the run being resumed."""
     from dataclasses import replace
 
-    return replace(cfg, workers=apply_threads(device, cfg.workers, log, adapt_to_load=False).workers)
+    return replace(cfg, workers=apply_threads(device, cfg.workers, log, intra_op=intra_op).workers)
 
 
 def _plan_run(cfg: TrainConfig) -> tuple:
@@ -237,7 +242,7 @@ def _resume_point(cfg: TrainConfig, out: Path, card: ModelCard) -> _Start:
                            f"epoch {last_card.epoch} (step {last_card.step})", resume_path)
     best = read_card(out / BEST).score if (out / BEST).is_file() else -1.0
     return _Start(header["epoch"], header["step"], -1.0 if best is None else best, state, resume_path,
-                  header["run"]["epochs"], last_card.score, header.get("levers") or {})
+                  header["run"]["epochs"], last_card.score, header.get("levers") or {}, header.get("threads"))
 
 
 def _finished(cfg: TrainConfig, out: Path, start: _Start, val_items: list, device: str, log, context, d) -> dict:
@@ -462,6 +467,8 @@ def _validate_epoch(run: _Run, epoch: int, val_items: list, context):
 def _checkpoint_epoch(run: _Run, epoch: int, stats: dict, per_class, val_seconds: float, has_val: bool, logger,
                       out: Path) -> None:
     """Rank 0: hand the checkpoint and resume state to the background writer, append the metrics row, log."""
+    import torch
+
     cfg, card = run.cfg, run.card
     card.score = run.last_dice
     improved = (per_class is not None and run.last_dice > run.best) or not has_val
@@ -470,7 +477,8 @@ def _checkpoint_epoch(run: _Run, epoch: int, stats: dict, per_class, val_seconds
     run.writer.wait_seconds = 0.0
     run.writer.save_epoch(run.scored, card, improved, resume_payload(
         run.optimizer, run.scheduler, run.scaler, epoch + 1, run.step, run.best, card, run.identity,
-        weights=run.model if run.ema is not None else None, levers={"patience": run.patience.state()}))
+        weights=run.model if run.ema is not None else None, levers={"patience": run.patience.state()},
+        threads=torch.get_num_threads()))
     row = {"epoch": epoch + 1, "step": run.step, "train_loss": round(stats["train_loss"], 6),
            "lr": run.scheduler.get_last_lr()[0], "images_per_s": round(stats["images_per_s"], 3),
            "seconds": round(stats["seconds"], 2), "data_wait": round(stats["data_wait"], 4),

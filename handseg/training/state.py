@@ -84,12 +84,14 @@ def _json_safe(value: Any, where: str) -> Any:
 
 
 def resume_payload(optimizer, scheduler, scaler, epoch: int, step: int, best: float, card: ModelCard,
-                   run: dict | None = None, weights=None, levers: dict | None = None) -> tuple[dict, dict]:
+                   run: dict | None = None, weights=None, levers: dict | None = None,
+                   threads: int | None = None) -> tuple[dict, dict]:
     """The resume state as ``(tensors, header)``, copied to the host now (training goes on meanwhile).
 
     ``weights``: the model being trained, when ``last`` holds other weights (``--ema``: last holds the
     average, the resume file the weights it averages, as ``weights.<name>``). ``levers``: JSON state of
-    the training levers (the ``--patience`` count), under ``levers`` in the header.
+    the training levers (the ``--patience`` count), under ``levers`` in the header. ``threads``: the
+    intra-op threads the run trains with, which its resume keeps (another count sums in another order).
     """
     import torch
 
@@ -120,6 +122,8 @@ def resume_payload(optimizer, scheduler, scaler, epoch: int, step: int, best: fl
         "python_rng": _json_safe(random.getstate(), "random"),
         "levers": _json_safe(levers or {}, "levers"),
     }
+    if threads is not None:
+        header["threads"] = int(threads)
     return tensors, header
 
 
@@ -180,6 +184,9 @@ def _read(path: Path, tensors: bool) -> tuple[dict, dict]:
             and isinstance(run["lr"], int | float) and not isinstance(run["lr"], bool) and run["lr"] > 0):
         raise HandsegError("resume state is malformed: its run's lr, batch_size, accum or epochs is not a positive "
                            "number", path)
+    saved = header.get("threads")  # absent in resume files of older versions
+    if saved is not None and not (isinstance(saved, int) and not isinstance(saved, bool) and 0 < saved <= 4096):
+        raise HandsegError(f"resume state is malformed: its threads is {saved!r}, not a positive integer", path)
     return found, header
 
 

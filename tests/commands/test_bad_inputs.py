@@ -653,6 +653,8 @@ def _nan_moment(tensors, header):
     (lambda t, h: h["run"].update(lr=float("nan")), "resume state holds nan (run.lr)"),
     (lambda t, h: h["run"].update(batch_size="4"), "its run's lr, batch_size, accum or epochs is not a positive"),
     (_nan_moment, "resume state holds NaN or infinity (optimizer.1.exp_avg_sq)"),
+    (lambda t, h: h.update(threads=0), "resume state is malformed: its threads is 0, not a positive integer"),
+    (lambda t, h: h.update(threads="2"), "resume state is malformed: its threads is '2', not a positive integer"),
 ])
 def test_resume_state_is_checked_whole_before_the_first_step(resumable, synth_data, tmp_path, capsys, edit, needle):
     out = tmp_path / "run"

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from handseg.common import threads
-from handseg.common.threads import plan_threads, read_cgroup_quota, usable_cpus
+from handseg.common.threads import _sample_load as real_sample_load
+from handseg.common.threads import busy_cpus, cpu_times, plan_threads, read_cgroup_quota, usable_cpus
 from tests.conftest import run_cli
 
 
@@ -101,10 +102,47 @@ def test_a_busy_machine_gets_fewer_intra_op_threads(usable, load, expected):
 
 
 def test_the_load_caps_intra_op_threads_but_not_an_explicit_budget(monkeypatch):
-    monkeypatch.setattr(threads, "read_load", lambda: (6.0, 2))
+    monkeypatch.setattr(threads, "read_load", lambda: (1.8, 2))
     cap = threads.intra_op_cap(2)
-    assert cap == (1, "load average 6.0 on 2 CPUs")
+    assert cap == (1, "other work busy on 1.8 of 2 CPUs")
     plan = plan_threads(2, "cpu", None, cap=cap)
-    assert (plan.intra_op, plan.workers, plan.busy) == (1, 0, "load average 6.0 on 2 CPUs")
+    assert (plan.intra_op, plan.workers, plan.busy) == (1, 0, "other work busy on 1.8 of 2 CPUs")
     threads.set_override(2)
     assert threads.intra_op_cap(2) == (2, None)
+
+
+STAT = "cpu  {} 0 {} {} {} 0 0 0 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\nintr 12345\n"
+
+
+def test_the_machine_load_is_its_busy_share_now_read_from_proc_stat_once(tmp_path, monkeypatch):
+    # user, nice, system, idle, iowait, irq, softirq, steal (guest time is inside user)
+    assert cpu_times(STAT.format(100, 50, 800, 50)) == (850, 1000)
+    before, after = (850, 1000), (850 + 50, 1000 + 200)  # 200 ticks, 50 idle: 3/4 of the machine busy
+    assert busy_cpus(before, after, 2) == pytest.approx(1.5)
+    assert busy_cpus(before, before, 2) == 0.0  # no tick passed: nothing known to be busy
+    with pytest.raises(ValueError):
+        cpu_times("intr 1 2 3\n")
+
+    # the sample: two readings SAMPLE_SECONDS apart, taken once per process (reset forgets it)
+    stat = tmp_path / "stat"
+    readings = iter([STAT.format(100, 50, 800, 50), STAT.format(250, 50, 800, 50)])
+
+    def read_text(self):
+        assert self == stat
+        return next(readings)
+
+    monkeypatch.setattr(threads, "_sample_load", real_sample_load)
+    monkeypatch.setattr(threads, "STAT", stat)
+    monkeypatch.setattr(threads, "SAMPLE_SECONDS", 0.0)
+    monkeypatch.setattr(type(stat), "read_text", read_text)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
+    threads.reset()
+    assert threads.read_load() == (pytest.approx(2 * 150 / 150), 2)  # all 150 ticks busy: both CPUs
+    assert threads.read_load() == (pytest.approx(2.0), 2)  # cached: the readings are not taken again
+    assert threads.free_cpus(2) == 1
+
+    # no /proc/stat (macOS): the 1-minute load average
+    monkeypatch.setattr(type(stat), "read_text", lambda self: (_ for _ in ()).throw(OSError("no such file")))
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.5, 0.4, 0.3))
+    threads.reset()
+    assert threads.read_load() == (0.5, 2)

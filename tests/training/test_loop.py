@@ -229,3 +229,41 @@ def test_max_steps_plans_warm_up_and_cosine_over_the_steps_it_takes():
     assert f(23) == pytest.approx(0.51) and f(43) == pytest.approx(0.02)
     full = planned_schedule(100, 10)
     assert full(43) == pytest.approx(44 / 51) and full(1000) == pytest.approx(0.02)  # still warming up at 43
+
+
+def test_training_takes_fewer_threads_on_a_busy_machine_and_its_resume_keeps_them(synth_data, tmp_path,
+                                                                                   monkeypatch):
+    from handseg.common import threads
+    from handseg.training.state import find_resume, read_resume_header
+
+    def saved_threads(run):
+        return read_resume_header(find_resume(run)[0])["threads"]
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(threads, "usable_cpus", lambda *a, **k: 2)
+    try:
+        out = tmp_path / "run"
+        monkeypatch.setattr(threads, "read_load", lambda: (1.9, 2))  # other work keeps both CPUs busy
+        train(_cfg(synth_data, out, epochs=1), log=lambda *a: None)
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["threads"]["intra_op"] == 1
+        assert manifest["threads"]["busy"] == "other work busy on 1.9 of 2 CPUs"
+        assert saved_threads(out) == 1
+
+        # the machine is quiet now, yet the resumed run keeps its run's one thread (the same sums, in order)
+        threads.reset()
+        monkeypatch.setattr(threads, "read_load", lambda: (0.0, 2))
+        train(_cfg(synth_data, out, epochs=2, resume=True), log=lambda *a: None)
+        assert saved_threads(out) == 1
+        assert json.loads((out / "manifest.json").read_text())["threads"]["intra_op"] == 1
+
+        # a fresh run on the quiet machine takes both; --threads overrides a resumed run's count
+        threads.reset()
+        train(_cfg(synth_data, tmp_path / "fresh", epochs=1), log=lambda *a: None)
+        assert saved_threads(tmp_path / "fresh") == 2
+        threads.reset()
+        threads.set_override(2)
+        train(_cfg(synth_data, out, epochs=3, resume=True), log=lambda *a: None)
+        assert saved_threads(out) == 2
+    finally:
+        torch.set_num_threads(before)
