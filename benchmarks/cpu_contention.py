@@ -10,8 +10,7 @@ of the test images, timed inside that process (imports excluded). "torch default
 thread decision switched off: torch's intra-op threads as torch picks them (the physical cores),
 OpenCV's own, as before handseg decided them. "busy" runs N spinning Python processes beside it, N the
 usable CPUs (:func:`handseg.common.threads.usable_cpus`). The machine's own load average is printed
-with each case: on a shared machine the quiet case is only as quiet as the machine was. One untimed
-warm-up run comes first; each case runs ``--repeat`` times, interleaved, and its fastest run counts.
+with each case: on a shared machine the quiet case is only as quiet as the machine was.
 
 The goals (issue 18): busy handseg at most 1.5x quiet handseg, and at least 3x faster than busy torch
 defaults.
@@ -98,7 +97,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ids", type=int, default=6, help="training patients (two images each)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--busy", type=int, default=None, help="busy processes (default: the usable CPUs)")
-    parser.add_argument("--repeat", type=int, default=2, help="runs of each case; the fastest counts")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from handseg.common.threads import usable_cpus
@@ -109,16 +107,11 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         make_dataset(data, ids=args.ids, test_ids=2, size=args.size, seed=0)
-        # untimed: the first process after the data are made pays for cold caches (~40% more here)
-        run_case("handseg", 0, data, Path(tmp) / "warm-up", 1, args.train_size)
-        for _ in range(args.repeat):  # interleaved, so that a change in the machine's load hits every case
-            for mode in ("handseg", "torch"):
-                for n in (0, busy):
-                    key = f"{mode}/{'busy' if n else 'quiet'}"
-                    r = run_case(mode, n, data, Path(tmp) / key.replace("/", "_"), args.epochs, args.train_size)
-                    best = results["cases"].get(key)
-                    if best is None or r["train"] + r["predict"] < best["train"] + best["predict"]:
-                        results["cases"][key] = r
+        for mode in ("handseg", "torch"):
+            for n in (0, busy):
+                key = f"{mode}/{'busy' if n else 'quiet'}"
+                results["cases"][key] = run_case(mode, n, data, Path(tmp) / key.replace("/", "_"), args.epochs,
+                                                 args.train_size)
     _print(results)
     return results
 

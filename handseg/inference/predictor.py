@@ -31,7 +31,7 @@ from handseg.formats.probs import quantise_probs
 from handseg.formats.rle import mask_to_runs
 from handseg.formats.tta import IDENTITY, MERGES, Transform, parse_transforms, tta_option
 from handseg.inference.onnx import load_onnx, onnx_beside
-from handseg.inference.runtime import apply_threads, pick_device, resolve_amp, reuse_host_memory
+from handseg.inference.runtime import apply_threads, pick_device, resolve_amp
 from handseg.inference.tta import _ttach_flip
 from handseg.models.checkpoint import ModelCard, load_checkpoint, read_card, resolve_checkpoint
 from handseg.models.context import CONTEXT_CHANNELS, resolve_context
@@ -163,7 +163,6 @@ class Predictor:
         device = pick_device(device)
         if recorded_threads() is None:  # training decided them already (with its workers)
             apply_threads(device)
-        reuse_host_memory()  # full-resolution maps: freed memory is kept for the next image's
         models, cards, stage1, shared = [], [], {}, {}
         for p in paths:
             graph = onnx_beside(resolve_checkpoint(p))

@@ -30,7 +30,6 @@ from handseg.formats.rle import mask_to_runs, runs_to_mask, runs_to_rle
 from handseg.formats.submission import write_predictions
 from handseg.formats.tta import IDENTITY, Transform
 from handseg.inference.predictor import Predictor, masks_to_runs, run_side
-from handseg.inference.runtime import release_host_memory
 
 
 @dataclass
@@ -97,11 +96,8 @@ def run_predictions(checkpoints: list[Path], data: Path, out_csv: Path, probs_di
     if cfg.tune and d.world > 1:
         raise HandsegError("--tune-thresholds runs on one process; run it without torchrun")
     shard = samples[d.rank :: d.world]
-    try:
-        rows, dice_sum, tune_sum, merged_key = _predict_shard(predictor, shard, transforms, cfg, thr, keep, labelled,
-                                                              probs_dir, progress, context_source)
-    finally:
-        release_host_memory()  # the maps' memory back to the system (the process may live on)
+    rows, dice_sum, tune_sum, merged_key = _predict_shard(predictor, shard, transforms, cfg, thr, keep, labelled,
+                                                          probs_dir, progress, context_source)
     if cfg.tune:
         best = np.argmax(tune_sum, axis=1)
         thr = np.asarray(GRID, dtype=np.float64)[best]

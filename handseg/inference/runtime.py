@@ -1,11 +1,9 @@
-"""Where inference and training run: the device, the AMP dtype, the CPU threads and the host memory."""
+"""Where inference and training run: the device, the AMP dtype and the CPU threads."""
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-import platform
 from dataclasses import replace
 
 from handseg.common import threads
@@ -87,43 +85,3 @@ def _cv2_threads(n: int) -> None:
     import cv2
 
     cv2.setNumThreads(n)
-
-
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-"""glibc ``mallopt`` parameters (``malloc.h``)."""
-_host_memory: list = []
-"""The C library once :func:`reuse_host_memory` has set it (empty: not set, or not glibc)."""
-
-
-def reuse_host_memory() -> bool:
-    """Let the C library keep host memory that is freed, for the next allocation (glibc, once per process).
-
-    Why: a full-resolution probability map of one image is 29 x 2048 x 2048 float32 (486 MB). glibc gives
-    each allocation that large fresh pages from the kernel (``mmap``) and returns them when it is freed, so
-    every map of every image and transform is faulted in page by page again: on the 2-core CI machine
-    system time was half of the CPU time of ``tta`` (22 s of 40 s for 8 images), and ``tta`` ran 1.8x
-    faster with the memory kept. Freed memory then stays in the heap (peak memory about a quarter higher)
-    until :func:`release_host_memory`. ``HANDSEG_MALLOC=system`` leaves the C library as it is.
-
-    Returns:
-        Whether the setting is in effect.
-    """
-    if _host_memory:
-        return True
-    if os.environ.get("HANDSEG_MALLOC", "").lower() == "system" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        if not (libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
-            return False
-    except (OSError, AttributeError):
-        return False
-    _host_memory.append(libc)
-    return True
-
-
-def release_host_memory() -> None:
-    """Hand the host memory that prediction freed back to the system (after a prediction run, so that a
-    long-lived process, e.g. a notebook using the API, does not keep its peak)."""
-    if _host_memory:
-        _host_memory[0].malloc_trim(0)
