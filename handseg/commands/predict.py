@@ -177,13 +177,11 @@ def _model_zip(checkpoints, out: Path, overwrite: bool):
 
 def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, device, amp, stage, batch_size,
          overwrite, splits=None, fold=None, probs_format=ProbsFormat.packed, keep_largest=None, bundle=None):
-    from rich.table import Table
-
     from handseg.commands.options import say_data
     from handseg.common.distributed import dist_env
     from handseg.common.errors import HandsegError
     from handseg.common.notices import notice
-    from handseg.console import print_table, progress_task, stdout
+    from handseg.console import progress_task, stdout
     from handseg.data.layout import resolve_data
     from handseg.ensemble.masks import format_keep_largest, parse_keep_largest
     from handseg.formats.files import atomic_dir, check_output, sidecar_manifest_path, write_manifest
@@ -207,8 +205,9 @@ def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, dev
         if probs is not None:
             check_output(probs, overwrite, "dir", sources)
     resolved = [resolve_checkpoint(c) for c in checkpoints]
-    named = bundle.label if bundle is not None else str  # a zip's members by ZIP:MEMBER, not its temporary folder
-    roi = say_roi([read_card(c) for c in resolved], [named(c) for c in checkpoints])
+    # a model zip's checkpoints are named in it (ZIP:MEMBER), not in the temporary folder they run from
+    label = bundle.label if bundle is not None else str
+    roi = say_roi([read_card(c) for c in resolved], [label(c) for c in checkpoints])
     if roi and main:
         notice("roi-models", roi)
     transform_list = parse_transforms(transforms)
@@ -237,8 +236,6 @@ def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, dev
                               amp=amp, batch=batch_size, probs_format=ProbsFormat(probs_format).value,
                               keep_largest=keep),
                 samples=samples, progress=tick, context_source=context)
-        # a model zip's checkpoints are named in it (ZIP:MEMBER), not in the temporary folder they ran from
-        label = bundle.label if bundle is not None else str
         inputs = {"data": str(data), **(bundle.inputs() if bundle is not None else {})}
         options = {"checkpoints": [label(c) for c in resolved], "transforms": [t.name for t in transform_list],
                    "merge": merge, "thresholds": result.thresholds, "tuned": result.tuned, "device": device,
@@ -254,6 +251,15 @@ def _run(checkpoints, data, out, probs, transforms, merge, thresholds, tune, dev
         path = out.with_name(f"{out.stem}.thresholds.json")
         write_thresholds(path, result.thresholds)
         stdout.print(f"tuned thresholds -> {path}")
+    _say_result(result, out, probs)
+
+
+def _say_result(result, out: Path, probs: Path | None) -> None:
+    """The Dice table on labelled data, and where the predictions went."""
+    from rich.table import Table
+
+    from handseg.console import print_table, stdout
+
     if result.dice:
         table = Table(title="Dice on labelled data" + (" (thresholds tuned on these same images: optimistic)"
                                                        if result.tuned else ""))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -122,8 +123,6 @@ def read_load() -> tuple[float, int] | None:
 
 
 def _sample_load() -> tuple[float, int] | None:
-    import time
-
     cpus = os.cpu_count() or 1
     try:
         before = cpu_times(STAT.read_text())

@@ -33,6 +33,7 @@ from handseg.formats.tta import IDENTITY, MERGES, Transform, parse_transforms, t
 from handseg.inference.onnx import load_onnx, onnx_beside
 from handseg.inference.runtime import apply_threads, pick_device, resolve_amp
 from handseg.inference.tta import _ttach_flip
+from handseg.inference.windows import sliding_window_logits
 from handseg.models.checkpoint import ModelCard, load_checkpoint, read_card, resolve_checkpoint
 from handseg.models.context import CONTEXT_CHANNELS, resolve_context
 from handseg.models.plan import model_plan
@@ -68,62 +69,6 @@ def pad_values(card: ModelCard) -> list[float]:
 def input_size(card: ModelCard, scale: float = 1.0) -> int:
     """The side a resize model is run at: its training size times ``scale``, on a multiple of 32."""
     return max(32, int(round(card.size * scale / 32.0)) * 32)
-
-
-def gaussian_window(size: int, sigma_scale: float = 0.125):
-    import torch
-
-    ax = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
-    g = torch.exp(-(ax**2) / (2 * (size * sigma_scale) ** 2))
-    w = torch.outer(g, g)
-    return (w / w.max()).clamp_min(1e-3)
-
-
-def _starts(length: int, window: int, stride: int) -> list[int]:
-    if length <= window:
-        return [0]
-    starts = list(range(0, length - window, stride)) + [length - window]
-    return sorted(set(starts))
-
-
-def sliding_window_logits(model, x, window: int, stride: int | None = None, batch: int = 4, dtype=None,
-                          pad: list[float] | None = None):
-    """Logits of a full-resolution image from overlapping ``window`` crops, Gaussian-blended.
-
-    Args:
-        x: ``(1, C, H, W)`` input; images smaller than the window are padded at the bottom and right.
-        batch: windows per forward pass.
-        pad: the value of each of the ``C`` channels beyond the image (:func:`pad_values`: as in
-            training); default 0.
-    Returns:
-        ``(1, K, H, W)`` float32 logits.
-    """
-    import torch
-
-    stride = stride or window // 2
-    _, _, h, w = x.shape
-    ph, pw = max(window - h, 0), max(window - w, 0)
-    if ph or pw:
-        fill = torch.as_tensor(pad if pad is not None else [0.0] * x.shape[1], dtype=x.dtype, device=x.device)
-        padded = fill.view(1, -1, 1, 1).expand(1, x.shape[1], h + ph, w + pw).clone()
-        padded[..., :h, :w] = x
-        x = padded
-    H, W = x.shape[-2:]
-    weight = gaussian_window(window).to(x.device)
-    acc = None
-    norm = torch.zeros((1, 1, H, W), device=x.device)
-    boxes = [(r, c) for r in _starts(H, window, stride) for c in _starts(W, window, stride)]
-    for i in range(0, len(boxes), batch):
-        chunk = boxes[i : i + batch]
-        crops = torch.cat([x[..., r : r + window, c : c + window] for r, c in chunk])
-        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-            out = model(crops).float()
-        if acc is None:
-            acc = torch.zeros((1, out.shape[1], H, W), device=x.device)
-        for (r, c), o in zip(chunk, out):
-            acc[0, :, r : r + window, c : c + window] += o * weight
-            norm[0, 0, r : r + window, c : c + window] += weight
-    return (acc / norm)[..., :h, :w]
 
 
 def run_side(model, card: ModelCard, scale: float = 1.0) -> int:

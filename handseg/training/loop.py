@@ -11,7 +11,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ from handseg.common.distributed import (
 )
 from handseg.common.errors import HandsegError
 from handseg.common.threads import budget as thread_budget
+from handseg.common.threads import recorded as recorded_threads
 from handseg.formats.files import check_output, write_manifest
 from handseg.formats.oof import OOF_DIR
 from handseg.inference.runtime import apply_threads, pick_device, resolve_amp
@@ -171,11 +172,8 @@ def train(cfg: TrainConfig, log=print, progress_factory=None) -> dict:
 
 
 def _fit_threads(cfg: TrainConfig, device: str, log, intra_op: int | None = None) -> TrainConfig:
-    """The run's threads (see :mod:`handseg.common.threads`): ``--workers`` fitted to the usable CPUs or
-    ``handseg --threads``, so the manifest's options say what ran; intra-op threads fewer while other work
-    keeps the machine busy, or ``intra_op``, those of the run being resumed."""
-    from dataclasses import replace
-
+    """The run's threads (:func:`~handseg.inference.runtime.apply_threads`; ``intra_op``: a resumed run's),
+    with ``--workers`` fitted to them, so the manifest's options say what ran."""
     return replace(cfg, workers=apply_threads(device, cfg.workers, log, intra_op=intra_op).workers)
 
 
@@ -467,8 +465,6 @@ def _validate_epoch(run: _Run, epoch: int, val_items: list, context):
 def _checkpoint_epoch(run: _Run, epoch: int, stats: dict, per_class, val_seconds: float, has_val: bool, logger,
                       out: Path) -> None:
     """Rank 0: hand the checkpoint and resume state to the background writer, append the metrics row, log."""
-    import torch
-
     cfg, card = run.cfg, run.card
     card.score = run.last_dice
     improved = (per_class is not None and run.last_dice > run.best) or not has_val
@@ -478,7 +474,7 @@ def _checkpoint_epoch(run: _Run, epoch: int, stats: dict, per_class, val_seconds
     run.writer.save_epoch(run.scored, card, improved, resume_payload(
         run.optimizer, run.scheduler, run.scaler, epoch + 1, run.step, run.best, card, run.identity,
         weights=run.model if run.ema is not None else None, levers={"patience": run.patience.state()},
-        threads=torch.get_num_threads()))
+        threads=recorded_threads()["intra_op"]))
     row = {"epoch": epoch + 1, "step": run.step, "train_loss": round(stats["train_loss"], 6),
            "lr": run.scheduler.get_last_lr()[0], "images_per_s": round(stats["images_per_s"], 3),
            "seconds": round(stats["seconds"], 2), "data_wait": round(stats["data_wait"], 4),
