@@ -64,7 +64,9 @@ def apply_threads(device: str = "cpu", workers: int | None = None, say=None, ada
     cap = threads.intra_op_cap(n) if adapt_to_load and local == 1 and intra_op is None else (n, None)
     plan = threads.plan_threads(n, device, workers, source, cap)
     if intra_op is not None and not threads.overridden():
-        plan = replace(plan, intra_op=max(1, min(intra_op, plan.intra_op)), busy=None)
+        kept = max(1, min(intra_op, plan.intra_op))
+        plan = replace(plan, intra_op=kept, busy=None if kept >= plan.intra_op else
+                       f"kept from the run being resumed ({kept} intra-op thread{'s' if kept != 1 else ''})")
     torch.set_num_threads(plan.intra_op)
     with contextlib.suppress(RuntimeError):  # settable once, before the first parallel work
         torch.set_num_interop_threads(1 if plan.intra_op <= 2 else 2)

@@ -255,7 +255,8 @@ def test_training_takes_fewer_threads_on_a_busy_machine_and_its_resume_keeps_the
         monkeypatch.setattr(threads, "read_load", lambda: (0.0, 2))
         train(_cfg(synth_data, out, epochs=2, resume=True), log=lambda *a: None)
         assert saved_threads(out) == 1
-        assert json.loads((out / "manifest.json").read_text())["threads"]["intra_op"] == 1
+        resumed = json.loads((out / "manifest.json").read_text())["threads"]
+        assert (resumed["intra_op"], resumed["busy"]) == (1, "kept from the run being resumed (1 intra-op thread)")
 
         # a fresh run on the quiet machine takes both; --threads overrides a resumed run's count
         threads.reset()
