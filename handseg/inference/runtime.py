@@ -39,15 +39,13 @@ def resolve_amp(amp: str, device: str):
     return torch.float16
 
 
-def apply_threads(device: str = "cpu", workers: int | None = None, say=None, adapt_to_load: bool = True,
-                  intra_op: int | None = None):
+def apply_threads(device: str = "cpu", workers: int | None = None, say=None, intra_op: int | None = None):
     """Decide this run's threads (:func:`~handseg.common.threads.plan_threads` over the usable CPUs or
     ``--threads``), set torch's and OpenCV's intra-op threads to it (OpenCV's to one where loader workers will
-    be forked), and record it for the manifest.
+    be forked), and record it for the manifest. Fewer intra-op threads while other work keeps the machine's
+    CPUs busy (:func:`~handseg.common.threads.intra_op_cap`).
 
     Args:
-        adapt_to_load: give fewer intra-op threads while other work keeps the machine's CPUs busy
-            (:func:`~handseg.common.threads.intra_op_cap`); ``False`` ignores the machine's load.
         intra_op: the intra-op threads to keep (a resumed run keeps its run's, so that it sums in the same
             order), at most what the budget allows; ``--threads`` overrides it.
 
@@ -61,7 +59,7 @@ def apply_threads(device: str = "cpu", workers: int | None = None, say=None, ada
     if local > 1:
         n, source = max(1, n // local), f"{source}, shared by {local} processes"
     # the machine's load is not read under torchrun (its other processes are this run's own work)
-    cap = threads.intra_op_cap(n) if adapt_to_load and local == 1 and intra_op is None else (n, None)
+    cap = threads.intra_op_cap(n) if local == 1 and intra_op is None else (n, None)
     plan = threads.plan_threads(n, device, workers, source, cap)
     if intra_op is not None and not threads.overridden():
         kept = max(1, min(intra_op, plan.intra_op))
